@@ -1,0 +1,433 @@
+//! `POST /v1/audio` without HTTP (SPEC §2): the checks of the error table in order, over
+//! the key cache, the catalog snapshot, the store and the presigner. The Pingora glue in
+//! `proxy` feeds it headers and the body and writes out what it returns, so tests and
+//! benches drive the same code the server runs.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use crate::auth::{KeyDigest, bearer_token, check_format};
+use crate::cache::KeyCache;
+use crate::catalog::CatalogHandle;
+use crate::clock::Clock;
+use crate::config::FailurePolicy;
+use crate::error::ApiError;
+use crate::quota::{Period, RateInfo, Reservation};
+use crate::sign::Presigner;
+use crate::store::{KeyRecord, KeyStatus, Store};
+
+/// Seconds a client is told to wait when the store is down and the policy is fail-closed.
+const STORE_RETRY_AFTER_SECS: u64 = 1;
+
+/// The answer to one `/v1/audio` call, ready to be written.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The 200 body, or the error to answer with.
+    pub result: Result<Bytes, ApiError>,
+    /// Present for keys with a hard limit once the quota was consulted.
+    pub rate: Option<RateInfo>,
+}
+
+impl Outcome {
+    fn error(e: ApiError) -> Self {
+        Self {
+            result: Err(e),
+            rate: None,
+        }
+    }
+}
+
+pub struct Gateway {
+    keys: Arc<KeyCache>,
+    store: Arc<dyn Store>,
+    catalog: Arc<CatalogHandle>,
+    presigner: Presigner,
+    clock: Arc<dyn Clock>,
+    failure_policy: FailurePolicy,
+    /// The body limit of row 6, enforced by the caller while reading.
+    pub max_body_bytes: usize,
+}
+
+impl Gateway {
+    pub fn new(
+        keys: Arc<KeyCache>,
+        store: Arc<dyn Store>,
+        catalog: Arc<CatalogHandle>,
+        presigner: Presigner,
+        clock: Arc<dyn Clock>,
+        failure_policy: FailurePolicy,
+        max_body_bytes: usize,
+    ) -> Self {
+        Self {
+            keys,
+            store,
+            catalog,
+            presigner,
+            clock,
+            failure_policy,
+            max_body_bytes,
+        }
+    }
+
+    pub fn catalog(&self) -> &CatalogHandle {
+        &self.catalog
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Rows 3–5: the `Authorization` header values to an active key.
+    pub async fn authenticate<'a, I>(&self, authorization: I) -> Result<Arc<KeyRecord>, ApiError>
+    where
+        I: Iterator<Item = &'a [u8]>,
+    {
+        let token = bearer_token(authorization)?;
+        check_format(token)?;
+        let record = self
+            .keys
+            .get(KeyDigest::of(token))
+            .await
+            .map_err(|e| {
+                log::warn!("key lookup failed: {e}");
+                self.store_down()
+            })?
+            .ok_or(ApiError::InvalidKey)?;
+        if record.status != KeyStatus::Active {
+            return Err(ApiError::InvalidKey);
+        }
+        Ok(record)
+    }
+
+    fn store_down(&self) -> ApiError {
+        // Until a networked store exists, an unknown key cannot be admitted under either
+        // policy: fail-open only ever covers keys already in the cache.
+        ApiError::ServiceUnavailable {
+            retry_after: STORE_RETRY_AFTER_SECS,
+        }
+    }
+
+    /// Rows 7–12 for an authenticated key and its complete body.
+    pub async fn audio(&self, key: &KeyRecord, body: &[u8]) -> Outcome {
+        let library = match parse_request(body) {
+            Ok(library) => library,
+            Err(e) => return Outcome::error(e),
+        };
+        let catalog = self.catalog.snapshot();
+        let Some(lib) = catalog.libraries.get(library.as_str()) else {
+            return Outcome::error(ApiError::LibraryNotFound(library));
+        };
+        let Some(track) = lib.choose(&mut rand::rng()) else {
+            return Outcome::error(ApiError::NoAudioItems(library));
+        };
+
+        let now = self.clock.now();
+        let period = Period::containing(now);
+        let rate = |used| {
+            key.monthly_limit
+                .map(|l| RateInfo::new(l, used, period, now))
+        };
+        let used = match self.store.reserve(&key.id, period, key.monthly_limit).await {
+            Ok(Reservation::Granted { used }) => Some(used),
+            Ok(Reservation::Denied { used }) => {
+                let limit = key.monthly_limit.unwrap_or(used);
+                return Outcome {
+                    result: Err(ApiError::QuotaExceeded {
+                        limit,
+                        reset_at: period.reset_rfc3339(),
+                        retry_after: period.secs_to_reset(now),
+                    }),
+                    rate: rate(used),
+                };
+            }
+            Err(e) => {
+                log::warn!("quota reservation for key {} failed: {e}", key.id);
+                match self.failure_policy {
+                    FailurePolicy::FailClosed => return Outcome::error(self.store_down()),
+                    FailurePolicy::FailOpen => None,
+                }
+            }
+        };
+
+        let url = match self.presigner.presign(&track.encoded_key, now) {
+            Ok(url) => url,
+            Err(e) => {
+                log::warn!("presign failed for library {library}: {e}");
+                let mut after_refund = used;
+                if used.is_some() {
+                    match self.store.refund(&key.id, period).await {
+                        Ok(()) => after_refund = used.map(|u| u - 1),
+                        Err(e) => log::error!("refund for key {} failed: {e}", key.id),
+                    }
+                }
+                return Outcome {
+                    result: Err(ApiError::PresignFailed),
+                    rate: after_refund.and_then(rate),
+                };
+            }
+        };
+        Outcome {
+            result: Ok(success_body(&track.title, &url, track.duration_sec)),
+            rate: used.and_then(rate),
+        }
+    }
+}
+
+/// `{"code":0,"msg":"ok","data":{…}}`
+pub fn success_body(title: &str, url: &str, duration_sec: u32) -> Bytes {
+    #[derive(Serialize)]
+    struct Data<'a> {
+        title: &'a str,
+        url: &'a str,
+        duration_sec: u32,
+    }
+    #[derive(Serialize)]
+    struct Body<'a> {
+        code: u8,
+        msg: &'static str,
+        data: Data<'a>,
+    }
+    let body = Body {
+        code: 0,
+        msg: "ok",
+        data: Data {
+            title,
+            url,
+            duration_sec,
+        },
+    };
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// Rows 7–8: the body must be one JSON object without repeated keys anywhere, whose
+/// `library` is a non-empty string.
+pub fn parse_request(body: &[u8]) -> Result<String, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let library = RequestSeed
+        .deserialize(&mut de)
+        .map_err(|_| ApiError::InvalidJson)?;
+    de.end().map_err(|_| ApiError::InvalidJson)?;
+    match library {
+        Some(LibraryField::Name(name)) if !name.is_empty() => Ok(name),
+        _ => Err(ApiError::MissingLibrary),
+    }
+}
+
+/// The `library` member as found.
+enum LibraryField {
+    Name(String),
+    NotAString,
+}
+
+/// Reads the top-level object, keeping `library` and checking every other member.
+struct RequestSeed;
+
+impl<'de> DeserializeSeed<'de> for RequestSeed {
+    type Value = Option<LibraryField>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RequestSeed {
+    type Value = Option<LibraryField>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = Vec::new();
+        let mut library = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(de::Error::custom("repeated key"));
+            }
+            if key == "library" {
+                library = Some(map.next_value_seed(LibrarySeed)?);
+            } else {
+                map.next_value_seed(NoRepeats)?;
+            }
+            seen.push(key);
+        }
+        Ok(library)
+    }
+}
+
+struct LibrarySeed;
+
+impl<'de> DeserializeSeed<'de> for LibrarySeed {
+    type Value = LibraryField;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LibrarySeed {
+    type Value = LibraryField;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(LibraryField::Name(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(LibraryField::Name(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(LibraryField::NotAString)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(LibraryField::NotAString)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(LibraryField::NotAString)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(LibraryField::NotAString)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(LibraryField::NotAString)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        NoRepeats.visit_seq(seq).map(|_| LibraryField::NotAString)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        NoRepeats.visit_map(map).map(|_| LibraryField::NotAString)
+    }
+}
+
+/// Walks any JSON value and fails on a repeated key in any object inside it (serde's
+/// `IgnoredAny` would skip over them).
+struct NoRepeats;
+
+impl<'de> DeserializeSeed<'de> for NoRepeats {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NoRepeats {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(NoRepeats)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(de::Error::custom("repeated key"));
+            }
+            map.next_value_seed(NoRepeats)?;
+            seen.push(key);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_body_table() {
+        let ok = |body: &str, want: &str| {
+            assert_eq!(
+                parse_request(body.as_bytes()).as_deref(),
+                Ok(want),
+                "{body}"
+            )
+        };
+        ok(r#"{"library":"audio.focus"}"#, "audio.focus");
+        ok(
+            r#" {"library" : "audio.focus", "extra": [1, {"a": null}]} "#,
+            "audio.focus",
+        );
+        ok(r#"{"library":"audio.\u0066ocus"}"#, "audio.focus");
+        ok(r#"{"library":"audio.unknown"}"#, "audio.unknown");
+
+        for bad in [
+            "",
+            " ",
+            "{",
+            "not json",
+            r#"{"library":"audio.focus"} trailing"#,
+            r#"{"library":"audio.focus"}{}"#,
+            r#"["audio.focus"]"#,
+            r#""audio.focus""#,
+            "null",
+            "42",
+            r#"{"library":"a","library":"b"}"#,
+            r#"{"library":"a","x":{"k":1,"k":2}}"#,
+            r#"{"x":[{"k":1,"k":2}],"library":"a"}"#,
+            r#"{"library":{"k":1,"k":2}}"#,
+            "{\"library\":\"\u{0}\"",
+        ] {
+            assert_eq!(
+                parse_request(bad.as_bytes()),
+                Err(ApiError::InvalidJson),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            parse_request(b"{\"library\":\"\xff\"}"),
+            Err(ApiError::InvalidJson)
+        );
+
+        for missing in [
+            "{}",
+            r#"{"lib":"audio.focus"}"#,
+            r#"{"library":null}"#,
+            r#"{"library":""}"#,
+            r#"{"library":7}"#,
+            r#"{"library":true}"#,
+            r#"{"library":["audio.focus"]}"#,
+            r#"{"library":{"name":"audio.focus"}}"#,
+            r#"{"Library":"audio.focus"}"#,
+        ] {
+            assert_eq!(
+                parse_request(missing.as_bytes()),
+                Err(ApiError::MissingLibrary),
+                "{missing}"
+            );
+        }
+    }
+
+    #[test]
+    fn success_body_shape() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&success_body("T \"q\"", "https://x/y?z=1&w", 240)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"code":0,"msg":"ok","data":{"title":"T \"q\"","url":"https://x/y?z=1&w","duration_sec":240}})
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! The monthly quota period (SPEC §4) and the rate-limit fields derived from it (SPEC §7).
+//! Pure calendar arithmetic on UTC; the counting itself lives in the store.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, Utc};
+
+/// One UTC calendar month: the unit quota is counted in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Period {
+    pub year: i32,
+    /// 1–12.
+    pub month: u32,
+}
+
+impl Period {
+    pub fn containing(t: SystemTime) -> Self {
+        let dt: DateTime<Utc> = t.into();
+        Self {
+            year: dt.year(),
+            month: dt.month(),
+        }
+    }
+
+    pub fn next(self) -> Self {
+        if self.month == 12 {
+            Self {
+                year: self.year + 1,
+                month: 1,
+            }
+        } else {
+            Self {
+                year: self.year,
+                month: self.month + 1,
+            }
+        }
+    }
+
+    /// Unix seconds of the first instant of the month.
+    pub fn start_unix(self) -> i64 {
+        NaiveDate::from_ymd_opt(self.year, self.month, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|dt| dt.and_utc().timestamp())
+            .unwrap_or(i64::MAX)
+    }
+
+    /// Unix seconds of the first instant of the next month, when this period's quota resets.
+    pub fn reset_unix(self) -> i64 {
+        self.next().start_unix()
+    }
+
+    /// Length of the month in seconds: the `w` of `RateLimit-Policy`.
+    pub fn window_secs(self) -> u64 {
+        (self.reset_unix() - self.start_unix()) as u64
+    }
+
+    /// The reset instant in RFC 3339, as the 429 body's `reset_at`.
+    pub fn reset_rfc3339(self) -> String {
+        DateTime::<Utc>::from_timestamp(self.reset_unix(), 0)
+            .map(|d| d.to_rfc3339_opts(SecondsFormat::Secs, true))
+            .unwrap_or_default()
+    }
+
+    /// Whole seconds from `now` to the reset, at least 1 (a `Retry-After` of 0 invites a spin).
+    pub fn secs_to_reset(self, now: SystemTime) -> u64 {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        (self.reset_unix() - now).max(1) as u64
+    }
+}
+
+/// `YYYY-MM`, the period's name in storage and in the admin API.
+impl fmt::Display for Period {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
+}
+
+/// What the store answered to a reservation of one unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// The unit is ours; `used` counts it.
+    Granted { used: u64 },
+    /// The hard limit is reached; nothing was counted.
+    Denied { used: u64 },
+}
+
+/// The facts behind the IETF `RateLimit` and `RateLimit-Policy` fields of one response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateInfo {
+    pub limit: u64,
+    pub remaining: u64,
+    pub window_secs: u64,
+    pub reset_secs: u64,
+}
+
+impl RateInfo {
+    pub fn new(limit: u64, used: u64, period: Period, now: SystemTime) -> Self {
+        Self {
+            limit,
+            remaining: limit.saturating_sub(used),
+            window_secs: period.window_secs(),
+            reset_secs: period.secs_to_reset(now),
+        }
+    }
+
+    /// `RateLimit-Policy: "monthly";q=<limit>;w=<secs>`
+    pub fn policy_header(&self) -> String {
+        format!("\"monthly\";q={};w={}", self.limit, self.window_secs)
+    }
+
+    /// `RateLimit: "monthly";r=<remaining>;t=<secs to reset>`
+    pub fn state_header(&self) -> String {
+        format!("\"monthly\";r={};t={}", self.remaining, self.reset_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn periods_follow_the_utc_calendar() {
+        // 2026-11-30T23:59:59Z and one second later.
+        let last = at(1_796_083_199);
+        let first = at(1_796_083_200);
+        assert_eq!(Period::containing(last).to_string(), "2026-11");
+        assert_eq!(Period::containing(first).to_string(), "2026-12");
+        assert_eq!(
+            Period::containing(last).reset_rfc3339(),
+            "2026-12-01T00:00:00Z"
+        );
+        assert_eq!(Period::containing(last).secs_to_reset(last), 1);
+        assert_eq!(
+            Period::containing(first).reset_rfc3339(),
+            "2027-01-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn month_lengths() {
+        let p = |year, month| Period { year, month };
+        assert_eq!(p(2026, 2).window_secs(), 28 * 86_400);
+        assert_eq!(p(2028, 2).window_secs(), 29 * 86_400);
+        assert_eq!(p(2026, 11).window_secs(), 30 * 86_400);
+        assert_eq!(p(2026, 12).window_secs(), 31 * 86_400);
+        assert_eq!(p(2026, 12).next(), p(2027, 1));
+    }
+
+    #[test]
+    fn rate_headers() {
+        let now = at(1_796_083_100); // 99 s before December
+        let info = RateInfo::new(50, 20, Period::containing(now), now);
+        assert_eq!(info.policy_header(), "\"monthly\";q=50;w=2592000");
+        assert_eq!(info.state_header(), "\"monthly\";r=30;t=100");
+        assert_eq!(
+            RateInfo::new(5, 9, Period::containing(now), now).remaining,
+            0
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! Wires the parts together from a [`Config`] and runs them as Pingora services: the public
+//! proxy, the admin API, and the catalog reloader.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::ServiceReadyNotifier;
+use pingora::services::background::{BackgroundService, background_service};
+use pingora::services::listening::Service;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::admin::AdminApi;
+use crate::api::Gateway;
+use crate::cache::KeyCache;
+use crate::catalog::CatalogHandle;
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::keys::{CreateKey, KeyService};
+use crate::proxy::AudioProxy;
+use crate::sign::Presigner;
+use crate::store::Store;
+use crate::store::memory::MemoryStore;
+
+/// Everything a running gateway holds, built without starting any listener.
+pub struct App {
+    pub gateway: Arc<Gateway>,
+    pub keys: Arc<KeyService>,
+    pub catalog: Arc<CatalogHandle>,
+    /// True for the embedded store, which starts empty and gets a development key.
+    pub embedded_store: bool,
+}
+
+/// Builds the app; fails on a bad catalog or an unsupported store.
+pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> {
+    if config.redis_url.is_some() {
+        return Err(
+            "setting `store.redis_url` (AUDIOLIB_REDIS_URL): the Redis store is not available \
+             in this version; unset it to use the embedded store"
+                .into(),
+        );
+    }
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let catalog = Arc::new(CatalogHandle::load(&config.catalog_dir).map_err(|e| e.to_string())?);
+    let cache = Arc::new(KeyCache::new(store.clone(), &config.key_cache));
+    let presigner = Presigner::new(
+        config.s3.clone(),
+        config.credentials.clone(),
+        config.url_ttl,
+    );
+    if !presigner.is_configured() {
+        log::warn!(
+            "signing is not configured (bucket and AWS credentials): /v1/audio will answer 503 PRESIGN_FAILED"
+        );
+    }
+    let keys = Arc::new(KeyService::new(
+        store.clone(),
+        cache.clone(),
+        config.plans.clone(),
+        config.default_plan.clone(),
+        clock.clone(),
+    ));
+    let gateway = Arc::new(Gateway::new(
+        cache,
+        store,
+        catalog.clone(),
+        presigner,
+        clock,
+        config.failure_policy,
+        config.max_body_bytes,
+    ));
+    Ok(App {
+        gateway,
+        keys,
+        catalog,
+        embedded_store: true,
+    })
+}
+
+/// Reloads the catalog on SIGHUP and whenever a file in its directory changes.
+struct CatalogReloader {
+    catalog: Arc<CatalogHandle>,
+}
+
+#[async_trait]
+impl BackgroundService for CatalogReloader {
+    async fn start_with_ready_notifier(
+        &self,
+        mut shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP: {e}");
+                return;
+            }
+        };
+        let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Our own reads show up as access events; only changes count.
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.try_send(());
+            }
+        })
+        .and_then(|mut w| {
+            w.watch(self.catalog.dir(), RecursiveMode::NonRecursive)
+                .map(|()| w)
+        });
+        let _watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!("catalog file watching unavailable ({e}); reload with SIGHUP");
+                None
+            }
+        };
+        // Listeners start only after this, so a SIGHUP can never meet the default action.
+        ready.notify_ready();
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    log::info!("SIGHUP: reloading the catalog");
+                    let _ = self.catalog.reload();
+                }
+                Some(()) = changes.recv() => {
+                    // Editors write in several steps; let them finish, then reload once.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    while changes.try_recv().is_ok() {}
+                    let _ = self.catalog.reload();
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}
+
+/// Creates the development key of the embedded store and prints it once.
+fn create_dev_key(keys: &KeyService) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (view, secret) = runtime
+        .block_on(keys.create(CreateKey {
+            name: "development".into(),
+            ..Default::default()
+        }))
+        .map_err(|e| e.to_string())?;
+    let limit = view
+        .monthly_limit
+        .map_or("unlimited".to_string(), |l| format!("{l} calls/month"));
+    println!(
+        "development key (embedded store, plan {}, {limit}): {secret}",
+        view.plan
+    );
+    Ok(())
+}
+
+/// Runs the gateway until a signal stops it.
+pub fn run(config: Config) -> Result<(), String> {
+    let app = build_app(&config, Arc::new(SystemClock))?;
+    if app.embedded_store {
+        create_dev_key(&app.keys)?;
+    }
+
+    let mut conf = ServerConf::default();
+    conf.threads = config.threads;
+    conf.grace_period_seconds = Some(config.shutdown_grace.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(1);
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let reloader = server.add_service(background_service(
+        "catalog reloader",
+        CatalogReloader {
+            catalog: app.catalog.clone(),
+        },
+    ));
+
+    let mut proxy = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        AudioProxy::new(
+            app.gateway.clone(),
+            config.cors.clone(),
+            config.upstream.clone(),
+            config.limits.clone(),
+        ),
+    );
+    proxy.add_tcp(&config.listen.to_string());
+    let proxy = server.add_service(proxy);
+    proxy.add_dependency(&reloader);
+
+    let mut admin = Service::new(
+        "admin".to_string(),
+        AdminApi::new(app.keys.clone(), config.admin_token.as_deref()),
+    );
+    admin.add_tcp(&config.admin_listen.to_string());
+    admin.threads = Some(1);
+    server.add_service(admin);
+
+    log::info!(
+        "serving on {} (admin on {}), catalog {} with {} libraries",
+        config.listen,
+        config.admin_listen,
+        config.catalog_dir.display(),
+        app.catalog.snapshot().libraries.len()
+    );
+    server.run_forever()
+}

@@ -1,0 +1,88 @@
+//! Where key records and quota counters live, behind one small async trait (SPEC §3, §4).
+//!
+//! The trait is shaped for a networked store: every method is one round trip, and a quota
+//! reservation is a single atomic step (`reserve`), so a Redis implementation can do it in
+//! one Lua call. [`memory::MemoryStore`] is the embedded implementation for a single node.
+
+pub mod memory;
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::KeyDigest;
+use crate::quota::{Period, Reservation};
+
+/// Lifecycle of a key. Only `Active` keys are served; `Revoked` is final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    Active,
+    Inactive,
+    Revoked,
+}
+
+/// What is kept about a key: never the key itself, only its digest (SPEC §3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub digest: KeyDigest,
+    /// The first characters of the key, for people and logs.
+    pub prefix: String,
+    pub name: String,
+    pub plan: String,
+    /// `None` is unlimited: usage is metered, never refused.
+    pub monthly_limit: Option<u64>,
+    pub status: KeyStatus,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+}
+
+/// A change to a key; `None` fields stay as they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyUpdate {
+    pub plan: Option<String>,
+    pub monthly_limit: Option<Option<u64>>,
+    pub status: Option<KeyStatus>,
+}
+
+/// The store could not answer; the caller applies the outage policy.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("store unavailable: {0}")]
+pub struct StoreError(pub String);
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Adds a new key. Ids and digests are unique by construction (random).
+    async fn insert_key(&self, record: KeyRecord) -> Result<(), StoreError>;
+    async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError>;
+    async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Applies `update` and returns the new record, or `None` if there is no such key.
+    async fn update_key(
+        &self,
+        id: &str,
+        update: KeyUpdate,
+        now: SystemTime,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+    /// Atomically counts one call for `key_id` in `period` unless `limit` is reached.
+    async fn reserve(
+        &self,
+        key_id: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> Result<Reservation, StoreError>;
+    /// Gives back one unit reserved in `period` (the call failed after reserving).
+    async fn refund(&self, key_id: &str, period: Period) -> Result<(), StoreError>;
+    /// Units counted for `key_id` in `period`.
+    async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError>;
+    /// Cheap reachability check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// RFC 3339 with seconds, the one timestamp format the API shows.
+pub fn rfc3339(t: SystemTime) -> String {
+    DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Secs, true)
+}
