@@ -21,6 +21,7 @@ pub struct FileConfig {
     pub admin_token: Option<String>,
     pub threads: Option<usize>,
     pub catalog_dir: Option<PathBuf>,
+    pub catalog_watch: Option<bool>,
     pub upstream: Option<String>,
     pub upstream_host: Option<String>,
     pub cors_origins: Option<Vec<String>>,
@@ -136,6 +137,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub threads: usize,
     pub catalog_dir: PathBuf,
+    /// Reload the catalog when its files change (SIGHUP always reloads).
+    pub catalog_watch: bool,
     pub upstream: Option<Upstream>,
     pub cors: CorsOrigins,
     pub max_body_bytes: usize,
@@ -288,6 +291,14 @@ impl Config {
             file.catalog_dir,
         )
         .unwrap_or_else(|| PathBuf::from("catalog"));
+        let catalog_watch = pick(
+            p,
+            env,
+            "AUDIOLIB_CATALOG_WATCH",
+            "catalog_watch",
+            file.catalog_watch,
+        )
+        .unwrap_or(true);
 
         let upstream_host = pick(
             p,
@@ -551,6 +562,7 @@ impl Config {
             admin_token,
             threads,
             catalog_dir,
+            catalog_watch,
             upstream,
             cors,
             max_body_bytes,

@@ -83,6 +83,7 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
 /// Reloads the catalog on SIGHUP and whenever a file in its directory changes.
 struct CatalogReloader {
     catalog: Arc<CatalogHandle>,
+    watch: bool,
 }
 
 #[async_trait]
@@ -100,22 +101,10 @@ impl BackgroundService for CatalogReloader {
             }
         };
         let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            // Our own reads show up as access events; only changes count.
-            if event.is_ok_and(|e| !e.kind.is_access()) {
-                let _ = tx.try_send(());
-            }
-        })
-        .and_then(|mut w| {
-            w.watch(self.catalog.dir(), RecursiveMode::NonRecursive)
-                .map(|()| w)
-        });
-        let _watcher = match watcher {
-            Ok(w) => Some(w),
-            Err(e) => {
-                log::warn!("catalog file watching unavailable ({e}); reload with SIGHUP");
-                None
-            }
+        let _watcher = if self.watch {
+            self.watch_files(tx)
+        } else {
+            None
         };
         // Listeners start only after this, so a SIGHUP can never meet the default action.
         ready.notify_ready();
@@ -132,6 +121,29 @@ impl BackgroundService for CatalogReloader {
                     let _ = self.catalog.reload();
                 }
                 _ = shutdown.changed() => break,
+            }
+        }
+    }
+}
+
+impl CatalogReloader {
+    /// Watches the catalog directory; each change sends a nudge on `tx`.
+    fn watch_files(&self, tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Our own reads show up as access events; only changes count.
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.try_send(());
+            }
+        })
+        .and_then(|mut w| {
+            w.watch(self.catalog.dir(), RecursiveMode::NonRecursive)
+                .map(|()| w)
+        });
+        match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!("catalog file watching unavailable ({e}); reload with SIGHUP");
+                None
             }
         }
     }
@@ -177,6 +189,7 @@ pub fn run(config: Config) -> Result<(), String> {
         "catalog reloader",
         CatalogReloader {
             catalog: app.catalog.clone(),
+            watch: config.catalog_watch,
         },
     ));
 

@@ -1,0 +1,370 @@
+//! Test harness: runs the real `audiolib` binary (and s3s-fs) on free loopback ports and
+//! talks to them over HTTP. Readiness is polled, never slept for.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Polls `check` until it holds or `limit` passes.
+pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// An HTTP client that reports every status instead of failing on 4xx/5xx.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts the error shape of the spec: status, code, and nothing but `error` and `code`
+    /// (plus `limit` and `reset_at` on 429).
+    pub fn assert_error(&self, status: u16, code: &str) -> Value {
+        let body = self.json();
+        assert_eq!(self.status, status, "body: {body}");
+        assert_eq!(body["code"], code, "body: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+        let allowed: &[&str] = if status == 429 {
+            &["error", "code", "limit", "reset_at"]
+        } else {
+            &["error", "code"]
+        };
+        for k in body.as_object().unwrap().keys() {
+            assert!(
+                allowed.contains(&k.as_str()),
+                "unexpected field {k} in {body}"
+            );
+        }
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        body
+    }
+}
+
+pub fn read_reply(resp: http::Response<ureq::Body>) -> Reply {
+    let (parts, mut body) = resp.into_parts();
+    let mut bytes = Vec::new();
+    body.as_reader().read_to_end(&mut bytes).expect("read body");
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: bytes,
+    }
+}
+
+/// A running gateway process; killed when dropped.
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dev_key: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub struct GatewayBuilder {
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+}
+
+impl GatewayBuilder {
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn start(self) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("gateway.log");
+        let port = free_port();
+        let mut admin_port = free_port();
+        while admin_port == port {
+            admin_port = free_port();
+        }
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiolib"));
+        cmd.arg("serve")
+            .args(&self.args)
+            // Run from an empty directory so conf/audiolib.toml is not picked up by accident.
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("AUDIOLIB_LISTEN", addr.to_string())
+            .env("AUDIOLIB_ADMIN_LISTEN", admin.to_string())
+            .env("AUDIOLIB_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("AUDIOLIB_THREADS", "2")
+            .env("AUDIOLIB_CATALOG_DIR", repo_path("catalog"))
+            .env("AUDIOLIB_S3_BUCKET", "media")
+            .env("AUDIOLIB_S3_ENDPOINT", "http://127.0.0.1:9")
+            .env("AUDIOLIB_S3_PATH_STYLE", "true")
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "test-secret")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in &self.env {
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let mut child = cmd.spawn().expect("start audiolib");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let dev_key = line
+            .split_whitespace()
+            .last()
+            .filter(|k| k.starts_with("alp_"))
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("no development key printed: {line:?}\nlog:\n{log}")
+            })
+            .to_string();
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+        });
+        let gateway = Gateway {
+            child,
+            addr,
+            admin,
+            dev_key,
+            log,
+            _dir: dir,
+        };
+        let url = gateway.url("/healthz");
+        let admin_url = format!("http://{}/admin/keys", gateway.admin);
+        wait_until("gateway health", Duration::from_secs(20), || {
+            agent().get(&url).call().is_ok_and(|r| r.status() == 200)
+                && agent().get(&admin_url).call().is_ok()
+        });
+        gateway
+    }
+}
+
+impl Gateway {
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder {
+            env: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    pub fn start() -> Gateway {
+        Self::builder().start()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `POST /v1/audio` with a bearer key and a body.
+    pub fn post_audio(&self, key: &str, body: &str) -> Reply {
+        let resp = agent()
+            .post(self.url("/v1/audio"))
+            .header("Authorization", format!("Bearer {key}"))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .expect("request");
+        read_reply(resp)
+    }
+
+    /// Calls the admin API with the admin token.
+    pub fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Reply {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(self.admin_url(path))
+            .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("Content-Type", "application/json")
+            .body(body.map(|b| b.to_string()).unwrap_or_default())
+            .unwrap();
+        read_reply(agent().run(req).expect("admin request"))
+    }
+
+    /// Creates a key through the admin API and returns (id, secret).
+    pub fn create_key(&self, plan: &str, monthly_limit: Option<Option<u64>>) -> (String, String) {
+        let mut body = json!({"name": "test", "plan": plan});
+        if let Some(limit) = monthly_limit {
+            body["monthly_limit"] = json!(limit);
+        }
+        let reply = self.admin("POST", "/admin/keys", Some(body));
+        assert_eq!(reply.status, 201, "{:?}", reply.json());
+        let v = reply.json();
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["key"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub fn usage(&self, id: &str) -> u64 {
+        let reply = self.admin("GET", &format!("/admin/keys/{id}"), None);
+        assert_eq!(reply.status, 200);
+        reply.json()["usage"].as_u64().unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Sends raw bytes on a fresh connection and returns everything read until close or
+    /// `limit`.
+    pub fn raw(&self, request: &[u8], limit: Duration) -> String {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(limit)).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds a tool: an environment override, then `~/.cargo/bin`, then PATH.
+pub fn tool(env: &str, name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cargo_bin = Path::new(&home).join(".cargo/bin").join(name);
+    if cargo_bin.exists() {
+        return cargo_bin;
+    }
+    PathBuf::from(name)
+}
+
+/// An s3s-fs process serving `root` (buckets are its subdirectories); killed when dropped.
+pub struct S3Server {
+    child: Child,
+    pub endpoint: String,
+}
+
+pub const S3_ACCESS_KEY: &str = "AKIDS3SFSTEST";
+pub const S3_SECRET_KEY: &str = "s3s-fs-test-secret/with+chars";
+
+impl S3Server {
+    pub fn start(root: &Path) -> S3Server {
+        let port = free_port();
+        let bin = tool("S3S_FS", "s3s-fs");
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {} ({e}); `scripts/test` installs it",
+                    bin.display()
+                )
+            });
+        let server = S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        wait_until("s3s-fs", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        server
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A catalog directory with the shipped libraries plus two that cannot serve: one with no
+/// tracks and one whose tracks are all inactive.
+pub fn test_catalog() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo_path("catalog")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.path().join("audio.empty.toml"), "name = \"Empty\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("audio.retired.toml"),
+        "[[track]]\ntitle = \"Old\"\nkey = \"old.mp3\"\nduration_sec = 5\nactive = false\n",
+    )
+    .unwrap();
+    dir
+}

@@ -1,0 +1,172 @@
+//! The contract every `Store` implementation must meet, run against each of them.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use audiolib::auth::{KeyDigest, mint_key};
+use audiolib::quota::{Period, Reservation};
+use audiolib::store::memory::MemoryStore;
+use audiolib::store::{KeyRecord, KeyStatus, KeyUpdate, Store};
+
+fn record(id: &str, created: u64) -> KeyRecord {
+    let key = mint_key();
+    KeyRecord {
+        id: id.into(),
+        digest: key.digest,
+        prefix: key.prefix,
+        name: format!("name of {id}"),
+        plan: "free".into(),
+        monthly_limit: Some(10),
+        status: KeyStatus::Active,
+        created_at: UNIX_EPOCH + Duration::from_secs(created),
+        updated_at: UNIX_EPOCH + Duration::from_secs(created),
+    }
+}
+
+const NOV: Period = Period {
+    year: 2026,
+    month: 11,
+};
+const DEC: Period = Period {
+    year: 2026,
+    month: 12,
+};
+
+async fn keys_round_trip(store: Arc<dyn Store>) {
+    let a = record("key_a", 2);
+    let b = record("key_b", 1);
+    store.insert_key(a.clone()).await.unwrap();
+    store.insert_key(b.clone()).await.unwrap();
+    assert_eq!(
+        store.key_by_digest(&a.digest).await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(store.key_by_id("key_b").await.unwrap(), Some(b.clone()));
+    assert_eq!(store.key_by_id("key_zz").await.unwrap(), None);
+    assert_eq!(
+        store
+            .key_by_digest(&KeyDigest::of("alp_nobody"))
+            .await
+            .unwrap(),
+        None
+    );
+    let ids: Vec<_> = store
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, ["key_b", "key_a"], "listed oldest first");
+
+    let later = SystemTime::now();
+    let updated = store
+        .update_key(
+            "key_a",
+            KeyUpdate {
+                plan: Some("unlimited".into()),
+                monthly_limit: Some(None),
+                status: Some(KeyStatus::Inactive),
+            },
+            later,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.plan, "unlimited");
+    assert_eq!(updated.monthly_limit, None);
+    assert_eq!(updated.status, KeyStatus::Inactive);
+    assert_eq!(updated.updated_at, later);
+    assert_eq!(updated.created_at, a.created_at);
+    assert_eq!(store.key_by_digest(&a.digest).await.unwrap(), Some(updated));
+    // An empty update changes nothing but the timestamp.
+    let same = store
+        .update_key("key_b", KeyUpdate::default(), later)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((same.plan, same.monthly_limit), (b.plan, b.monthly_limit));
+    assert_eq!(
+        store
+            .update_key("key_zz", KeyUpdate::default(), later)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn reservations_are_exact(store: Arc<dyn Store>) {
+    for used in 1..=3 {
+        assert_eq!(
+            store.reserve("k", NOV, Some(3)).await.unwrap(),
+            Reservation::Granted { used }
+        );
+    }
+    assert_eq!(
+        store.reserve("k", NOV, Some(3)).await.unwrap(),
+        Reservation::Denied { used: 3 }
+    );
+    assert_eq!(
+        store.usage("k", NOV).await.unwrap(),
+        3,
+        "denials are not counted"
+    );
+    store.refund("k", NOV).await.unwrap();
+    assert_eq!(store.usage("k", NOV).await.unwrap(), 2);
+    assert_eq!(
+        store.reserve("k", NOV, Some(3)).await.unwrap(),
+        Reservation::Granted { used: 3 }
+    );
+    // A raised limit applies at once; a limit of zero refuses everything.
+    assert_eq!(
+        store.reserve("k", NOV, Some(4)).await.unwrap(),
+        Reservation::Granted { used: 4 }
+    );
+    assert_eq!(
+        store.reserve("z", NOV, Some(0)).await.unwrap(),
+        Reservation::Denied { used: 0 }
+    );
+    // Unlimited keys are metered.
+    for used in 1..=5 {
+        assert_eq!(
+            store.reserve("u", NOV, None).await.unwrap(),
+            Reservation::Granted { used }
+        );
+    }
+    // A new month starts from zero.
+    assert_eq!(
+        store.reserve("k", DEC, Some(3)).await.unwrap(),
+        Reservation::Granted { used: 1 }
+    );
+    assert_eq!(store.usage("k", DEC).await.unwrap(), 1);
+    assert_eq!(store.usage("nobody", DEC).await.unwrap(), 0);
+}
+
+async fn concurrent_reservations_never_exceed_the_limit(store: Arc<dyn Store>) {
+    let tasks: Vec<_> = (0..400)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.reserve("hot", NOV, Some(50)).await.unwrap() })
+        })
+        .collect();
+    let mut granted = 0;
+    for t in tasks {
+        if let Reservation::Granted { .. } = t.await.unwrap() {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 50);
+    assert_eq!(store.usage("hot", NOV).await.unwrap(), 50);
+}
+
+async fn contract(make: impl Fn() -> Arc<dyn Store>) {
+    keys_round_trip(make()).await;
+    reservations_are_exact(make()).await;
+    concurrent_reservations_never_exceed_the_limit(make()).await;
+    make().ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_store_meets_the_contract() {
+    contract(|| Arc::new(MemoryStore::new())).await;
+}
