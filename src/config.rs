@@ -491,6 +491,12 @@ impl Config {
                     },
                 ),
                 (
+                    "pro".to_string(),
+                    Plan {
+                        monthly_limit: Some(100_000),
+                    },
+                ),
+                (
                     "unlimited".to_string(),
                     Plan {
                         monthly_limit: None,
