@@ -39,7 +39,10 @@ fn admin_token_shorter_than_16_characters_is_refused_at_start() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`admin_token` (AUDIOLIB_ADMIN_TOKEN)"), "{err}");
+    assert!(
+        err.contains("`admin_token` (AUDIOLIB_ADMIN_TOKEN)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -82,9 +85,16 @@ fn create_list_show_update_revoke() {
 
     // A new plan brings its default limit; an explicit null is unlimited.
     let patched = gw
-        .admin("PATCH", &format!("/admin/keys/{id}"), Some(json!({"plan": "pro"})))
+        .admin(
+            "PATCH",
+            &format!("/admin/keys/{id}"),
+            Some(json!({"plan": "pro"})),
+        )
         .json();
-    assert_eq!((patched["plan"].clone(), patched["monthly_limit"].clone()), (json!("pro"), json!(100000)));
+    assert_eq!(
+        (patched["plan"].clone(), patched["monthly_limit"].clone()),
+        (json!("pro"), json!(100000))
+    );
     let patched = gw
         .admin(
             "PATCH",
@@ -128,23 +138,80 @@ fn create_with_explicit_limits() {
             Some(json!({"name": "n", "monthly_limit": null})),
         )
         .json();
-    assert_eq!((v["plan"].clone(), v["monthly_limit"].clone()), (json!("free"), Value::Null));
+    assert_eq!(
+        (v["plan"].clone(), v["monthly_limit"].clone()),
+        (json!("free"), Value::Null)
+    );
 }
 
 #[test]
 fn bad_admin_requests_get_clear_errors() {
     let gw = Gateway::start();
     let cases = [
-        ("POST", "/admin/keys", Some(json!({})), 400, "INVALID_REQUEST"),
-        ("POST", "/admin/keys", Some(json!({"name": ""})), 400, "INVALID_REQUEST"),
-        ("POST", "/admin/keys", Some(json!({"name": 5})), 400, "INVALID_REQUEST"),
-        ("POST", "/admin/keys", Some(json!({"name": "n", "plan": "gold"})), 400, "UNKNOWN_PLAN"),
-        ("POST", "/admin/keys", Some(json!({"name": "n", "monthly_limit": -1})), 400, "INVALID_REQUEST"),
-        ("POST", "/admin/keys", Some(json!({"name": "n", "monthly_limit": "5"})), 400, "INVALID_REQUEST"),
-        ("POST", "/admin/keys", Some(json!({"name": "n", "colour": "red"})), 400, "INVALID_REQUEST"),
-        ("POST", "/admin/keys", Some(json!(["n"])), 400, "INVALID_JSON"),
+        (
+            "POST",
+            "/admin/keys",
+            Some(json!({})),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": ""})),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": 5})),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "plan": "gold"})),
+            400,
+            "UNKNOWN_PLAN",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "monthly_limit": -1})),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "monthly_limit": "5"})),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "colour": "red"})),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            Some(json!(["n"])),
+            400,
+            "INVALID_JSON",
+        ),
         ("GET", "/admin/keys/key_nope", None, 404, "KEY_NOT_FOUND"),
-        ("PATCH", "/admin/keys/key_nope", Some(json!({})), 404, "KEY_NOT_FOUND"),
+        (
+            "PATCH",
+            "/admin/keys/key_nope",
+            Some(json!({})),
+            404,
+            "KEY_NOT_FOUND",
+        ),
         ("DELETE", "/admin/keys/key_nope", None, 404, "KEY_NOT_FOUND"),
         ("DELETE", "/admin/keys", None, 405, "METHOD_NOT_ALLOWED"),
         ("GET", "/admin/other", None, 404, "NOT_FOUND"),
@@ -152,7 +219,12 @@ fn bad_admin_requests_get_clear_errors() {
     ];
     for (method, path, body, status, code) in cases {
         let reply = gw.admin(method, path, body.clone());
-        assert_eq!(reply.status, status, "{method} {path} {body:?}: {:?}", reply.json());
+        assert_eq!(
+            reply.status,
+            status,
+            "{method} {path} {body:?}: {:?}",
+            reply.json()
+        );
         assert_eq!(reply.json()["code"], code, "{method} {path} {body:?}");
     }
     let (id, _) = gw.create_key("free", None);
@@ -173,7 +245,10 @@ fn bad_admin_requests_get_clear_errors() {
             .send("name=x")
             .unwrap(),
     );
-    assert_eq!((reply.status, reply.json()["code"].clone()), (400, json!("INVALID_JSON")));
+    assert_eq!(
+        (reply.status, reply.json()["code"].clone()),
+        (400, json!("INVALID_JSON"))
+    );
 }
 
 fn cli(gw: &Gateway, args: &[&str]) -> (bool, String, String) {
@@ -202,7 +277,8 @@ fn cli_manages_keys_through_the_admin_api() {
     assert_eq!(created["monthly_limit"], 1);
 
     assert_eq!(gw.post_audio(&key, BODY).status, 200);
-    gw.post_audio(&key, BODY).assert_error(429, "QUOTA_EXCEEDED");
+    gw.post_audio(&key, BODY)
+        .assert_error(429, "QUOTA_EXCEEDED");
 
     let (ok, out, _) = cli(&gw, &["show", &id]);
     assert!(ok);
@@ -213,10 +289,16 @@ fn cli_manages_keys_through_the_admin_api() {
 
     let (ok, out, err) = cli(&gw, &["update", &id, "--unlimited"]);
     assert!(ok, "{err}");
-    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["monthly_limit"], Value::Null);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["monthly_limit"],
+        Value::Null
+    );
     assert_eq!(gw.post_audio(&key, BODY).status, 200);
 
-    let (ok, _, err) = cli(&gw, &["update", &id, "--plan", "pro", "--status", "inactive"]);
+    let (ok, _, err) = cli(
+        &gw,
+        &["update", &id, "--plan", "pro", "--status", "inactive"],
+    );
     assert!(ok, "{err}");
     gw.post_audio(&key, BODY).assert_error(401, "INVALID_KEY");
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::{Gateway, agent, read_reply, test_catalog, wait_until};
 
-const NEW_LIBRARY: &str = "name = \"New\"\n[[track]]\ntitle = \"Fresh\"\nkey = \"new/fresh.mp3\"\nduration_sec = 42\n";
+const NEW_LIBRARY: &str =
+    "name = \"New\"\n[[track]]\ntitle = \"Fresh\"\nkey = \"new/fresh.mp3\"\nduration_sec = 42\n";
 
 fn catalog_version(gw: &Gateway) -> u64 {
     let reply = read_reply(agent().get(gw.url("/readyz")).call().unwrap());
@@ -47,9 +48,11 @@ fn file_changes_reload_the_catalog() {
         .env("AUDIOLIB_CATALOG_DIR", dir.path().to_str().unwrap())
         .start();
     std::fs::write(dir.path().join("audio.new.toml"), NEW_LIBRARY).unwrap();
-    wait_until("reload after a file change", Duration::from_secs(10), || {
-        library_status(&gw, "audio.new") == 200
-    });
+    wait_until(
+        "reload after a file change",
+        Duration::from_secs(10),
+        || library_status(&gw, "audio.new") == 200,
+    );
     std::fs::remove_file(dir.path().join("audio.new.toml")).unwrap();
     wait_until("reload after a removal", Duration::from_secs(10), || {
         library_status(&gw, "audio.new") == 404
@@ -67,12 +70,20 @@ fn a_bad_file_keeps_the_old_snapshot_and_names_file_and_line() {
     std::fs::write(dir.path().join("audio.focus.toml"), bad).unwrap();
     std::fs::write(dir.path().join("audio.new.toml"), NEW_LIBRARY).unwrap();
     gw.signal("HUP");
-    wait_until("the reload error in the log", Duration::from_secs(10), || {
-        gw.log_text().contains("audio.focus.toml:5:")
-    });
+    wait_until(
+        "the reload error in the log",
+        Duration::from_secs(10),
+        || gw.log_text().contains("audio.focus.toml:5:"),
+    );
     let log = gw.log_text();
-    let line = log.lines().find(|l| l.contains("audio.focus.toml:5:")).unwrap();
-    assert!(line.contains("ERROR") && line.contains("keeping version 1"), "{line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("audio.focus.toml:5:"))
+        .unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("keeping version 1"),
+        "{line}"
+    );
     // The old snapshot still serves, and nothing of the new files leaked in.
     assert_eq!(catalog_version(&gw), 1);
     let reply = gw.post_audio(&gw.dev_key, r#"{"library":"audio.focus"}"#);
@@ -125,12 +136,18 @@ fn catalog_check_command() {
     .unwrap();
     let (ok, out) = check(dir.path());
     assert!(!ok);
-    assert!(out.contains("audio.sleep.toml:1: weight must be at least 1"), "{out}");
+    assert!(
+        out.contains("audio.sleep.toml:1: weight must be at least 1"),
+        "{out}"
+    );
 
     std::fs::remove_file(dir.path().join("audio.sleep.toml")).unwrap();
     std::fs::write(dir.path().join("Audio Sleep.toml"), NEW_LIBRARY).unwrap();
     let (ok, out) = check(dir.path());
-    assert!(!ok && out.contains("is not a standard library name"), "{out}");
+    assert!(
+        !ok && out.contains("is not a standard library name"),
+        "{out}"
+    );
 
     let (ok, out) = check(std::path::Path::new("/nonexistent/catalog"));
     assert!(!ok && out.contains("cannot read directory"), "{out}");
@@ -143,8 +160,14 @@ fn a_bad_catalog_stops_start_up() {
     let out = Command::new(env!("CARGO_BIN_EXE_audiolib"))
         .arg("serve")
         .env("AUDIOLIB_CATALOG_DIR", dir.path())
-        .env("AUDIOLIB_LISTEN", format!("127.0.0.1:{}", common::free_port()))
-        .env("AUDIOLIB_ADMIN_LISTEN", format!("127.0.0.1:{}", common::free_port()))
+        .env(
+            "AUDIOLIB_LISTEN",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .env(
+            "AUDIOLIB_ADMIN_LISTEN",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
         .output()
         .unwrap();
     assert!(!out.status.success());
