@@ -1,1 +1,182 @@
-fn main() {}
+//! One criterion function per step of a `/v1/audio` call, each beside a naive baseline where
+//! one exists, and the whole in-process handling of a request without HTTP.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use audiolib::api::{Gateway, parse_request, success_body};
+use audiolib::auth::{KeyDigest, bearer_token, check_format};
+use audiolib::cache::KeyCache;
+use audiolib::catalog::CatalogHandle;
+use audiolib::clock::SystemClock;
+use audiolib::config::{Config, FailurePolicy, FileConfig};
+use audiolib::keys::{CreateKey, KeyService};
+use audiolib::quota::Period;
+use audiolib::sign::{Presigner, encode_key};
+use audiolib::store::Store;
+use audiolib::store::memory::MemoryStore;
+use criterion::{Criterion, criterion_group, criterion_main};
+
+const KEY: &str = "alp_0123456789abcdefABCDEF0123456789";
+const BODY: &[u8] = br#"{"library":"audio.focus"}"#;
+
+fn config() -> Config {
+    let env: BTreeMap<&str, &str> = [
+        ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        ("AUDIOLIB_S3_BUCKET", "audiolib-media"),
+        ("AUDIOLIB_CATALOG_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/catalog")),
+    ]
+    .into_iter()
+    .collect();
+    Config::build(FileConfig::default(), &env).unwrap()
+}
+
+fn auth(c: &mut Criterion) {
+    let header = format!("Bearer {KEY}");
+    let mut g = c.benchmark_group("authorization");
+    g.bench_function("ours", |b| {
+        b.iter(|| {
+            let token = bearer_token(std::iter::once(black_box(header.as_bytes()))).unwrap();
+            check_format(token).unwrap();
+        })
+    });
+    g.bench_function("naive", |b| {
+        b.iter(|| {
+            let h = black_box(header.as_str()).to_lowercase();
+            let parts: Vec<&str> = h.split_whitespace().collect();
+            assert!(parts.len() == 2 && parts[0] == "bearer");
+            let token = &black_box(header.as_str())[header.len() - parts[1].len()..];
+            assert!(token.starts_with("alp_") && token.chars().skip(4).all(|c| c.is_ascii_alphanumeric()));
+        })
+    });
+    g.finish();
+}
+
+fn body(c: &mut Criterion) {
+    let mut g = c.benchmark_group("body_parse");
+    g.bench_function("ours", |b| b.iter(|| parse_request(black_box(BODY)).unwrap()));
+    g.bench_function("serde_json_value", |b| {
+        b.iter(|| {
+            let v: serde_json::Value = serde_json::from_slice(black_box(BODY)).unwrap();
+            v["library"].as_str().unwrap().to_string()
+        })
+    });
+    g.finish();
+}
+
+fn choice(c: &mut Criterion) {
+    let catalog = CatalogHandle::load(config().catalog_dir).unwrap();
+    let mut rng = rand::rng();
+    c.bench_function("track_choice", |b| {
+        b.iter(|| {
+            let snap = catalog.snapshot();
+            snap.libraries["audio.focus"].choose(&mut rng).unwrap().duration_sec
+        })
+    });
+}
+
+fn presign(c: &mut Criterion) {
+    let config = config();
+    let presigner = Presigner::new(config.s3, config.credentials, config.url_ttl);
+    let key = encode_key("focus/deep space drift.mp3");
+    let mut g = c.benchmark_group("presign");
+    g.bench_function("ours", |b| {
+        b.iter(|| presigner.presign(black_box(&key), SystemTime::now()).unwrap())
+    });
+    g.bench_function("aws_sigv4_sign", |b| {
+        b.iter(|| {
+            presigner
+                .presign_with_sign(black_box(&key), SystemTime::now())
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn encode(c: &mut Criterion) {
+    let url = "https://audiolib-media.s3.us-east-1.amazonaws.com/focus/deep-space-drift.mp3?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20261126%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20261126T145617Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature=45ef3ec7ebb48ee7dbbb4d76d01d6bd16e470a7ccb67c5776f48cdd7a4b6dcaf";
+    let mut g = c.benchmark_group("response_encoding");
+    g.bench_function("ours", |b| {
+        b.iter(|| success_body(black_box("Deep Space Drift"), black_box(url), 240))
+    });
+    g.bench_function("json_macro", |b| {
+        b.iter(|| {
+            serde_json::to_vec(&serde_json::json!({
+                "code": 0, "msg": "ok",
+                "data": {"title": black_box("Deep Space Drift"), "url": black_box(url), "duration_sec": 240}
+            }))
+            .unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn store_and_cache(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let config = config();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let period = Period::containing(SystemTime::now());
+    c.bench_function("memory_reserve", |b| {
+        b.to_async(&runtime).iter(|| {
+            let store = store.clone();
+            async move { store.reserve("key_bench", period, None).await.unwrap() }
+        })
+    });
+
+    let cache = Arc::new(KeyCache::new(store.clone(), &config.key_cache));
+    let keys = KeyService::new(
+        store.clone(),
+        cache.clone(),
+        config.plans.clone(),
+        config.default_plan.clone(),
+        Arc::new(SystemClock),
+    );
+    let (_, secret) = runtime
+        .block_on(keys.create(CreateKey {
+            name: "bench".into(),
+            plan: Some("unlimited".into()),
+            monthly_limit: None,
+        }))
+        .unwrap();
+    let digest = KeyDigest::of(&secret);
+    runtime.block_on(cache.get(digest)).unwrap().unwrap();
+    c.bench_function("key_cache_hit", |b| {
+        b.to_async(&runtime).iter(|| {
+            let cache = cache.clone();
+            async move { cache.get(digest).await.unwrap().unwrap() }
+        })
+    });
+
+    let gateway = Arc::new(Gateway::new(
+        cache,
+        store,
+        Arc::new(CatalogHandle::load(&config.catalog_dir).unwrap()),
+        Presigner::new(config.s3.clone(), config.credentials.clone(), config.url_ttl),
+        Arc::new(SystemClock),
+        FailurePolicy::FailOpen,
+        config.max_body_bytes,
+    ));
+    let header = format!("Bearer {secret}");
+    c.bench_function("whole_request", |b| {
+        b.to_async(&runtime).iter(|| {
+            let gateway = gateway.clone();
+            let header = header.as_bytes();
+            async move {
+                let key = gateway.authenticate(std::iter::once(header)).await.unwrap();
+                gateway.audio(&key, BODY).await.result.unwrap()
+            }
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
+    targets = auth, body, choice, presign, encode, store_and_cache
+}
+criterion_main!(benches);

@@ -388,7 +388,7 @@ fn row_11_quota_exceeded() {
         "{reset_at}"
     );
     let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
-    assert!(retry >= 1 && retry <= 31 * 86_400);
+    assert!((1..=31 * 86_400).contains(&retry));
     assert!(
         reply
             .header("ratelimit")

@@ -1,0 +1,36 @@
+# Shared by the scripts: install what a fresh Debian machine with Rust lacks.
+
+# apt_need CMD PACKAGE...: install PACKAGE(s) when CMD is missing.
+apt_need() {
+    local cmd=$1; shift
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing $* (for $cmd)" >&2
+    if [ -z "${APT_UPDATED:-}" ]; then
+        $sudo apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+# The S3-compatible server the tests fetch signed URLs from; it verifies signatures.
+S3S_FS_VERSION=0.14.1
+need_s3s_fs() {
+    if command -v s3s-fs >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/s3s-fs" ]; then
+        return 0
+    fi
+    echo "installing s3s-fs $S3S_FS_VERSION (about 4 minutes)" >&2
+    cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked --quiet
+}
+
+# A Python environment in .venv with the reference clients the tests run.
+need_venv() {
+    local py=.venv/bin/python
+    if [ -x "$py" ] && "$py" -c 'import botocore, requests' 2>/dev/null; then
+        return 0
+    fi
+    echo "creating .venv with botocore and requests" >&2
+    python3 -m venv .venv
+    "$py" -m pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+}
