@@ -25,9 +25,15 @@ const BODY: &[u8] = br#"{"library":"audio.focus"}"#;
 fn config() -> Config {
     let env: BTreeMap<&str, &str> = [
         ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
-        ("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        ),
         ("AUDIOLIB_S3_BUCKET", "audiolib-media"),
-        ("AUDIOLIB_CATALOG_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/catalog")),
+        (
+            "AUDIOLIB_CATALOG_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/catalog"),
+        ),
     ]
     .into_iter()
     .collect();
@@ -49,7 +55,10 @@ fn auth(c: &mut Criterion) {
             let parts: Vec<&str> = h.split_whitespace().collect();
             assert!(parts.len() == 2 && parts[0] == "bearer");
             let token = &black_box(header.as_str())[header.len() - parts[1].len()..];
-            assert!(token.starts_with("alp_") && token.chars().skip(4).all(|c| c.is_ascii_alphanumeric()));
+            assert!(
+                token.starts_with("alp_")
+                    && token.chars().skip(4).all(|c| c.is_ascii_alphanumeric())
+            );
         })
     });
     g.finish();
@@ -57,7 +66,9 @@ fn auth(c: &mut Criterion) {
 
 fn body(c: &mut Criterion) {
     let mut g = c.benchmark_group("body_parse");
-    g.bench_function("ours", |b| b.iter(|| parse_request(black_box(BODY)).unwrap()));
+    g.bench_function("ours", |b| {
+        b.iter(|| parse_request(black_box(BODY)).unwrap())
+    });
     g.bench_function("serde_json_value", |b| {
         b.iter(|| {
             let v: serde_json::Value = serde_json::from_slice(black_box(BODY)).unwrap();
@@ -73,7 +84,10 @@ fn choice(c: &mut Criterion) {
     c.bench_function("track_choice", |b| {
         b.iter(|| {
             let snap = catalog.snapshot();
-            snap.libraries["audio.focus"].choose(&mut rng).unwrap().duration_sec
+            snap.libraries["audio.focus"]
+                .choose(&mut rng)
+                .unwrap()
+                .duration_sec
         })
     });
 }
@@ -84,7 +98,11 @@ fn presign(c: &mut Criterion) {
     let key = encode_key("focus/deep space drift.mp3");
     let mut g = c.benchmark_group("presign");
     g.bench_function("ours", |b| {
-        b.iter(|| presigner.presign(black_box(&key), SystemTime::now()).unwrap())
+        b.iter(|| {
+            presigner
+                .presign(black_box(&key), SystemTime::now())
+                .unwrap()
+        })
     });
     g.bench_function("aws_sigv4_sign", |b| {
         b.iter(|| {
@@ -156,7 +174,11 @@ fn store_and_cache(c: &mut Criterion) {
         cache,
         store,
         Arc::new(CatalogHandle::load(&config.catalog_dir).unwrap()),
-        Presigner::new(config.s3.clone(), config.credentials.clone(), config.url_ttl),
+        Presigner::new(
+            config.s3.clone(),
+            config.credentials.clone(),
+            config.url_ttl,
+        ),
         Arc::new(SystemClock),
         FailurePolicy::FailOpen,
         config.max_body_bytes,
