@@ -11,12 +11,14 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::keys::{ChangeKey, CreateKey, KeyError, KeyService};
+use crate::metrics::Metrics;
 use crate::store::KeyStatus;
 
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 pub struct AdminApi {
     keys: Arc<KeyService>,
+    metrics: Arc<Metrics>,
     /// SHA-256 of the admin token: comparing digests keeps the comparison time independent
     /// of how much of a guessed token is right.
     token_digest: Option<[u8; 32]>,
@@ -49,9 +51,10 @@ impl From<KeyError> for Reply {
 }
 
 impl AdminApi {
-    pub fn new(keys: Arc<KeyService>, token: Option<&str>) -> Self {
+    pub fn new(keys: Arc<KeyService>, metrics: Arc<Metrics>, token: Option<&str>) -> Self {
         Self {
             keys,
+            metrics,
             token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
         }
     }
@@ -227,6 +230,16 @@ fn parse_change(body: Map<String, Value>) -> Result<ChangeKey, Reply> {
 #[async_trait]
 impl ServeHttp for AdminApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // Scrapers carry no token: /metrics is open to whoever reaches the admin listener.
+        if session.req_header().uri.path() == "/metrics" {
+            let body = self.metrics.render().into_bytes();
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                .header(header::CONTENT_LENGTH, body.len())
+                .body(body)
+                .unwrap_or_default();
+        }
         let Reply(status, body) = self.route(session).await.unwrap_or_else(|e| e);
         let mut builder = Response::builder()
             .status(status)

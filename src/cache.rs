@@ -11,6 +11,7 @@ use moka::future::Cache;
 
 use crate::auth::KeyDigest;
 use crate::config::KeyCacheConfig;
+use crate::metrics::CacheMetrics;
 use crate::store::{KeyRecord, Store, StoreError};
 
 /// Why a lookup produced no record.
@@ -24,6 +25,8 @@ pub struct KeyCache {
     store: Arc<dyn Store>,
     known: Cache<KeyDigest, Arc<KeyRecord>>,
     unknown: Cache<KeyDigest, ()>,
+    /// Hits count answers from either cache: both spare the store a read.
+    pub metrics: CacheMetrics,
 }
 
 impl KeyCache {
@@ -38,17 +41,21 @@ impl KeyCache {
                 .max_capacity(config.negative_capacity)
                 .time_to_live(config.negative_ttl)
                 .build(),
+            metrics: CacheMetrics::new(),
         }
     }
 
     /// The record for `digest`, `None` if no such key exists.
     pub async fn get(&self, digest: KeyDigest) -> Result<Option<Arc<KeyRecord>>, StoreError> {
         if let Some(record) = self.known.get(&digest).await {
+            self.metrics.hits.inc();
             return Ok(Some(record));
         }
         if self.unknown.contains_key(&digest) {
+            self.metrics.hits.inc();
             return Ok(None);
         }
+        self.metrics.misses.inc();
         let store = &self.store;
         let fetched = self
             .known
@@ -76,10 +83,5 @@ impl KeyCache {
     pub async fn invalidate(&self, digest: &KeyDigest) {
         self.known.invalidate(digest).await;
         self.unknown.invalidate(digest).await;
-    }
-
-    /// Hits and misses are reported by the metrics module; here only the entry counts.
-    pub fn len(&self) -> (u64, u64) {
-        (self.known.entry_count(), self.unknown.entry_count())
     }
 }

@@ -15,6 +15,7 @@ use rand::distr::weighted::WeightedIndex;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::metrics::CatalogMetrics;
 use crate::sign::encode_key;
 
 /// One playable track, with its object key already percent-encoded for signing.
@@ -237,8 +238,7 @@ pub struct CatalogHandle {
     dir: PathBuf,
     current: ArcSwap<Catalog>,
     versions: AtomicU64,
-    /// Failed reloads since start, for metrics.
-    pub load_errors: AtomicU64,
+    pub metrics: CatalogMetrics,
 }
 
 impl CatalogHandle {
@@ -246,11 +246,13 @@ impl CatalogHandle {
     pub fn load(dir: impl Into<PathBuf>) -> Result<Self, CatalogError> {
         let dir = dir.into();
         let catalog = load_dir(&dir, 1)?;
+        let metrics = CatalogMetrics::new();
+        metrics.version.set(1);
         Ok(Self {
             dir,
             current: ArcSwap::from_pointee(catalog),
             versions: AtomicU64::new(1),
-            load_errors: AtomicU64::new(0),
+            metrics,
         })
     }
 
@@ -268,6 +270,7 @@ impl CatalogHandle {
                 let libraries = catalog.libraries.len();
                 self.current.store(Arc::new(catalog));
                 self.versions.store(version, Ordering::Relaxed);
+                self.metrics.version.set(version as i64);
                 log::info!(
                     "catalog reloaded from {}: version {version}, {libraries} libraries",
                     self.dir.display()
@@ -275,7 +278,7 @@ impl CatalogHandle {
                 Ok(version)
             }
             Err(e) => {
-                self.load_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.load_errors.inc();
                 log::error!(
                     "catalog reload failed, keeping version {}: {e}",
                     version - 1

@@ -24,6 +24,7 @@ pub struct FileConfig {
     pub catalog_watch: Option<bool>,
     pub upstream: Option<String>,
     pub upstream_host: Option<String>,
+    pub upstream_ca_file: Option<PathBuf>,
     pub cors_origins: Option<Vec<String>>,
     pub max_body_bytes: Option<usize>,
     pub default_plan: Option<String>,
@@ -140,6 +141,8 @@ pub struct Config {
     /// Reload the catalog when its files change (SIGHUP always reloads).
     pub catalog_watch: bool,
     pub upstream: Option<Upstream>,
+    /// CA bundle for verifying a TLS upstream instead of the system roots.
+    pub upstream_ca_file: Option<PathBuf>,
     pub cors: CorsOrigins,
     pub max_body_bytes: usize,
     pub redis_url: Option<String>,
@@ -317,6 +320,23 @@ impl Config {
                     }
                 }
             });
+
+        let upstream_ca_file = pick(
+            p,
+            env,
+            "AUDIOLIB_UPSTREAM_CA_FILE",
+            "upstream_ca_file",
+            file.upstream_ca_file,
+        );
+        if let Some(path) = &upstream_ca_file
+            && !path.is_file()
+        {
+            p.add(
+                "upstream_ca_file",
+                Some("AUDIOLIB_UPSTREAM_CA_FILE"),
+                format!("{} is not a readable file", path.display()),
+            );
+        }
 
         let cors = match env.get("AUDIOLIB_CORS_ORIGINS") {
             Some(raw) => raw.split(',').map(|s| s.trim().to_string()).collect(),
@@ -570,6 +590,7 @@ impl Config {
             catalog_dir,
             catalog_watch,
             upstream,
+            upstream_ca_file,
             cors,
             max_body_bytes,
             redis_url,

@@ -13,9 +13,11 @@
 //! - [`catalog`]: library files, the immutable snapshot and its reloads.
 //! - [`sign`]: SigV4 presigned S3 URLs.
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
+//! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`proxy`]: the Pingora glue for the public listener.
 //! - [`admin`]: the admin API on its own listener.
 //! - [`server`]: builds the app from the config and runs the services.
+//! - [`shutdown`]: signals and draining in-flight requests.
 //! - [`cli`]: the `audiolib` command.
 //! - [`clock`]: injectable time.
 
@@ -29,8 +31,10 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod metrics;
 pub mod proxy;
 pub mod quota;
 pub mod server;
+pub mod shutdown;
 pub mod sign;
 pub mod store;

@@ -15,7 +15,9 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::api::{Gateway, Outcome};
 use crate::config::{CorsOrigins, Limits, Upstream};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::quota::RateInfo;
+use crate::shutdown::{InFlight, Lifecycle};
 
 /// Headers a browser script may read from our answers.
 const EXPOSE_HEADERS: &str = "RateLimit, RateLimit-Policy, Retry-After";
@@ -24,6 +26,9 @@ const JSON: &str = "application/json";
 /// Per-request facts for routing and the access log.
 pub struct RequestCtx {
     started: Instant,
+    /// The metrics label of the route taken.
+    route: &'static str,
+    _in_flight: InFlight,
     /// The error code answered, or `None` for success and passthrough.
     code: Option<&'static str>,
     key_prefix: Option<String>,
@@ -34,6 +39,8 @@ pub struct AudioProxy {
     cors: CorsOrigins,
     upstream: Option<Upstream>,
     limits: Limits,
+    metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl AudioProxy {
@@ -42,12 +49,16 @@ impl AudioProxy {
         cors: CorsOrigins,
         upstream: Option<Upstream>,
         limits: Limits,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<Lifecycle>,
     ) -> Self {
         Self {
             gateway,
             cors,
             upstream,
             limits,
+            metrics,
+            lifecycle,
         }
     }
 
@@ -232,18 +243,28 @@ impl ProxyHttp for AudioProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
+            route: "passthrough",
+            _in_flight: self.lifecycle.enter(),
             code: None,
             key_prefix: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        session.set_keepalive(Some(self.limits.keepalive.as_secs()));
-        match session.req_header().uri.path() {
-            "/v1/audio" => self.audio(session, ctx).await?,
-            "/healthz" => self.health(session, false).await?,
-            "/readyz" => self.health(session, true).await?,
+        if !self.lifecycle.is_draining() {
+            session.set_keepalive(Some(self.limits.keepalive.as_secs()));
+        }
+        ctx.route = match session.req_header().uri.path() {
+            "/v1/audio" => "audio",
+            "/healthz" => "healthz",
+            "/readyz" => "readyz",
             _ if self.upstream.is_some() => return Ok(false),
+            _ => "not_found",
+        };
+        match ctx.route {
+            "audio" => self.audio(session, ctx).await?,
+            "healthz" => self.health(session, false).await?,
+            "readyz" => self.health(session, true).await?,
             _ => self.respond_error(session, ctx, ApiError::NotFound).await?,
         }
         Ok(true)
@@ -315,16 +336,25 @@ impl ProxyHttp for AudioProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let req = session.req_header();
-        log::info!(
-            target: "access",
-            "{} {} {} {} {}us key={}",
-            req.method,
-            req.uri.path(),
+        let elapsed = ctx.started.elapsed();
+        self.metrics.observe_request(
+            ctx.route,
             status,
-            ctx.code.unwrap_or("-"),
-            ctx.started.elapsed().as_micros(),
-            ctx.key_prefix.as_deref().unwrap_or("-"),
+            ctx.code.unwrap_or("ok"),
+            elapsed.as_secs_f64(),
         );
+        if log::log_enabled!(target: "access", log::Level::Info) {
+            let req = session.req_header();
+            log::info!(
+                target: "access",
+                "{} {} {} {} {}us key={}",
+                req.method,
+                req.uri.path(),
+                status,
+                ctx.code.unwrap_or("-"),
+                elapsed.as_micros(),
+                ctx.key_prefix.as_deref().unwrap_or("-"),
+            );
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use notify::{RecursiveMode, Watcher};
 use pingora::server::configuration::ServerConf;
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::ServiceReadyNotifier;
 use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
@@ -20,14 +20,18 @@ use crate::catalog::CatalogHandle;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::keys::{CreateKey, KeyService};
+use crate::metrics::{Metrics, StoreMetrics};
 use crate::proxy::AudioProxy;
+use crate::shutdown::{Lifecycle, Signals};
 use crate::sign::Presigner;
 use crate::store::Store;
+use crate::store::instrumented::Instrumented;
 use crate::store::memory::MemoryStore;
 
 /// Everything a running gateway holds, built without starting any listener.
 pub struct App {
     pub gateway: Arc<Gateway>,
+    pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyService>,
     pub catalog: Arc<CatalogHandle>,
     /// True for the embedded store, which starts empty and gets a development key.
@@ -43,9 +47,17 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
                 .into(),
         );
     }
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let metrics = Arc::new(Metrics::new());
+    let store_metrics = StoreMetrics::new();
+    store_metrics.register_in(&metrics);
+    let store: Arc<dyn Store> = Arc::new(Instrumented::new(
+        Arc::new(MemoryStore::new()),
+        store_metrics,
+    ));
     let catalog = Arc::new(CatalogHandle::load(&config.catalog_dir).map_err(|e| e.to_string())?);
+    catalog.metrics.register_in(&metrics);
     let cache = Arc::new(KeyCache::new(store.clone(), &config.key_cache));
+    cache.metrics.register_in(&metrics);
     let presigner = Presigner::new(
         config.s3.clone(),
         config.credentials.clone(),
@@ -74,6 +86,7 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
     ));
     Ok(App {
         gateway,
+        metrics,
         keys,
         catalog,
         embedded_store: true,
@@ -182,8 +195,13 @@ pub fn run(config: Config) -> Result<(), String> {
         threads: config.threads,
         grace_period_seconds: Some(config.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
+        ca_file: config
+            .upstream_ca_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
         ..Default::default()
     };
+    let lifecycle = Lifecycle::new();
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -202,6 +220,8 @@ pub fn run(config: Config) -> Result<(), String> {
             config.cors.clone(),
             config.upstream.clone(),
             config.limits.clone(),
+            app.metrics.clone(),
+            lifecycle.clone(),
         ),
     );
     proxy.add_tcp(&config.listen.to_string());
@@ -210,7 +230,11 @@ pub fn run(config: Config) -> Result<(), String> {
 
     let mut admin = Service::new(
         "admin".to_string(),
-        AdminApi::new(app.keys.clone(), config.admin_token.as_deref()),
+        AdminApi::new(
+            app.keys.clone(),
+            app.metrics.clone(),
+            config.admin_token.as_deref(),
+        ),
     );
     admin.add_tcp(&config.admin_listen.to_string());
     admin.threads = Some(1);
@@ -223,5 +247,8 @@ pub fn run(config: Config) -> Result<(), String> {
         config.catalog_dir.display(),
         app.catalog.snapshot().libraries.len()
     );
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals { lifecycle }),
+    });
+    Ok(())
 }

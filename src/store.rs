@@ -4,6 +4,7 @@
 //! reservation is a single atomic step (`reserve`), so a Redis implementation can do it in
 //! one Lua call. [`memory::MemoryStore`] is the embedded implementation for a single node.
 
+pub mod instrumented;
 pub mod memory;
 
 use std::time::SystemTime;

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use audiolib::sign::{Credentials, Presigner, S3Location, encode_key};
-use common::{Gateway, S3Server, agent, read_reply, repo_path};
+use common::{Gateway, S3Server, agent, python, read_reply, repo_path};
 use serde_json::{Value, json};
 
 /// Keys that break signers which encode twice, normalise paths or mishandle UTF-8.
@@ -25,17 +25,6 @@ const TRICKY_KEYS: [&str; 10] = [
     "(parens) [brackets] {braces}!.mp3",
     "emoji 🎧.mp3",
 ];
-
-fn python() -> String {
-    std::env::var("AUDIOLIB_PYTHON").unwrap_or_else(|_| {
-        let venv = repo_path(".venv/bin/python");
-        if venv.exists() {
-            venv.to_string_lossy().into_owned()
-        } else {
-            "python3".into()
-        }
-    })
-}
 
 fn botocore(cases: &Value) -> Vec<String> {
     let mut child = Command::new(python())

@@ -368,3 +368,154 @@ pub fn test_catalog() -> tempfile::TempDir {
     .unwrap();
     dir
 }
+
+/// The passthrough origin (`tests/oracle/upstream.py`), plain or TLS; killed when dropped.
+pub struct Upstream {
+    child: Child,
+    pub port: u16,
+    /// The CA that signed the TLS certificate, when TLS is on.
+    pub ca_file: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn python() -> String {
+    std::env::var("AUDIOLIB_PYTHON").unwrap_or_else(|_| {
+        let venv = repo_path(".venv/bin/python");
+        if venv.exists() {
+            venv.to_string_lossy().into_owned()
+        } else {
+            "python3".into()
+        }
+    })
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway CA and a certificate for 127.0.0.1 and localhost signed by it.
+fn make_certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=audiolib test CA",
+    ]);
+    openssl(dir, &ca);
+    let mut leaf = vec!["req"];
+    leaf.extend(ec);
+    leaf.extend([
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(dir, &leaf);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+}
+
+impl Upstream {
+    pub fn start(tls: bool) -> Upstream {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(python());
+        cmd.arg(repo_path("tests/oracle/upstream.py"))
+            .arg(port.to_string());
+        let ca_file = if tls {
+            make_certificates(dir.path());
+            cmd.arg(dir.path().join("leaf.pem"))
+                .arg(dir.path().join("leaf.key"));
+            Some(dir.path().join("ca.pem"))
+        } else {
+            None
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python upstream");
+        wait_until("upstream", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Upstream {
+            child,
+            port,
+            ca_file,
+            _dir: dir,
+        }
+    }
+
+    /// The value for `AUDIOLIB_UPSTREAM`.
+    pub fn address(&self) -> String {
+        match self.ca_file {
+            Some(_) => format!("https://127.0.0.1:{}", self.port),
+            None => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Calls the upstream directly (plain only).
+    pub fn get(&self, path: &str) -> Reply {
+        read_reply(
+            agent()
+                .get(format!("http://127.0.0.1:{}{path}", self.port))
+                .call()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

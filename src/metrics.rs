@@ -1,0 +1,224 @@
+//! Prometheus metrics (SPEC §7), served as text on the admin listener's `/metrics`.
+//!
+//! Components own the counters they update (plain atomics behind `prometheus` handles) and
+//! the registry only gathers them, so the request path never touches the registry.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Latency buckets in seconds: 50 µs to 2.5 s, dense where a gateway call should land.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
+];
+
+/// Request-level metrics, updated once per request from the access-log hook.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    quota_denials: IntCounter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "audiolib_http_requests_total",
+                "Requests answered, by route, status and error code (\"ok\" for success)",
+            ),
+            &["route", "status", "code"],
+        )
+        .expect("static metric definition");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "audiolib_http_request_duration_seconds",
+                "Time from request headers to the end of the answer, by route",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let quota_denials = IntCounter::new(
+            "audiolib_quota_denials_total",
+            "Calls refused with 429 QUOTA_EXCEEDED",
+        )
+        .expect("static metric definition");
+        let metrics = Self {
+            registry: Registry::new(),
+            requests,
+            latency,
+            quota_denials,
+        };
+        metrics.register(metrics.requests.clone());
+        metrics.register(metrics.latency.clone());
+        metrics.register(metrics.quota_denials.clone());
+        metrics
+    }
+
+    /// Adds a collector owned elsewhere (key cache, store, catalog).
+    pub fn register<C: prometheus::core::Collector + 'static>(&self, collector: C) {
+        if let Err(e) = self.registry.register(Box::new(collector)) {
+            log::error!("metric registration failed: {e}");
+        }
+    }
+
+    pub fn observe_request(&self, route: &str, status: u16, code: &str, seconds: f64) {
+        let status = status_label(status);
+        self.requests
+            .with_label_values(&[route, &status, code])
+            .inc();
+        self.latency.with_label_values(&[route]).observe(seconds);
+        if code == "QUOTA_EXCEEDED" {
+            self.quota_denials.inc();
+        }
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(8 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            log::error!("metrics encoding failed: {e}");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The status as a label, without formatting for the statuses the gateway itself answers.
+fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
+    match status {
+        200 => "200".into(),
+        204 => "204".into(),
+        400 => "400".into(),
+        401 => "401".into(),
+        404 => "404".into(),
+        405 => "405".into(),
+        413 => "413".into(),
+        429 => "429".into(),
+        502 => "502".into(),
+        503 => "503".into(),
+        other => other.to_string().into(),
+    }
+}
+
+/// Counters and latency of store operations, by operation.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    pub errors: IntCounterVec,
+    pub latency: HistogramVec,
+}
+
+impl StoreMetrics {
+    pub fn new() -> Self {
+        Self {
+            errors: IntCounterVec::new(
+                Opts::new(
+                    "audiolib_store_errors_total",
+                    "Store operations that failed, by operation",
+                ),
+                &["op"],
+            )
+            .expect("static metric definition"),
+            latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "audiolib_store_operation_duration_seconds",
+                    "Store operation latency, by operation",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["op"],
+            )
+            .expect("static metric definition"),
+        }
+    }
+
+    pub fn register_in(&self, metrics: &Metrics) {
+        metrics.register(self.errors.clone());
+        metrics.register(self.latency.clone());
+    }
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Key-cache lookups by result; the hit ratio is `hit / (hit + miss)`.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    lookups: IntCounterVec,
+    pub hits: IntCounter,
+    pub misses: IntCounter,
+}
+
+impl CacheMetrics {
+    pub fn new() -> Self {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "audiolib_key_cache_lookups_total",
+                "Key-cache lookups by result (hit, miss)",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition");
+        Self {
+            hits: lookups.with_label_values(&["hit"]),
+            misses: lookups.with_label_values(&["miss"]),
+            lookups,
+        }
+    }
+
+    pub fn register_in(&self, metrics: &Metrics) {
+        metrics.register(self.lookups.clone());
+    }
+}
+
+impl Default for CacheMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The catalog's version and failed reloads.
+#[derive(Clone)]
+pub struct CatalogMetrics {
+    pub version: IntGauge,
+    pub load_errors: IntCounter,
+}
+
+impl CatalogMetrics {
+    pub fn new() -> Self {
+        Self {
+            version: IntGauge::new(
+                "audiolib_catalog_version",
+                "Version of the catalog snapshot in use (1 at start, +1 per reload)",
+            )
+            .expect("static metric definition"),
+            load_errors: IntCounter::new(
+                "audiolib_catalog_load_errors_total",
+                "Catalog reloads refused because a file failed validation",
+            )
+            .expect("static metric definition"),
+        }
+    }
+}
+
+impl CatalogMetrics {
+    pub fn register_in(&self, metrics: &Metrics) {
+        metrics.register(self.version.clone());
+        metrics.register(self.load_errors.clone());
+    }
+}
+
+impl Default for CatalogMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

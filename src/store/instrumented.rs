@@ -1,0 +1,86 @@
+//! A `Store` decorator that records each operation's latency and failures for `/metrics`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use async_trait::async_trait;
+
+use super::{KeyRecord, KeyUpdate, Store, StoreError};
+use crate::auth::KeyDigest;
+use crate::metrics::StoreMetrics;
+use crate::quota::{Period, Reservation};
+
+pub struct Instrumented {
+    inner: Arc<dyn Store>,
+    metrics: StoreMetrics,
+}
+
+impl Instrumented {
+    pub fn new(inner: Arc<dyn Store>, metrics: StoreMetrics) -> Self {
+        Self { inner, metrics }
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics
+            .latency
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.errors.with_label_values(&[op]).inc();
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Store for Instrumented {
+    async fn insert_key(&self, record: KeyRecord) -> Result<(), StoreError> {
+        self.timed("insert_key", self.inner.insert_key(record))
+            .await
+    }
+    async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        self.timed("key_by_digest", self.inner.key_by_digest(digest))
+            .await
+    }
+    async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.timed("key_by_id", self.inner.key_by_id(id)).await
+    }
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.timed("list_keys", self.inner.list_keys()).await
+    }
+    async fn update_key(
+        &self,
+        id: &str,
+        update: KeyUpdate,
+        now: SystemTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.timed("update_key", self.inner.update_key(id, update, now))
+            .await
+    }
+    async fn reserve(
+        &self,
+        key_id: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> Result<Reservation, StoreError> {
+        self.timed("reserve", self.inner.reserve(key_id, period, limit))
+            .await
+    }
+    async fn refund(&self, key_id: &str, period: Period) -> Result<(), StoreError> {
+        self.timed("refund", self.inner.refund(key_id, period))
+            .await
+    }
+    async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
+        self.timed("usage", self.inner.usage(key_id, period)).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed("ping", self.inner.ping()).await
+    }
+}

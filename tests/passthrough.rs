@@ -1,0 +1,225 @@
+//! Passthrough (issue: drop-in gateway): everything that is not ours reaches the upstream
+//! unchanged and streams both ways, over plain TCP and TLS, against a real origin process.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{Gateway, Upstream, agent, free_port, read_reply, wait_until};
+use serde_json::Value;
+
+fn gateway_for(up: &Upstream) -> Gateway {
+    let mut b = Gateway::builder().env("AUDIOLIB_UPSTREAM", up.address());
+    if let Some(ca) = &up.ca_file {
+        b = b.env("AUDIOLIB_UPSTREAM_CA_FILE", ca.to_str().unwrap());
+    }
+    b.start()
+}
+
+fn header<'a>(report: &'a Value, name: &str) -> Vec<&'a str> {
+    report["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
+        .map(|h| h[1].as_str().unwrap())
+        .collect()
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| ((i * 7 + 3) % 251) as u8).collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn requests_pass_unchanged(up: &Upstream) {
+    let gw = gateway_for(up);
+    let target = "/some/path%20x/?q=a%2Bb&empty=&dup=1&dup=2";
+    let reply = read_reply(
+        agent()
+            .get(gw.url(target))
+            .header("X-Custom", "kept as is")
+            .header("Authorization", "Bearer not-ours")
+            .header("Cookie", "session=abc")
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-upstream"), Some("yes"));
+    let report = reply.json();
+    assert_eq!(report["method"], "GET");
+    assert_eq!(report["target"], target);
+    assert_eq!(header(&report, "x-custom"), ["kept as is"]);
+    assert_eq!(header(&report, "authorization"), ["Bearer not-ours"]);
+    assert_eq!(header(&report, "cookie"), ["session=abc"]);
+    assert_eq!(header(&report, "host"), [gw.addr.to_string()]);
+
+    // Bodies both ways, larger than any buffer, byte for byte.
+    let upload = pattern(3 * 1024 * 1024 + 17);
+    let reply = read_reply(
+        agent()
+            .put(gw.url("/upload-target"))
+            .header("Content-Type", "application/octet-stream")
+            .send(&upload[..])
+            .unwrap(),
+    );
+    assert_eq!(reply.status, 201, "the upstream's status passes through");
+    let report = reply.json();
+    assert_eq!(report["method"], "PUT");
+    assert_eq!(report["body_len"], upload.len());
+    assert_eq!(report["body_sha256"], sha256_hex(&upload));
+
+    let n = 5 * 1024 * 1024 + 3;
+    let reply = read_reply(agent().get(gw.url(&format!("/bytes/{n}"))).call().unwrap());
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), n);
+    assert!(reply.body == pattern(n));
+
+    for method in ["POST", "DELETE", "PATCH", "OPTIONS"] {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(gw.url("/api/other"))
+            .body("x=1".to_string())
+            .unwrap();
+        let reply = read_reply(agent().run(req).unwrap());
+        assert_eq!(reply.json()["method"], method);
+        assert_eq!(reply.json()["body_len"], 3);
+    }
+
+    // Our own routes are still ours.
+    let reply = gw.post_audio(&gw.dev_key, r#"{"library":"audio.focus"}"#);
+    assert_eq!((reply.status, reply.header("x-upstream")), (200, None));
+    let health = read_reply(agent().get(gw.url("/healthz")).call().unwrap());
+    assert_eq!((health.status, health.header("x-upstream")), (200, None));
+}
+
+#[test]
+fn plain_upstream_receives_requests_unchanged() {
+    requests_pass_unchanged(&Upstream::start(false));
+}
+
+#[test]
+fn tls_upstream_receives_requests_unchanged() {
+    requests_pass_unchanged(&Upstream::start(true));
+}
+
+#[test]
+fn host_header_can_be_set_for_the_upstream() {
+    let up = Upstream::start(true);
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", up.address())
+        .env(
+            "AUDIOLIB_UPSTREAM_CA_FILE",
+            up.ca_file.as_ref().unwrap().to_str().unwrap(),
+        )
+        .env("AUDIOLIB_UPSTREAM_HOST", "cdn.example.com")
+        .start();
+    let report = read_reply(agent().get(gw.url("/x")).call().unwrap()).json();
+    assert_eq!(header(&report, "host"), ["cdn.example.com"]);
+}
+
+#[test]
+fn tls_upstream_with_an_untrusted_certificate_is_a_bad_gateway() {
+    let up = Upstream::start(true);
+    // No CA file: the system roots do not know the test CA.
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", up.address())
+        .start();
+    let reply = read_reply(agent().get(gw.url("/x")).call().unwrap());
+    reply.assert_error(502, "BAD_GATEWAY");
+}
+
+#[test]
+fn responses_stream_before_the_upstream_finishes() {
+    let up = Upstream::start(false);
+    let gw = gateway_for(&up);
+    let mut stream = TcpStream::connect(gw.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /gate/r1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut seen = String::new();
+    // The upstream holds "second" back until released; "first;" must already be here.
+    while !seen.contains("first;") {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "closed early: {seen}"
+        );
+        seen.push_str(&line);
+    }
+    assert!(!seen.contains("second"));
+    assert_eq!(up.get("/open/r1").status, 200);
+    while !seen.contains("second") {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "closed early: {seen}"
+        );
+        seen.push_str(&line);
+    }
+}
+
+#[test]
+fn request_bodies_stream_before_the_client_finishes() {
+    let up = Upstream::start(false);
+    let gw = gateway_for(&up);
+    let mut stream = TcpStream::connect(gw.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(
+            b"POST /upload/u1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .unwrap();
+    // The upstream sees the first chunk while the client has not sent the rest.
+    wait_until(
+        "first chunk at the upstream",
+        Duration::from_secs(10),
+        || {
+            up.get("/seen")
+                .json()
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e == "u1:first")
+        },
+    );
+    stream.write_all(b"6\r\n world\r\n0\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("body_sha256") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0);
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("\"body_len\": 11"), "{text}");
+}
+
+#[test]
+fn upstream_down_is_a_quick_bad_gateway() {
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", format!("127.0.0.1:{}", free_port()))
+        .start();
+    let reply = read_reply(agent().get(gw.url("/anything")).call().unwrap());
+    reply.assert_error(502, "BAD_GATEWAY");
+    // The gateway's own routes do not depend on the upstream.
+    assert_eq!(
+        gw.post_audio(&gw.dev_key, r#"{"library":"audio.focus"}"#)
+            .status,
+        200
+    );
+}
