@@ -71,6 +71,7 @@ pub struct PlanFile {
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     pub header_timeout_secs: Option<u64>,
+    pub max_header_bytes: Option<usize>,
     pub body_timeout_secs: Option<u64>,
     pub keepalive_secs: Option<u64>,
 }
@@ -118,6 +119,8 @@ pub enum CorsOrigins {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub header_timeout: Duration,
+    /// Total size of request headers (names, values, separators) before a 431.
+    pub max_header_bytes: usize,
     pub body_timeout: Duration,
     pub keepalive: Duration,
 }
@@ -546,6 +549,7 @@ impl Config {
         let secs = |v: Option<u64>, default: u64| Duration::from_secs(v.unwrap_or(default));
         let limits = Limits {
             header_timeout: secs(file.limits.header_timeout_secs, 10),
+            max_header_bytes: file.limits.max_header_bytes.unwrap_or(16 * 1024),
             body_timeout: secs(file.limits.body_timeout_secs, 10),
             keepalive: secs(file.limits.keepalive_secs, 60),
         };
@@ -557,6 +561,13 @@ impl Config {
             if value.is_zero() || value > Duration::from_secs(3600) {
                 p.add(name, None, "must be between 1 and 3600 seconds");
             }
+        }
+        if !(1024..=1 << 20).contains(&limits.max_header_bytes) {
+            p.add(
+                "limits.max_header_bytes",
+                None,
+                "must be between 1024 and 1048576",
+            );
         }
         let kc = file.key_cache;
         let key_cache = KeyCacheConfig {

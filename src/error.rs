@@ -27,6 +27,8 @@ pub enum ApiError {
         retry_after: u64,
     },
     NotFound,
+    /// The request headers exceed the configured total size.
+    HeadersTooLarge,
     /// The request could not be parsed as HTTP (bad framing, bad chunk sizes).
     BadRequest,
     /// The upstream could not be reached or failed mid-response.
@@ -45,6 +47,7 @@ impl ApiError {
             Self::LibraryNotFound(_) | Self::NoAudioItems(_) | Self::NotFound => 404,
             Self::QuotaExceeded { .. } => 429,
             Self::PresignFailed | Self::ServiceUnavailable { .. } => 503,
+            Self::HeadersTooLarge => 431,
             Self::BadGateway => 502,
             Self::Internal => 500,
         }
@@ -66,6 +69,7 @@ impl ApiError {
             Self::ServiceUnavailable { .. } => "SERVICE_UNAVAILABLE",
             Self::NotFound => "NOT_FOUND",
             Self::BadRequest => "BAD_REQUEST",
+            Self::HeadersTooLarge => "HEADERS_TOO_LARGE",
             Self::BadGateway => "BAD_GATEWAY",
             Self::Internal => "INTERNAL_ERROR",
         }
@@ -102,6 +106,7 @@ impl ApiError {
             }
             Self::NotFound => "No such route".into(),
             Self::BadRequest => "Malformed HTTP request".into(),
+            Self::HeadersTooLarge => "Request headers are too large".into(),
             Self::BadGateway => "The upstream could not be reached".into(),
             Self::Internal => "An unexpected server error occurred".into(),
         }

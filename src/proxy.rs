@@ -106,6 +106,9 @@ impl AudioProxy {
         error: Option<&ApiError>,
         rate: Option<&RateInfo>,
     ) -> Result<()> {
+        if self.lifecycle.is_draining() {
+            session.set_keepalive(None);
+        }
         let mut resp = ResponseHeader::build(status, Some(10))?;
         resp.insert_header(header::CONTENT_TYPE, JSON)?;
         resp.insert_header(header::CONTENT_LENGTH, body.len())?;
@@ -236,6 +239,17 @@ impl AudioProxy {
     }
 }
 
+/// The size of the request head as sent: request line and `name: value\r\n` per header.
+fn header_bytes(req: &RequestHeader) -> usize {
+    let target = req.uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = req.method.as_str().len() + target + 12;
+    line + req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+}
+
 #[async_trait]
 impl ProxyHttp for AudioProxy {
     type CTX = RequestCtx;
@@ -253,6 +267,12 @@ impl ProxyHttp for AudioProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         if !self.lifecycle.is_draining() {
             session.set_keepalive(Some(self.limits.keepalive.as_secs()));
+        }
+        if header_bytes(session.req_header()) > self.limits.max_header_bytes {
+            ctx.route = "rejected";
+            self.respond_error(session, ctx, ApiError::HeadersTooLarge)
+                .await?;
+            return Ok(true);
         }
         ctx.route = match session.req_header().uri.path() {
             "/v1/audio" => "audio",
@@ -292,6 +312,19 @@ impl ProxyHttp for AudioProxy {
     ) -> Result<()> {
         if let Some(host) = self.upstream.as_ref().and_then(|u| u.host_header.as_ref()) {
             upstream_request.insert_header(header::HOST, host.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A passthrough answer finishing during shutdown closes its connection.
+        if self.lifecycle.is_draining() {
+            session.set_keepalive(None);
         }
         Ok(())
     }

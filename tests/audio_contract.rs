@@ -502,3 +502,38 @@ fn keep_alive_connections_serve_many_requests() {
         assert_eq!(reply.status, 200);
     }
 }
+
+#[test]
+fn oversized_headers_get_431_not_a_5xx() {
+    let gw = Gateway::start();
+    let auth = format!("Bearer {}", gw.dev_key);
+    let just_under = "a".repeat(15 * 1024);
+    let reply = request(
+        &gw,
+        "POST",
+        &[("Authorization", &auth), ("X-Pad", &just_under)],
+        BODY,
+    );
+    assert_eq!(reply.status, 200);
+    let over = "a".repeat(17 * 1024);
+    for path in ["/v1/audio", "/elsewhere"] {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {auth}\r\nX-Pad: {over}\r\nContent-Length: 0\r\n\r\n"
+        );
+        let answer = gw.raw(req.as_bytes(), Duration::from_secs(5));
+        assert!(answer.starts_with("HTTP/1.1 431"), "{path}: {answer}");
+        assert!(
+            answer.contains("\"code\":\"HEADERS_TOO_LARGE\""),
+            "{answer}"
+        );
+    }
+    // Far beyond any limit the server itself refuses with a 4xx, never a 5xx.
+    let huge = "a".repeat(2 * 1024 * 1024);
+    let req = format!("GET /v1/audio HTTP/1.1\r\nHost: x\r\nX-Pad: {huge}\r\n\r\n");
+    let answer = gw.raw(req.as_bytes(), Duration::from_secs(5));
+    assert!(
+        answer.starts_with("HTTP/1.1 4"),
+        "{}",
+        &answer[..answer.len().min(80)]
+    );
+}

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use audiolib::sign::{Credentials, Presigner, S3Location, encode_key};
-use common::{Gateway, S3Server, agent, python, read_reply, repo_path};
+use common::{Fixture, agent, python, read_reply, repo_path};
 use serde_json::{Value, json};
 
 /// Keys that break signers which encode twice, normalise paths or mishandle UTF-8.
@@ -149,14 +149,6 @@ fn urls_are_byte_identical_to_botocore() {
     }
 }
 
-/// A bucket directory with one object per library and a catalog pointing at them.
-struct Fixture {
-    _root: tempfile::TempDir,
-    catalog: tempfile::TempDir,
-    s3: S3Server,
-    objects: Vec<(String, String, Vec<u8>)>,
-}
-
 /// Object keys s3s-fs can hold as files (no `//` or dot segments: a filesystem folds them).
 const SERVABLE_KEYS: [&str; 6] = [
     "plain.mp3",
@@ -168,36 +160,12 @@ const SERVABLE_KEYS: [&str; 6] = [
 ];
 
 fn fixture() -> Fixture {
-    let root = tempfile::tempdir().unwrap();
-    let catalog = tempfile::tempdir().unwrap();
-    let mut objects = Vec::new();
-    for (i, key) in SERVABLE_KEYS.iter().enumerate() {
-        let path = root.path().join("media").join(key);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let bytes: Vec<u8> = (0..4096u32).map(|b| (b * 31 + i as u32) as u8).collect();
-        std::fs::write(&path, &bytes).unwrap();
-        let library = format!("test.lib{i}");
-        std::fs::write(
-            catalog.path().join(format!("{library}.toml")),
-            format!(
-                "[[track]]\ntitle = \"Track {i}\"\nkey = {}\nduration_sec = 10\n",
-                toml_string(key)
-            ),
-        )
-        .unwrap();
-        objects.push((library, key.to_string(), bytes));
-    }
-    let s3 = S3Server::start(root.path());
-    Fixture {
-        _root: root,
-        catalog,
-        s3,
-        objects,
-    }
-}
-
-fn toml_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap()
+    let libraries: Vec<(String, &str)> = SERVABLE_KEYS
+        .iter()
+        .enumerate()
+        .map(|(i, key)| (format!("test.lib{i}"), *key))
+        .collect();
+    Fixture::new(&libraries)
 }
 
 fn fetch(url: &str) -> (u16, Vec<u8>) {
@@ -208,14 +176,7 @@ fn fetch(url: &str) -> (u16, Vec<u8>) {
 #[test]
 fn returned_urls_fetch_the_exact_object_from_s3s_fs() {
     let fx = fixture();
-    let gw = Gateway::builder()
-        .env("AUDIOLIB_CATALOG_DIR", fx.catalog.path().to_str().unwrap())
-        .env("AUDIOLIB_S3_ENDPOINT", fx.s3.endpoint.clone())
-        .env("AUDIOLIB_S3_BUCKET", "media")
-        .env("AUDIOLIB_S3_PATH_STYLE", "true")
-        .env("AWS_ACCESS_KEY_ID", common::S3_ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", common::S3_SECRET_KEY)
-        .start();
+    let gw = fx.gateway().start();
     for (library, key, bytes) in &fx.objects {
         let reply = gw.post_audio(&gw.dev_key, &format!(r#"{{"library":"{library}"}}"#));
         assert_eq!(reply.status, 200, "{library}");

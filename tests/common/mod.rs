@@ -212,6 +212,14 @@ impl Gateway {
         self.child.id()
     }
 
+    /// The exit code once the process has ended (-1 for a signal), `None` while it runs.
+    pub fn try_wait(&mut self) -> Option<i32> {
+        self.child
+            .try_wait()
+            .unwrap()
+            .map(|s| s.code().unwrap_or(-1))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -517,5 +525,68 @@ impl Drop for Upstream {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An s3s-fs bucket `media` holding one object per library, and a catalog pointing at them.
+pub struct Fixture {
+    _root: tempfile::TempDir,
+    pub catalog: tempfile::TempDir,
+    pub s3: S3Server,
+    /// (library, object key, bytes)
+    pub objects: Vec<(String, String, Vec<u8>)>,
+}
+
+impl Fixture {
+    pub fn new<S: AsRef<str>>(libraries: &[(S, &str)]) -> Fixture {
+        let root = tempfile::tempdir().unwrap();
+        let catalog = tempfile::tempdir().unwrap();
+        let mut objects = Vec::new();
+        for (i, (library, key)) in libraries.iter().enumerate() {
+            let path = root.path().join("media").join(key);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let bytes: Vec<u8> = (0..4096u32).map(|b| (b * 31 + i as u32) as u8).collect();
+            std::fs::write(&path, &bytes).unwrap();
+            std::fs::write(
+                catalog.path().join(format!("{}.toml", library.as_ref())),
+                format!(
+                    "[[track]]\ntitle = \"Track {i}\"\nkey = {}\nduration_sec = 10\n",
+                    serde_json::to_string(key).unwrap()
+                ),
+            )
+            .unwrap();
+            objects.push((library.as_ref().to_string(), key.to_string(), bytes));
+        }
+        let s3 = S3Server::start(root.path());
+        Fixture {
+            _root: root,
+            catalog,
+            s3,
+            objects,
+        }
+    }
+
+    /// A gateway serving this catalog and signing for this bucket.
+    pub fn gateway(&self) -> GatewayBuilder {
+        Gateway::builder()
+            .env(
+                "AUDIOLIB_CATALOG_DIR",
+                self.catalog.path().to_str().unwrap(),
+            )
+            .env("AUDIOLIB_S3_ENDPOINT", self.s3.endpoint.clone())
+            .env("AUDIOLIB_S3_BUCKET", "media")
+            .env("AUDIOLIB_S3_PATH_STYLE", "true")
+            .env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+    }
+
+    /// The bytes stored for `library`'s track.
+    pub fn bytes_of(&self, library: &str) -> &[u8] {
+        &self
+            .objects
+            .iter()
+            .find(|(l, _, _)| l == library)
+            .unwrap_or_else(|| panic!("no object for {library}"))
+            .2
     }
 }

@@ -1,0 +1,149 @@
+//! The shipped configuration, parsed and compared field by field, and `audiolib config check`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use audiolib::config::{
+    Config, CorsOrigins, FailurePolicy, KeyCacheConfig, Limits, Plan, read_file,
+};
+use audiolib::sign::S3Location;
+use common::repo_path;
+
+#[test]
+fn shipped_config_parses_to_exactly_this() {
+    let file = read_file(&repo_path("conf/audiolib.toml")).unwrap();
+    let no_env: BTreeMap<&str, &str> = BTreeMap::new();
+    let config = Config::build(file, &no_env).unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let expected = Config {
+        listen: "127.0.0.1:8080".parse().unwrap(),
+        admin_listen: "127.0.0.1:9180".parse().unwrap(),
+        admin_token: None,
+        threads: cores,
+        catalog_dir: PathBuf::from("catalog"),
+        catalog_watch: true,
+        upstream: None,
+        upstream_ca_file: None,
+        cors: CorsOrigins::Any,
+        max_body_bytes: 16384,
+        redis_url: None,
+        failure_policy: FailurePolicy::FailOpen,
+        s3: S3Location {
+            scheme: "https".into(),
+            endpoint_authority: "s3.us-east-1.amazonaws.com".into(),
+            bucket: "audiolib-media".into(),
+            region: "us-east-1".into(),
+            path_style: false,
+        },
+        credentials: None,
+        url_ttl: Duration::from_secs(3600),
+        plans: BTreeMap::from([
+            (
+                "free".to_string(),
+                Plan {
+                    monthly_limit: Some(1000),
+                },
+            ),
+            (
+                "pro".to_string(),
+                Plan {
+                    monthly_limit: Some(100_000),
+                },
+            ),
+            (
+                "unlimited".to_string(),
+                Plan {
+                    monthly_limit: None,
+                },
+            ),
+        ]),
+        default_plan: "free".into(),
+        limits: Limits {
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 16384,
+            body_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(60),
+        },
+        key_cache: KeyCacheConfig {
+            capacity: 100_000,
+            ttl: Duration::from_secs(60),
+            negative_capacity: 10_000,
+            negative_ttl: Duration::from_secs(5),
+        },
+        shutdown_grace: Duration::from_secs(10),
+    };
+    assert_eq!(config, expected);
+}
+
+fn check(text: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_audiolib"))
+        .args(["config", "check"])
+        .arg(&path)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn config_check_names_the_setting_and_the_problem() {
+    let shipped = std::fs::read_to_string(repo_path("conf/audiolib.toml")).unwrap();
+    let (ok, out) = check(&shipped, &[]);
+    assert!(ok && out.ends_with("ok\n"), "{out}");
+
+    /// (file text, environment, expected part of the message)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 7] = [
+        ("listen = 8080\n", &[], "gateway.toml:1:"),
+        (
+            "bogus = true\n",
+            &[],
+            "gateway.toml:1: unknown field `bogus`",
+        ),
+        (
+            "[s3]\nurl_ttl_secs = 0\n",
+            &[],
+            "`s3.url_ttl_secs` (AUDIOLIB_URL_TTL_SECS): must be between 1 and 604800",
+        ),
+        (
+            "",
+            &[("AUDIOLIB_STORE_FAILURE", "sometimes")],
+            "`store.failure` (AUDIOLIB_STORE_FAILURE): 'sometimes' is not one of fail_open, fail_closed",
+        ),
+        (
+            "",
+            &[("AUDIOLIB_UPSTREAM", "ftp://x")],
+            "`upstream` (AUDIOLIB_UPSTREAM)",
+        ),
+        (
+            "",
+            &[("AUDIOLIB_CORS_ORIGINS", "app.example.com")],
+            "`cors_origins` (AUDIOLIB_CORS_ORIGINS): 'app.example.com' is not an origin",
+        ),
+        (
+            "default_plan = \"gold\"\n",
+            &[],
+            "`default_plan` (AUDIOLIB_DEFAULT_PLAN): 'gold' is not one of the plans",
+        ),
+    ];
+    for (text, env, needle) in cases {
+        let (ok, out) = check(text, env);
+        assert!(!ok, "accepted {text:?} {env:?}");
+        assert!(out.contains(needle), "{text:?} {env:?}: {out}");
+    }
+}
