@@ -15,6 +15,7 @@ use crate::catalog::CatalogHandle;
 use crate::clock::Clock;
 use crate::config::FailurePolicy;
 use crate::error::ApiError;
+use crate::ledger::{Ledger, LocalAdmission};
 use crate::quota::{Period, RateInfo, Reservation};
 use crate::sign::Presigner;
 use crate::store::{KeyRecord, KeyStatus, Store};
@@ -47,8 +48,16 @@ pub struct Gateway {
     presigner: Presigner,
     clock: Arc<dyn Clock>,
     failure_policy: FailurePolicy,
+    ledger: Ledger,
     /// The body limit of row 6, enforced by the caller while reading.
     pub max_body_bytes: usize,
+}
+
+/// How a unit was obtained, so a failed call gives it back to the right place.
+#[derive(Clone, Copy)]
+enum Unit {
+    Store { used: u64 },
+    Local { used: u64 },
 }
 
 impl Gateway {
@@ -68,8 +77,19 @@ impl Gateway {
             presigner,
             clock,
             failure_policy,
+            ledger: Ledger::new(),
             max_body_bytes,
         }
+    }
+
+    /// Writes calls counted during a store outage back to the store.
+    pub async fn flush_local_counts(&self) -> u64 {
+        self.ledger.flush(self.store.as_ref()).await
+    }
+
+    /// Whether calls counted locally or failed store calls await [`Self::flush_local_counts`].
+    pub fn needs_flush(&self) -> bool {
+        self.ledger.needs_flush()
     }
 
     pub fn catalog(&self) -> &CatalogHandle {
@@ -103,8 +123,8 @@ impl Gateway {
     }
 
     fn store_down(&self) -> ApiError {
-        // Until a networked store exists, an unknown key cannot be admitted under either
-        // policy: fail-open only ever covers keys already in the cache.
+        // Under either policy a key the store cannot vouch for is not admitted: fail-open
+        // covers only keys already in the cache with a known usage.
         ApiError::ServiceUnavailable {
             retry_after: STORE_RETRY_AFTER_SECS,
         }
@@ -126,28 +146,38 @@ impl Gateway {
 
         let now = self.clock.now();
         let period = Period::containing(now);
-        let rate = |used| {
-            key.monthly_limit
-                .map(|l| RateInfo::new(l, used, period, now))
+        let limit = key.monthly_limit;
+        let rate = |used| limit.map(|l| RateInfo::new(l, used, period, now));
+        let exceeded = |used| Outcome {
+            result: Err(ApiError::QuotaExceeded {
+                limit: limit.unwrap_or(used),
+                reset_at: period.reset_rfc3339(),
+                retry_after: period.secs_to_reset(now),
+            }),
+            rate: rate(used),
         };
-        let used = match self.store.reserve(&key.id, period, key.monthly_limit).await {
-            Ok(Reservation::Granted { used }) => Some(used),
-            Ok(Reservation::Denied { used }) => {
-                let limit = key.monthly_limit.unwrap_or(used);
-                return Outcome {
-                    result: Err(ApiError::QuotaExceeded {
-                        limit,
-                        reset_at: period.reset_rfc3339(),
-                        retry_after: period.secs_to_reset(now),
-                    }),
-                    rate: rate(used),
-                };
+        // A key found exhausted this month under this limit stays so: no store call needed.
+        if let Some(used) = self.ledger.exhausted(&key.id, period, limit) {
+            return exceeded(used);
+        }
+        let unit = match self.store.reserve(&key.id, period, limit).await {
+            Ok(answer) => {
+                self.ledger.record(&key.id, period, limit, answer);
+                match answer {
+                    Reservation::Granted { used } => Unit::Store { used },
+                    Reservation::Denied { used } => return exceeded(used),
+                }
             }
             Err(e) => {
                 log::warn!("quota reservation for key {} failed: {e}", key.id);
+                self.ledger.suspect(&key.id, period);
                 match self.failure_policy {
                     FailurePolicy::FailClosed => return Outcome::error(self.store_down()),
-                    FailurePolicy::FailOpen => None,
+                    FailurePolicy::FailOpen => match self.ledger.admit(&key.id, period, limit) {
+                        LocalAdmission::Admitted { used } => Unit::Local { used },
+                        LocalAdmission::Exhausted { used } => return exceeded(used),
+                        LocalAdmission::Unknown => return Outcome::error(self.store_down()),
+                    },
                 }
             }
         };
@@ -156,22 +186,29 @@ impl Gateway {
             Ok(url) => url,
             Err(e) => {
                 log::warn!("presign failed for library {library}: {e}");
-                let mut after_refund = used;
-                if used.is_some() {
-                    match self.store.refund(&key.id, period).await {
-                        Ok(()) => after_refund = used.map(|u| u - 1),
-                        Err(e) => log::error!("refund for key {} failed: {e}", key.id),
+                let after_refund = match unit {
+                    Unit::Local { used } => {
+                        self.ledger.unadmit(&key.id, period);
+                        Some(used - 1)
                     }
-                }
+                    Unit::Store { used } => match self.store.refund(&key.id, period).await {
+                        Ok(()) => Some(used - 1),
+                        Err(e) => {
+                            log::error!("refund for key {} failed: {e}", key.id);
+                            None
+                        }
+                    },
+                };
                 return Outcome {
                     result: Err(ApiError::PresignFailed),
                     rate: after_refund.and_then(rate),
                 };
             }
         };
+        let (Unit::Store { used } | Unit::Local { used }) = unit;
         Outcome {
             result: Ok(success_body(&track.title, &url, track.duration_sec)),
-            rate: used.and_then(rate),
+            rate: rate(used),
         }
     }
 }

@@ -79,6 +79,12 @@ impl KeyCache {
         }
     }
 
+    /// Forgets everything (after missed invalidations).
+    pub fn invalidate_all(&self) {
+        self.known.invalidate_all();
+        self.unknown.invalidate_all();
+    }
+
     /// Forgets `digest` so the next lookup reads the store (after a create, update or revoke).
     pub async fn invalidate(&self, digest: &KeyDigest) {
         self.known.invalidate(digest).await;

@@ -45,6 +45,7 @@ pub struct FileConfig {
 pub struct StoreFile {
     pub redis_url: Option<String>,
     pub failure: Option<String>,
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +151,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub redis_url: Option<String>,
     pub failure_policy: FailurePolicy,
+    /// Bound on every store call; past it the call counts as failed.
+    pub store_timeout: Duration,
     pub s3: S3Location,
     pub credentials: Option<Credentials>,
     pub url_ttl: Duration,
@@ -418,6 +421,24 @@ impl Config {
             }
         };
 
+        let store_timeout = Duration::from_millis(
+            pick(
+                p,
+                env,
+                "AUDIOLIB_STORE_TIMEOUT_MS",
+                "store.timeout_ms",
+                file.store.timeout_ms,
+            )
+            .unwrap_or(50),
+        );
+        if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&store_timeout) {
+            p.add(
+                "store.timeout_ms",
+                Some("AUDIOLIB_STORE_TIMEOUT_MS"),
+                "must be between 1 and 10000",
+            );
+        }
+
         let s3 = file.s3;
         let region = pick(p, env, "AUDIOLIB_S3_REGION", "s3.region", s3.region)
             .unwrap_or_else(|| "us-east-1".into());
@@ -606,6 +627,7 @@ impl Config {
             max_body_bytes,
             redis_url,
             failure_policy,
+            store_timeout,
             s3: S3Location {
                 scheme,
                 endpoint_authority,

@@ -96,6 +96,16 @@ impl KeyService {
         }
     }
 
+    /// Now, to the second: what every store keeps and the API shows.
+    fn now(&self) -> std::time::SystemTime {
+        let since = self
+            .clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(since.as_secs())
+    }
+
     fn plan(&self, name: &str) -> Result<&Plan, KeyError> {
         self.plans
             .get(name)
@@ -116,7 +126,7 @@ impl KeyService {
             digest,
             prefix,
         } = mint_key();
-        let now = self.clock.now();
+        let now = self.now();
         let record = KeyRecord {
             id: new_id("key"),
             digest,
@@ -130,7 +140,7 @@ impl KeyService {
         };
         self.store.insert_key(record.clone()).await?;
         // A negative entry from someone guessing this very key must not outlive its creation.
-        self.cache.invalidate(&digest).await;
+        self.forget(&digest).await;
         Ok((KeyView::from(&record), secret))
     }
 
@@ -173,10 +183,10 @@ impl KeyService {
         };
         let updated = self
             .store
-            .update_key(id, update, self.clock.now())
+            .update_key(id, update, self.now())
             .await?
             .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
-        self.cache.invalidate(&updated.digest).await;
+        self.forget(&updated.digest).await;
         Ok(KeyView::from(&updated))
     }
 
@@ -189,6 +199,15 @@ impl KeyService {
             },
         )
         .await
+    }
+
+    /// Drops the key from this node's cache and tells the other nodes to do the same.
+    async fn forget(&self, digest: &crate::auth::KeyDigest) {
+        self.cache.invalidate(digest).await;
+        if let Err(e) = self.store.announce(digest).await {
+            // The other nodes' cache TTL is the backstop.
+            log::warn!("could not announce a key change: {e}");
+        }
     }
 
     async fn find(&self, id: &str) -> Result<KeyRecord, KeyError> {

@@ -10,6 +10,7 @@
 //! - [`cache`]: the per-node key cache in front of the store.
 //! - [`keys`]: key management, the operations behind the admin API.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.
+//! - [`ledger`]: local quota knowledge: exhausted keys, fail-open counting and write-back.
 //! - [`catalog`]: library files, the immutable snapshot and its reloads.
 //! - [`sign`]: SigV4 presigned S3 URLs.
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
@@ -31,6 +32,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod ledger;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;

@@ -24,9 +24,11 @@ use crate::metrics::{Metrics, StoreMetrics};
 use crate::proxy::AudioProxy;
 use crate::shutdown::{Lifecycle, Signals};
 use crate::sign::Presigner;
+use crate::store::Invalidation;
 use crate::store::Store;
 use crate::store::instrumented::Instrumented;
 use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
 
 /// Everything a running gateway holds, built without starting any listener.
 pub struct App {
@@ -34,26 +36,21 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyService>,
     pub catalog: Arc<CatalogHandle>,
+    pub cache: Arc<KeyCache>,
     /// True for the embedded store, which starts empty and gets a development key.
     pub embedded_store: bool,
 }
 
 /// Builds the app; fails on a bad catalog or an unsupported store.
 pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> {
-    if config.redis_url.is_some() {
-        return Err(
-            "setting `store.redis_url` (AUDIOLIB_REDIS_URL): the Redis store is not available \
-             in this version; unset it to use the embedded store"
-                .into(),
-        );
-    }
     let metrics = Arc::new(Metrics::new());
     let store_metrics = StoreMetrics::new();
     store_metrics.register_in(&metrics);
-    let store: Arc<dyn Store> = Arc::new(Instrumented::new(
-        Arc::new(MemoryStore::new()),
-        store_metrics,
-    ));
+    let backend: Arc<dyn Store> = match &config.redis_url {
+        Some(urls) => Arc::new(RedisStore::new(urls, config.store_timeout)?),
+        None => Arc::new(MemoryStore::new()),
+    };
+    let store: Arc<dyn Store> = Arc::new(Instrumented::new(backend, store_metrics));
     let catalog = Arc::new(CatalogHandle::load(&config.catalog_dir).map_err(|e| e.to_string())?);
     catalog.metrics.register_in(&metrics);
     let cache = Arc::new(KeyCache::new(store.clone(), &config.key_cache));
@@ -75,6 +72,7 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
         config.default_plan.clone(),
         clock.clone(),
     ));
+    let cache_handle = cache.clone();
     let gateway = Arc::new(Gateway::new(
         cache,
         store,
@@ -89,7 +87,8 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
         metrics,
         keys,
         catalog,
-        embedded_store: true,
+        cache: cache_handle,
+        embedded_store: config.redis_url.is_none(),
     })
 }
 
@@ -162,6 +161,48 @@ impl CatalogReloader {
     }
 }
 
+/// Keeps this node in step with the shared store: applies key changes announced by other
+/// nodes to the key cache, and writes back calls counted locally during an outage.
+struct StoreSync {
+    gateway: Arc<Gateway>,
+    cache: Arc<KeyCache>,
+}
+
+#[async_trait]
+impl BackgroundService for StoreSync {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        self.gateway.store().watch(tx);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                Some(change) = changes.recv() => match change {
+                    Invalidation::Key(digest) => self.cache.invalidate(&digest).await,
+                    Invalidation::All => {
+                        // Clear only once the store answers again, so cached keys keep
+                        // serving until their records can be read back.
+                        while self.gateway.store().ping().await.is_err() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        self.cache.invalidate_all();
+                    }
+                },
+                _ = tick.tick() => {
+                    if self.gateway.needs_flush() {
+                        self.gateway.flush_local_counts().await;
+                    }
+                }
+                _ = shutdown.changed() => {
+                    // Last chance to hand over what was counted locally.
+                    self.gateway.flush_local_counts().await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Creates the development key of the embedded store and prints it once.
 fn create_dev_key(keys: &KeyService) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -210,6 +251,14 @@ pub fn run(config: Config) -> Result<(), String> {
         CatalogReloader {
             catalog: app.catalog.clone(),
             watch: config.catalog_watch,
+        },
+    ));
+
+    server.add_service(background_service(
+        "store sync",
+        StoreSync {
+            gateway: app.gateway.clone(),
+            cache: app.cache.clone(),
         },
     ));
 

@@ -6,6 +6,7 @@
 
 pub mod instrumented;
 pub mod memory;
+pub mod redis;
 
 use std::time::SystemTime;
 
@@ -49,6 +50,14 @@ pub struct KeyUpdate {
     pub status: Option<KeyStatus>,
 }
 
+/// A change to key records made elsewhere, which caches must forget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidation {
+    Key(KeyDigest),
+    /// Anything may have changed (for example, changes were missed while disconnected).
+    All,
+}
+
 /// The store could not answer; the caller applies the outage policy.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("store unavailable: {0}")]
@@ -77,10 +86,21 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Reservation, StoreError>;
     /// Gives back one unit reserved in `period` (the call failed after reserving).
     async fn refund(&self, key_id: &str, period: Period) -> Result<(), StoreError>;
+    /// Settles a key after store failures: adds the `count` calls served on local count
+    /// while the store was unreachable (no limit applies: they were served) and takes out any
+    /// call the store counted although its answer never arrived.
+    async fn absorb(&self, key_id: &str, period: Period, count: u64) -> Result<(), StoreError>;
     /// Units counted for `key_id` in `period`.
     async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError>;
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Tells every node that the key with `digest` changed. A single-process store has no
+    /// one to tell.
+    async fn announce(&self, _digest: &KeyDigest) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Starts delivering changes announced by other nodes to `sink`.
+    fn watch(&self, _sink: tokio::sync::mpsc::UnboundedSender<Invalidation>) {}
 }
 
 /// RFC 3339 with seconds, the one timestamp format the API shows.

@@ -32,6 +32,7 @@ fn shipped_config_parses_to_exactly_this() {
         max_body_bytes: 16384,
         redis_url: None,
         failure_policy: FailurePolicy::FailOpen,
+        store_timeout: Duration::from_millis(50),
         s3: S3Location {
             scheme: "https".into(),
             endpoint_authority: "s3.us-east-1.amazonaws.com".into(),

@@ -156,6 +156,9 @@ impl Store for DownStore {
     async fn refund(&self, _: &str, _: Period) -> Result<(), StoreError> {
         Err(StoreError("down".into()))
     }
+    async fn absorb(&self, _: &str, _: Period, _: u64) -> Result<(), StoreError> {
+        Err(StoreError("down".into()))
+    }
     async fn usage(&self, _: &str, _: Period) -> Result<u64, StoreError> {
         Err(StoreError("down".into()))
     }
@@ -227,6 +230,9 @@ async fn concurrent_misses_of_one_key_read_the_store_once() {
         }
         async fn refund(&self, id: &str, p: Period) -> Result<(), StoreError> {
             self.0.refund(id, p).await
+        }
+        async fn absorb(&self, id: &str, p: Period, n: u64) -> Result<(), StoreError> {
+            self.0.absorb(id, p, n).await
         }
         async fn usage(&self, id: &str, p: Period) -> Result<u64, StoreError> {
             self.0.usage(id, p).await

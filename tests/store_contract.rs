@@ -1,7 +1,7 @@
 //! The contract every `Store` implementation must meet, run against each of them.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use audiolib::auth::{KeyDigest, mint_key};
 use audiolib::quota::{Period, Reservation};
@@ -59,7 +59,8 @@ async fn keys_round_trip(store: Arc<dyn Store>) {
         .collect();
     assert_eq!(ids, ["key_b", "key_a"], "listed oldest first");
 
-    let later = SystemTime::now();
+    // Stores keep timestamps to the second.
+    let later = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
     let updated = store
         .update_key(
             "key_a",
@@ -169,4 +170,19 @@ async fn contract(make: impl Fn() -> Arc<dyn Store>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_meets_the_contract() {
     contract(|| Arc::new(MemoryStore::new())).await;
+}
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_meets_the_contract() {
+    let redis = common::RedisServer::start();
+    let url = redis.url();
+    let port = redis.port;
+    contract(move || {
+        common::redis_cli(port, &["FLUSHALL"]).unwrap();
+        Arc::new(audiolib::store::redis::RedisStore::new(&url, Duration::from_millis(500)).unwrap())
+    })
+    .await;
 }

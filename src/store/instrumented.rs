@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 
-use super::{KeyRecord, KeyUpdate, Store, StoreError};
+use super::{Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
 use crate::metrics::StoreMetrics;
 use crate::quota::{Period, Reservation};
@@ -77,10 +77,20 @@ impl Store for Instrumented {
         self.timed("refund", self.inner.refund(key_id, period))
             .await
     }
+    async fn absorb(&self, key_id: &str, period: Period, count: u64) -> Result<(), StoreError> {
+        self.timed("absorb", self.inner.absorb(key_id, period, count))
+            .await
+    }
     async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
         self.timed("usage", self.inner.usage(key_id, period)).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed("ping", self.inner.ping()).await
+    }
+    async fn announce(&self, digest: &KeyDigest) -> Result<(), StoreError> {
+        self.timed("announce", self.inner.announce(digest)).await
+    }
+    fn watch(&self, sink: tokio::sync::mpsc::UnboundedSender<Invalidation>) {
+        self.inner.watch(sink)
     }
 }

@@ -149,6 +149,12 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn absorb(&self, key_id: &str, period: Period, count: u64) -> Result<(), StoreError> {
+        let counter = self.counter(key_id);
+        *lock(&counter).for_period(period) += count;
+        Ok(())
+    }
+
     async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
         let Some(counter) = read(&self.usage).get(key_id).cloned() else {
             return Ok(0);

@@ -152,6 +152,8 @@ impl GatewayBuilder {
             .env("AUDIOLIB_S3_PATH_STYLE", "true")
             .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
             .env("AWS_SECRET_ACCESS_KEY", "test-secret")
+            // Tests share two cores; only the fault tests want the 50 ms production bound.
+            .env("AUDIOLIB_STORE_TIMEOUT_MS", "1000")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in &self.env {
@@ -163,17 +165,25 @@ impl GatewayBuilder {
         }
         let mut child = cmd.spawn().expect("start audiolib");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let dev_key = line
-            .split_whitespace()
-            .last()
-            .filter(|k| k.starts_with("alp_"))
-            .unwrap_or_else(|| {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                panic!("no development key printed: {line:?}\nlog:\n{log}")
-            })
-            .to_string();
+        // Only the embedded store prints a development key.
+        let embedded = !self
+            .env
+            .iter()
+            .any(|(k, v)| k == "AUDIOLIB_REDIS_URL" && !v.is_empty());
+        let dev_key = if embedded {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            line.split_whitespace()
+                .last()
+                .filter(|k| k.starts_with("alp_"))
+                .unwrap_or_else(|| {
+                    let log = std::fs::read_to_string(&log).unwrap_or_default();
+                    panic!("no development key printed: {line:?}\nlog:\n{log}")
+                })
+                .to_string()
+        } else {
+            String::new()
+        };
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut stdout, &mut std::io::sink());
@@ -272,7 +282,12 @@ impl Gateway {
 
     pub fn usage(&self, id: &str) -> u64 {
         let reply = self.admin("GET", &format!("/admin/keys/{id}"), None);
-        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
         reply.json()["usage"].as_u64().unwrap()
     }
 
@@ -588,5 +603,193 @@ impl Fixture {
             .find(|(l, _, _)| l == library)
             .unwrap_or_else(|| panic!("no object for {library}"))
             .2
+    }
+}
+
+/// A redis-server of the test's own on a free loopback port, persisting every write (AOF,
+/// fsync always) so it can be killed and restarted without losing acknowledged data.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server the hard way, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts (again) on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("redis-server", Duration::from_secs(20), || {
+            redis_cli(port, &["PING"]).is_some_and(|r| r.trim() == "PONG")
+        });
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs redis-cli against a port; `None` when it fails.
+pub fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Three masters on loopback joined into a Redis Cluster.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        args.extend([
+            "--cluster-replicas".into(),
+            "0".into(),
+            "--cluster-yes".into(),
+        ]);
+        let out = Command::new("redis-cli").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for node in &nodes {
+            wait_until("cluster state ok", Duration::from_secs(20), || {
+                redis_cli(node.port, &["CLUSTER", "INFO"])
+                    .is_some_and(|i| i.contains("cluster_state:ok"))
+            });
+        }
+        RedisCluster { nodes }
+    }
+
+    /// The value for `AUDIOLIB_REDIS_URL`: every node as a seed.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Fires `total` POST /v1/audio calls for `key` across `connections` threads spread over the
+/// gateways (one keep-alive connection per thread), all released at once; returns statuses.
+pub fn concurrent_calls(
+    gateways: &[&Gateway],
+    key: &str,
+    connections: usize,
+    total: usize,
+) -> Vec<u16> {
+    let start = std::sync::Arc::new(std::sync::Barrier::new(connections));
+    let per = total / connections;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..connections)
+            .map(|i| {
+                let gw = gateways[i % gateways.len()];
+                let start = start.clone();
+                scope.spawn(move || {
+                    let client = agent();
+                    start.wait();
+                    (0..per)
+                        .map(|_| {
+                            read_reply(
+                                client
+                                    .post(gw.url("/v1/audio"))
+                                    .header("Authorization", format!("Bearer {key}"))
+                                    .send(r#"{"library":"audio.sleep"}"#)
+                                    .unwrap(),
+                            )
+                            .status
+                        })
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    })
+}
+
+/// A value from a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl Gateway {
+    pub fn metrics_text(&self) -> String {
+        String::from_utf8(read_reply(agent().get(self.admin_url("/metrics")).call().unwrap()).body)
+            .unwrap()
     }
 }

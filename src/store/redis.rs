@@ -1,0 +1,684 @@
+//! The shared store on Redis or Redis Cluster (SPEC §3, §4).
+//!
+//! # Layout
+//! Every key of one API key carries the hash tag `{<id>}`, so its record and counters share a
+//! hash slot and one Lua call can touch them on a cluster:
+//! - `audiolib:{<id>}:key` — HASH: the key record (never the key, only its digest)
+//! - `audiolib:{<id>}:usage:<YYYY-MM>` — STRING counter of successful calls in that UTC month,
+//!   `EXPIREAT` the month's end plus [`USAGE_GRACE_SECS`]
+//! - `audiolib:{<id>}:applied:<YYYY-MM>` — HASH: grants per gateway process (field: node id),
+//!   same expiry; lets a node that lost answers in an outage avoid counting a call twice
+//! - `audiolib:digest:<sha256 hex>` — STRING: the id, the entry point from a presented key
+//! - `audiolib:keys` — ZSET of ids scored by creation time, for listing
+//! - channel `audiolib:invalidate` — a digest in hex (or `*`) whenever a key changes
+//!
+//! All I/O runs on a dedicated one-thread runtime that owns the connections, so callers on any
+//! Pingora runtime share them. Every call is bounded by a short timeout and guarded by a
+//! circuit breaker: a dead Redis costs milliseconds, then nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
+use tokio::sync::{OnceCell, mpsc};
+
+use super::{Invalidation, KeyRecord, KeyStatus, KeyUpdate, Store, StoreError};
+use crate::auth::KeyDigest;
+use crate::quota::{Period, Reservation};
+
+/// Counters outlive their month by this much, for late reads and reconciliation.
+pub const USAGE_GRACE_SECS: i64 = 7 * 86_400;
+const CHANNEL: &str = "audiolib:invalidate";
+const KEY_LIST: &str = "audiolib:keys";
+/// Consecutive failures that open the breaker, and how long it stays open.
+const BREAKER_THRESHOLD: u32 = 3;
+const BREAKER_OPEN: Duration = Duration::from_millis(500);
+/// Bound on admin and background calls (key management, usage reads, write-back).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Count one call unless the limit (`ARGV[1]`, empty for none) is reached. Grants are also
+/// tallied per node (`KEYS[2]`, field `ARGV[3]`) so a node can later tell which of its calls
+/// whose answers were lost did execute.
+const RESERVE: &str = r"
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if ARGV[1] ~= '' and used >= tonumber(ARGV[1]) then return {0, used} end
+used = redis.call('INCR', KEYS[1])
+if used == 1 then redis.call('EXPIREAT', KEYS[1], ARGV[2]) end
+if redis.call('HINCRBY', KEYS[2], ARGV[3], 1) == 1 then
+  redis.call('EXPIREAT', KEYS[2], ARGV[2])
+end
+return {1, used}
+";
+
+/// Give one unit back, never below zero.
+const REFUND: &str = r"
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used > 0 then return redis.call('DECR', KEYS[1]) end
+return 0
+";
+
+/// Settle a key after failures: add the `ARGV[1]` calls served on local count during an
+/// outage (no limit applies: they were served), and take out the calls that reached Redis
+/// although their answers were lost — this node's grants Redis tallied (`KEYS[2]`, field
+/// `ARGV[3]`) beyond the `ARGV[4]` it saw answered. Those were either among the calls served
+/// locally or not served at all; either way Redis counted them once too often. Returns how
+/// many such calls there were.
+const ABSORB: &str = r"
+local applied = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
+local executed = math.max(0, applied - tonumber(ARGV[4]))
+local delta = tonumber(ARGV[1]) - executed
+if delta ~= 0 then
+  local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+  redis.call('SET', KEYS[1], math.max(0, used + delta))
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+end
+return executed
+";
+
+/// Update fields of an existing record; returns the record or nil.
+const UPDATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return redis.call('HGETALL', KEYS[1])
+";
+
+fn record_key(id: &str) -> String {
+    format!("audiolib:{{{id}}}:key")
+}
+
+fn usage_key(id: &str, period: Period) -> String {
+    format!("audiolib:{{{id}}}:usage:{period}")
+}
+
+fn applied_key(id: &str, period: Period) -> String {
+    format!("audiolib:{{{id}}}:applied:{period}")
+}
+
+fn digest_key(digest: &KeyDigest) -> String {
+    format!("audiolib:digest:{digest}")
+}
+
+fn expire_at(period: Period) -> i64 {
+    period.reset_unix() + USAGE_GRACE_SECS
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A single node or a cluster, behind one `ConnectionLike`.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Fails fast while Redis keeps failing; lets a probe through after a pause.
+struct Breaker {
+    failures: AtomicU32,
+    /// Milliseconds since `epoch` until which calls are refused.
+    open_until: AtomicU64,
+    epoch: Instant,
+}
+
+impl Breaker {
+    fn new() -> Self {
+        Self {
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+    fn allows(&self) -> bool {
+        self.now_ms() >= self.open_until.load(Ordering::Relaxed)
+    }
+    fn success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+    fn failure(&self) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAKER_THRESHOLD {
+            self.open_until.store(
+                self.now_ms() + BREAKER_OPEN.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// Owns the I/O runtime; shut down without blocking so dropping the store is safe anywhere.
+struct Io(Option<tokio::runtime::Runtime>);
+
+impl Io {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("runtime lives as long as the store")
+            .handle()
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+pub struct RedisStore {
+    io: Io,
+    single: Option<ConnectionManager>,
+    cluster: Option<(ClusterClient, Arc<OnceCell<ClusterConnection>>)>,
+    /// The node the invalidation subscription uses (any node of a cluster will do: cluster
+    /// pub/sub reaches every node).
+    pubsub_urls: Vec<String>,
+    timeout: Duration,
+    breaker: Breaker,
+    /// This process's name in the per-node grant tallies.
+    node: String,
+    /// Grants this node saw answered, by key id and period: with Redis's tally it tells how
+    /// many calls with lost answers executed. A std lock: no `.await` while held.
+    answered: std::sync::Mutex<HashMap<String, HashMap<Period, u64>>>,
+    /// Per key: reservations hold it shared, a write-back exclusively, so a write-back sees
+    /// no reservation of that key in flight and `answered` is final when it reads it.
+    gates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    reserve: Script,
+    refund: Script,
+    absorb: Script,
+    update: Script,
+}
+
+impl RedisStore {
+    /// Connects lazily: the gateway starts even while Redis is down. `urls` is one URL for a
+    /// single node, several for Redis Cluster seed nodes.
+    pub fn new(urls: &str, timeout: Duration) -> Result<Self, String> {
+        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("redis-io")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("redis runtime: {e}"))?;
+        let io = Io(Some(runtime));
+        let (single, cluster) = if urls.len() == 1 {
+            let client = redis::Client::open(urls[0].as_str())
+                .map_err(|e| format!("redis url '{}': {e}", urls[0]))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(200));
+            // Entered, not blocked on: the manager's tasks go to the I/O runtime, and this works
+            // from inside another runtime too.
+            let _context = io.handle().enter();
+            let manager = ConnectionManager::new_lazy_with_config(client, config)
+                .map_err(|e| format!("redis connection: {e}"))?;
+            (Some(manager), None)
+        } else {
+            let client = ClusterClient::builder(urls.clone())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(1)
+                .build()
+                .map_err(|e| format!("redis cluster: {e}"))?;
+            (None, Some((client, Arc::new(OnceCell::new()))))
+        };
+        Ok(Self {
+            io,
+            single,
+            cluster,
+            pubsub_urls: urls,
+            timeout,
+            breaker: Breaker::new(),
+            node: crate::auth::new_id("node"),
+            answered: Default::default(),
+            gates: Default::default(),
+            reserve: Script::new(RESERVE),
+            refund: Script::new(REFUND),
+            absorb: Script::new(ABSORB),
+            update: Script::new(UPDATE),
+        })
+    }
+
+    async fn conn(&self) -> Result<Conn, redis::RedisError> {
+        if let Some(m) = &self.single {
+            return Ok(Conn::Single(m.clone()));
+        }
+        let (client, cell) = self.cluster.as_ref().expect("single or cluster");
+        let conn = cell
+            .get_or_try_init(|| {
+                let client = client.clone();
+                let handle = self.io.handle().clone();
+                async move {
+                    // Spawned on the I/O runtime so its background tasks live there.
+                    handle
+                        .spawn(async move { client.get_async_connection().await })
+                        .await
+                        .map_err(|e| {
+                            redis::RedisError::from((
+                                redis::ErrorKind::Io,
+                                "cluster connect task",
+                                e.to_string(),
+                            ))
+                        })?
+                }
+            })
+            .await?;
+        Ok(Conn::Cluster(conn.clone()))
+    }
+
+    /// Runs a request-path operation under the breaker and the short timeout.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        self.call_within(self.timeout, op).await
+    }
+
+    /// Runs an admin or background operation: nobody waits on it per request, so a slow
+    /// moment should not fail it.
+    async fn call_patiently<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        self.call_within(ADMIN_TIMEOUT.max(self.timeout), op).await
+    }
+
+    async fn call_within<T, F, Fut>(&self, timeout: Duration, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        if !self.breaker.allows() {
+            return Err(StoreError("redis circuit open".into()));
+        }
+        let result = tokio::time::timeout(timeout, async {
+            let conn = self.conn().await?;
+            op(conn).await
+        })
+        .await;
+        match result {
+            Ok(Ok(v)) => {
+                self.breaker.success();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.breaker.failure();
+                Err(StoreError(format!("redis: {e}")))
+            }
+            Err(_) => {
+                self.breaker.failure();
+                Err(StoreError(format!("redis: no answer within {timeout:?}")))
+            }
+        }
+    }
+
+    fn gate(&self, key_id: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        match gates.get(key_id) {
+            Some(g) => g.clone(),
+            None => gates.entry(key_id.to_string()).or_default().clone(),
+        }
+    }
+
+    fn note_answered(&self, key_id: &str, period: Period, n: u64) {
+        let mut answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        let periods = match answered.get_mut(key_id) {
+            Some(p) => p,
+            None => answered.entry(key_id.to_string()).or_default(),
+        };
+        *periods.entry(period).or_default() += n;
+    }
+
+    fn answered_count(&self, key_id: &str, period: Period) -> u64 {
+        let answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        answered
+            .get(key_id)
+            .and_then(|p| p.get(&period))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Reads a record hash; `None` when the hash is empty (no such key).
+    fn parse_record(fields: HashMap<String, String>) -> Result<Option<KeyRecord>, StoreError> {
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let get = |name: &str| {
+            fields
+                .get(name)
+                .cloned()
+                .ok_or_else(|| StoreError(format!("key record without '{name}'")))
+        };
+        let num = |name: &str| -> Result<u64, StoreError> {
+            get(name)?
+                .parse()
+                .map_err(|_| StoreError(format!("key record field '{name}' is not a number")))
+        };
+        let limit = get("monthly_limit")?;
+        Ok(Some(KeyRecord {
+            id: get("id")?,
+            digest: KeyDigest::parse_hex(&get("digest")?)
+                .ok_or_else(|| StoreError("key record digest is not hex".into()))?,
+            prefix: get("prefix")?,
+            name: get("name")?,
+            plan: get("plan")?,
+            monthly_limit: if limit.is_empty() {
+                None
+            } else {
+                Some(
+                    limit
+                        .parse()
+                        .map_err(|_| StoreError("bad monthly_limit".into()))?,
+                )
+            },
+            status: match get("status")?.as_str() {
+                "active" => KeyStatus::Active,
+                "inactive" => KeyStatus::Inactive,
+                "revoked" => KeyStatus::Revoked,
+                other => return Err(StoreError(format!("unknown key status '{other}'"))),
+            },
+            created_at: UNIX_EPOCH + Duration::from_secs(num("created_at")?),
+            updated_at: UNIX_EPOCH + Duration::from_secs(num("updated_at")?),
+        }))
+    }
+
+    fn status_str(status: KeyStatus) -> &'static str {
+        match status {
+            KeyStatus::Active => "active",
+            KeyStatus::Inactive => "inactive",
+            KeyStatus::Revoked => "revoked",
+        }
+    }
+
+    /// Listens on the invalidation channel for as long as the store lives, reconnecting after
+    /// failures; every (re)subscription first sends `All`, since changes may have been missed.
+    fn listen(&self, sink: mpsc::UnboundedSender<Invalidation>) {
+        let urls = self.pubsub_urls.clone();
+        let timeout = self.timeout;
+        self.io.handle().spawn(async move {
+            let mut next = 0usize;
+            loop {
+                if sink.is_closed() {
+                    return;
+                }
+                let url = &urls[next % urls.len()];
+                next += 1;
+                let subscribed = async {
+                    let client = redis::Client::open(url.as_str())?;
+                    let mut pubsub = tokio::time::timeout(timeout * 4, client.get_async_pubsub())
+                        .await
+                        .map_err(|_| {
+                            redis::RedisError::from((
+                                redis::ErrorKind::Io,
+                                "pubsub connect timeout",
+                            ))
+                        })??;
+                    pubsub.subscribe(CHANNEL).await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                }
+                .await;
+                match subscribed {
+                    Ok(pubsub) => {
+                        log::info!("subscribed to key invalidations on {url}");
+                        let _ = sink.send(Invalidation::All);
+                        let mut messages = pubsub.into_on_message();
+                        while let Some(msg) = messages.next().await {
+                            let payload: String = msg.get_payload().unwrap_or_default();
+                            let event = match KeyDigest::parse_hex(&payload) {
+                                Some(d) => Invalidation::Key(d),
+                                None => Invalidation::All,
+                            };
+                            if sink.send(event).is_err() {
+                                return;
+                            }
+                        }
+                        log::warn!("key invalidation subscription lost; reconnecting");
+                    }
+                    Err(e) => log::debug!("invalidation subscription to {url} failed: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn insert_key(&self, r: KeyRecord) -> Result<(), StoreError> {
+        let fields: Vec<(&str, String)> = vec![
+            ("id", r.id.clone()),
+            ("digest", r.digest.to_string()),
+            ("prefix", r.prefix.clone()),
+            ("name", r.name.clone()),
+            ("plan", r.plan.clone()),
+            (
+                "monthly_limit",
+                r.monthly_limit.map(|l| l.to_string()).unwrap_or_default(),
+            ),
+            ("status", Self::status_str(r.status).to_string()),
+            ("created_at", unix(r.created_at).to_string()),
+            ("updated_at", unix(r.updated_at).to_string()),
+        ];
+        let id = r.id.clone();
+        let created = unix(r.created_at);
+        // The record first, the digest index last: a key is usable only once complete.
+        self.call_patiently(|mut c| async move {
+            let _: () = c.hset_multiple(record_key(&id), &fields).await?;
+            let _: () = c.zadd(KEY_LIST, &id, created).await?;
+            c.set(digest_key(&r.digest), &id).await
+        })
+        .await
+    }
+
+    async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        let fields = self
+            .call(|mut c| async move {
+                let id: Option<String> = c.get(digest_key(digest)).await?;
+                match id {
+                    Some(id) => c.hgetall(record_key(&id)).await,
+                    None => Ok(HashMap::new()),
+                }
+            })
+            .await?;
+        Self::parse_record(fields)
+    }
+
+    async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Ok(None);
+        }
+        let fields = self
+            .call_patiently(|mut c| async move { c.hgetall(record_key(id)).await })
+            .await?;
+        Self::parse_record(fields)
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let ids: Vec<String> = self
+            .call_patiently(|mut c| async move { c.zrange(KEY_LIST, 0, -1).await })
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(r) = self.key_by_id(&id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        update: KeyUpdate,
+        now: SystemTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Ok(None);
+        }
+        let mut args: Vec<String> = vec!["updated_at".into(), unix(now).to_string()];
+        if let Some(plan) = update.plan {
+            args.extend(["plan".into(), plan]);
+        }
+        if let Some(limit) = update.monthly_limit {
+            args.extend([
+                "monthly_limit".into(),
+                limit.map(|l| l.to_string()).unwrap_or_default(),
+            ]);
+        }
+        if let Some(status) = update.status {
+            args.extend(["status".into(), Self::status_str(status).into()]);
+        }
+        let script = &self.update;
+        let fields: Option<HashMap<String, String>> = self
+            .call_patiently(|mut c| async move {
+                let mut inv = script.key(record_key(id));
+                for a in &args {
+                    inv.arg(a);
+                }
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        match fields {
+            Some(fields) => Self::parse_record(fields),
+            None => Ok(None),
+        }
+    }
+
+    async fn reserve(
+        &self,
+        key_id: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> Result<Reservation, StoreError> {
+        let gate = self.gate(key_id);
+        let _shared = gate.read().await;
+        let script = &self.reserve;
+        let node = &self.node;
+        let limit_arg = limit.map(|l| l.to_string()).unwrap_or_default();
+        let (granted, used): (u8, u64) = self
+            .call(|mut c| async move {
+                script
+                    .key(usage_key(key_id, period))
+                    .key(applied_key(key_id, period))
+                    .arg(limit_arg)
+                    .arg(expire_at(period))
+                    .arg(node)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        if granted == 1 {
+            self.note_answered(key_id, period, 1);
+        }
+        Ok(if granted == 1 {
+            Reservation::Granted { used }
+        } else {
+            Reservation::Denied { used }
+        })
+    }
+
+    async fn refund(&self, key_id: &str, period: Period) -> Result<(), StoreError> {
+        let script = &self.refund;
+        let _: i64 = self
+            .call(|mut c| async move {
+                script
+                    .key(usage_key(key_id, period))
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn absorb(&self, key_id: &str, period: Period, count: u64) -> Result<(), StoreError> {
+        let gate = self.gate(key_id);
+        let _exclusive = gate.write().await;
+        let script = &self.absorb;
+        let node = &self.node;
+        let answered = self.answered_count(key_id, period);
+        let executed: u64 = self
+            .call_patiently(|mut c| async move {
+                script
+                    .key(usage_key(key_id, period))
+                    .key(applied_key(key_id, period))
+                    .arg(count)
+                    .arg(expire_at(period))
+                    .arg(node)
+                    .arg(answered)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        if executed > 0 {
+            log::info!("{executed} calls for {key_id} had reached Redis despite lost answers");
+            self.note_answered(key_id, period, executed);
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
+        let used: Option<u64> = self
+            .call_patiently(|mut c| async move { c.get(usage_key(key_id, period)).await })
+            .await?;
+        Ok(used.unwrap_or(0))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.call(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    async fn announce(&self, digest: &KeyDigest) -> Result<(), StoreError> {
+        let payload = digest.to_string();
+        let _: i64 = self
+            .call_patiently(|mut c| async move { c.publish(CHANNEL, payload).await })
+            .await?;
+        Ok(())
+    }
+
+    fn watch(&self, sink: mpsc::UnboundedSender<Invalidation>) {
+        self.listen(sink);
+    }
+}
