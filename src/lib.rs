@@ -6,7 +6,7 @@
 //! - [`config`]: the TOML file and environment, validated into one [`config::Config`].
 //! - [`error`]: the error table of the API; every status, code and message.
 //! - [`auth`]: the `Authorization` header, key format, key minting and digests.
-//! - [`store`]: the storage trait for keys and quota, and its embedded implementation.
+//! - [`store`]: the storage trait for keys and quota; embedded and Redis implementations.
 //! - [`cache`]: the per-node key cache in front of the store.
 //! - [`keys`]: key management, the operations behind the admin API.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.

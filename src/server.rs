@@ -194,8 +194,12 @@ impl BackgroundService for StoreSync {
                     }
                 }
                 _ = shutdown.changed() => {
-                    // Last chance to hand over what was counted locally.
-                    self.gateway.flush_local_counts().await;
+                    // Hand over what was counted locally; the process waits for it (within
+                    // the grace period).
+                    while self.gateway.needs_flush() {
+                        self.gateway.flush_local_counts().await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     break;
                 }
             }
@@ -243,6 +247,8 @@ pub fn run(config: Config) -> Result<(), String> {
         ..Default::default()
     };
     let lifecycle = Lifecycle::new();
+    let gateway = app.gateway.clone();
+    lifecycle.hold_exit_while(move || gateway.needs_flush());
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

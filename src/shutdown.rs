@@ -4,7 +4,7 @@
 //!
 //! Pingora on its own always waits the whole grace period after SIGTERM, busy or not. Here
 //! every request holds an [`InFlight`] guard, and once shutdown has begun a watcher ends the
-//! process when the count stays at zero.
+//! process when the count stays at zero and no locally counted call awaits write-back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,6 +19,9 @@ use tokio::signal::unix::{SignalKind, signal};
 pub struct Lifecycle {
     in_flight: AtomicUsize,
     draining: AtomicBool,
+    /// Other work that must finish before exit (calls counted locally during a store outage
+    /// and not yet written back).
+    unfinished: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl Lifecycle {
@@ -36,6 +39,15 @@ impl Lifecycle {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// Registers a check for work other than requests that must finish before exit.
+    pub fn hold_exit_while(&self, unfinished: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.unfinished.set(Box::new(unfinished));
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight() == 0 && !self.unfinished.get().is_some_and(|busy| busy())
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
@@ -51,7 +63,7 @@ impl Lifecycle {
             std::thread::sleep(Duration::from_millis(50));
             let mut quiet = 0;
             loop {
-                if lifecycle.in_flight() == 0 {
+                if lifecycle.idle() {
                     quiet += 1;
                     if quiet >= 5 {
                         log::info!("drained: no request in flight, exiting");

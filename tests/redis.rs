@@ -342,3 +342,61 @@ fn unknown_keys_are_refused_while_redis_is_down() {
     gw.post_audio("alp_0123456789abcdefABCDEF0123456789", BODY)
         .assert_error(503, "SERVICE_UNAVAILABLE");
 }
+
+#[test]
+fn missed_invalidations_are_covered_by_clearing_the_cache_on_resubscription() {
+    let redis = RedisServer::start();
+    let a = gateway_on(&redis.url());
+    let b = gateway_on(&redis.url());
+    let (id, key) = a.create_key("free", None);
+    wait_until("the key on B", Duration::from_secs(1), || {
+        b.post_audio(&key, BODY).status == 200
+    });
+    // Drop every subscription, then change the key while nobody listens.
+    redis_cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    assert_eq!(
+        a.admin("DELETE", &format!("/admin/keys/{id}"), None).status,
+        200
+    );
+    // B cached the key as active; only the clear on resubscription can tell it otherwise
+    // before the 60 s cache TTL.
+    wait_until(
+        "B to forget the revoked key",
+        Duration::from_secs(3),
+        || b.post_audio(&key, BODY).status == 401,
+    );
+}
+
+#[test]
+fn sigterm_during_an_outage_waits_to_write_local_counts_back() {
+    let mut redis = RedisServer::start();
+    let mut gw = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", redis.url())
+        .env("AUDIOLIB_STORE_TIMEOUT_MS", "50")
+        .env("AUDIOLIB_SHUTDOWN_GRACE_SECS", "20")
+        .start();
+    let (id, key) = gw.create_key("free", Some(Some(100)));
+    assert_eq!(gw.post_audio(&key, BODY).status, 200);
+    redis.kill();
+    for _ in 0..5 {
+        assert_eq!(
+            gw.post_audio(&key, BODY).status,
+            200,
+            "served on local count"
+        );
+    }
+    gw.signal("TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(gw.try_wait(), None, "still holding 5 uncounted calls");
+    redis.restart();
+    wait_until("exit after write-back", Duration::from_secs(10), || {
+        gw.try_wait().is_some()
+    });
+    let period = Period::containing(std::time::SystemTime::now());
+    let used = redis_cli(
+        redis.port,
+        &["GET", &format!("audiolib:{{{id}}}:usage:{period}")],
+    )
+    .unwrap();
+    assert_eq!(used.trim(), "6");
+}

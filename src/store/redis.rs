@@ -168,9 +168,11 @@ impl Breaker {
     fn allows(&self) -> bool {
         self.now_ms() >= self.open_until.load(Ordering::Relaxed)
     }
+    /// A success proves Redis is back: close the breaker at once.
     fn success(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
+            self.open_until.store(0, Ordering::Relaxed);
         }
     }
     fn failure(&self) {
@@ -311,11 +313,14 @@ impl RedisStore {
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        if !self.breaker.allows() {
+            return Err(StoreError("redis circuit open".into()));
+        }
         self.call_within(self.timeout, op).await
     }
 
     /// Runs an admin or background operation: nobody waits on it per request, so a slow
-    /// moment should not fail it.
+    /// moment should not fail it, and an open breaker does not stop it (it probes instead).
     async fn call_patiently<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         F: FnOnce(Conn) -> Fut,
@@ -329,9 +334,6 @@ impl RedisStore {
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        if !self.breaker.allows() {
-            return Err(StoreError("redis circuit open".into()));
-        }
         let result = tokio::time::timeout(timeout, async {
             let conn = self.conn().await?;
             op(conn).await
@@ -592,7 +594,10 @@ impl Store for RedisStore {
         limit: Option<u64>,
     ) -> Result<Reservation, StoreError> {
         let gate = self.gate(key_id);
-        let _shared = gate.read().await;
+        // A settlement holds the gate for one short call at most; never wait past the bound.
+        let _shared = tokio::time::timeout(self.timeout, gate.read())
+            .await
+            .map_err(|_| StoreError("key is being settled".into()))?;
         let script = &self.reserve;
         let node = &self.node;
         let limit_arg = limit.map(|l| l.to_string()).unwrap_or_default();
@@ -638,7 +643,7 @@ impl Store for RedisStore {
         let node = &self.node;
         let answered = self.answered_count(key_id, period);
         let executed: u64 = self
-            .call_patiently(|mut c| async move {
+            .call(|mut c| async move {
                 script
                     .key(usage_key(key_id, period))
                     .key(applied_key(key_id, period))
