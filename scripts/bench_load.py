@@ -1,0 +1,290 @@
+"""Load benchmark of the whole binary beside ceilings measured in the same run.
+
+Targets (all on 127.0.0.1, 2 server threads each unless --threads):
+  nginx          nginx answering the gateway's JSON with `return 200` (ceiling)
+  pingora-fixed  examples/fixed_body: Pingora answering a fixed body from request_filter (ceiling)
+  memory         the gateway, embedded store, one free-plan key
+  redis-limited  the gateway on Redis, a free-plan key with a huge limit
+  redis-unlimited the gateway on Redis, an unlimited key
+  redis-10k      the gateway on Redis, 10,000 distinct keys in rotation
+  pingora-proxy  examples/plain_proxy in front of a small upstream (passthrough ceiling)
+  passthrough    the gateway proxying the same upstream
+
+Every target is driven with the same wrk settings, one after another within a round, for
+several rounds; medians are reported. Run through scripts/bench-load, which builds first.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+ADMIN_TOKEN = "bench-admin-token-0123456789"
+BODY = '{"library":"audio.focus"}'
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+class Procs:
+    def __init__(self):
+        self.all = []
+
+    def start(self, args, **kw):
+        p = subprocess.Popen(args, stdout=kw.pop("stdout", subprocess.DEVNULL),
+                             stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
+        self.all.append(p)
+        return p
+
+    def stop(self):
+        for p in self.all:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.all:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def rss_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def admin(port, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request(method, path, body=json.dumps(body) if body is not None else None,
+              headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
+    r = c.getresponse()
+    data = json.loads(r.read())
+    c.close()
+    return r.status, data
+
+
+def create_keys(port, n, plan, limit="default"):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    keys = []
+    for i in range(n):
+        body = {"name": f"bench {i}", "plan": plan}
+        if limit != "default":
+            body["monthly_limit"] = limit
+        c.request("POST", "/admin/keys", body=json.dumps(body),
+                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
+        r = c.getresponse()
+        data = json.loads(r.read())
+        if r.status != 201:
+            raise SystemExit(f"key creation failed: {data}")
+        keys.append(data["key"])
+    c.close()
+    return keys
+
+
+def start_gateway(procs, work, name, threads, extra_env, upstream=None):
+    port, admin_port = free_port(), free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "RUST_LOG": "warn",
+        "AUDIOLIB_LISTEN": f"127.0.0.1:{port}",
+        "AUDIOLIB_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "AUDIOLIB_ADMIN_TOKEN": ADMIN_TOKEN,
+        "AUDIOLIB_THREADS": str(threads),
+        "AUDIOLIB_CATALOG_DIR": os.path.join(ROOT, "catalog"),
+        "AUDIOLIB_S3_BUCKET": "audiolib-media",
+        "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    }
+    if upstream:
+        env["AUDIOLIB_UPSTREAM"] = upstream
+    env.update(extra_env)
+    log = open(os.path.join(work, f"{name}.log"), "w")
+    p = procs.start([os.path.join(RELEASE, "audiolib"), "serve"], env=env, cwd=work,
+                    stdout=log, stderr=log)
+    wait_port(port)
+    wait_port(admin_port)
+    return p, port, admin_port
+
+
+def wrk_script(work, name, keys, method="POST", body=BODY):
+    path = os.path.join(work, f"{name}.lua")
+    keyfile = os.path.join(work, f"{name}.keys")
+    with open(keyfile, "w") as f:
+        f.write("\n".join(keys) + "\n")
+    with open(path, "w") as f:
+        f.write(f"""
+local keys = {{}}
+for line in io.lines("{keyfile}") do keys[#keys + 1] = line end
+local i = math.random(#keys)
+local body = {json.dumps(body)}
+request = function()
+  i = i % #keys + 1
+  return wrk.format("{method}", nil, {{["Authorization"] = "Bearer " .. keys[i],
+    ["Content-Type"] = "application/json"}}, body)
+end
+""")
+    return path
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def run_wrk(url, script, args):
+    cmd = ["wrk", f"-t{args.wrk_threads}", f"-c{args.connections}", f"-d{args.duration}s",
+           "--latency", "-s", script, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)", out)
+        lat[pct] = float(m.group(1)) * UNITS[m.group(2)]
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    non2xx = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "non2xx": non2xx,
+            "errors": m.group(1) if m else ""}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--wrk-threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="server threads / nginx workers")
+    ap.add_argument("--only", help="comma list of targets")
+    args = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="audiolib-bench-")
+    procs = Procs()
+    try:
+        # Redis of our own.
+        redis_port = free_port()
+        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                     "--save", "", "--appendonly", "no"])
+        wait_port(redis_port)
+        redis_url = f"redis://127.0.0.1:{redis_port}"
+
+        # A small upstream for passthrough, and nginx as the fixed-answer ceiling.
+        up_port, nginx_port = free_port(), free_port()
+        mem, mem_port, mem_admin = start_gateway(procs, work, "memory", args.threads, {})
+        time.sleep(0.3)
+        idle_rss = rss_kib(mem.pid, "VmRSS")
+        key = create_keys(mem_admin, 1, "free", 10**12)[0]
+        sample = http.client.HTTPConnection("127.0.0.1", mem_port)
+        sample.request("POST", "/v1/audio", body=BODY, headers={"Authorization": f"Bearer {key}"})
+        answer = sample.getresponse().read()
+        body_file = os.path.join(work, "body.json")
+        with open(body_file, "wb") as f:
+            f.write(answer)
+        escaped = answer.decode().replace("\\", "\\\\").replace("'", "\\'")
+        with open(os.path.join(work, "nginx.conf"), "w") as f:
+            f.write(f"""
+worker_processes {args.threads};
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{nginx_port}; location / {{ default_type application/json; return 200 '{escaped}'; }} }}
+  server {{ listen 127.0.0.1:{up_port}; location / {{ default_type text/plain; return 200 'upstream says hello, a small body for passthrough'; }} }}
+}}
+""")
+        procs.start(["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work])
+        wait_port(nginx_port)
+        wait_port(up_port)
+
+        fixed_port, proxy_port = free_port(), free_port()
+        procs.start([os.path.join(RELEASE, "examples", "fixed_body"), f"127.0.0.1:{fixed_port}",
+                     body_file, str(args.threads)])
+        procs.start([os.path.join(RELEASE, "examples", "plain_proxy"), f"127.0.0.1:{proxy_port}",
+                     f"127.0.0.1:{up_port}", str(args.threads)])
+        red, red_port, red_admin = start_gateway(procs, work, "redis", args.threads,
+                                                 {"AUDIOLIB_REDIS_URL": redis_url})
+        pas, pas_port, _ = start_gateway(procs, work, "passthrough", args.threads, {},
+                                         upstream=f"127.0.0.1:{up_port}")
+        for p in (fixed_port, proxy_port):
+            wait_port(p)
+
+        limited = create_keys(red_admin, 1, "free", 10**12)
+        unlimited = create_keys(red_admin, 1, "unlimited")
+        t = time.time()
+        many = create_keys(red_admin, 10_000, "free", 10**12)
+        print(f"created 10,000 keys in {time.time() - t:.1f}s", file=sys.stderr)
+
+        targets = {
+            "nginx": (f"http://127.0.0.1:{nginx_port}/v1/audio", wrk_script(work, "nginx", [key])),
+            "pingora-fixed": (f"http://127.0.0.1:{fixed_port}/v1/audio", wrk_script(work, "fixed", [key])),
+            "memory": (f"http://127.0.0.1:{mem_port}/v1/audio", wrk_script(work, "memory", [key])),
+            "redis-limited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "limited", limited)),
+            "redis-unlimited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "unlimited", unlimited)),
+            "redis-10k": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "many", many)),
+            "pingora-proxy": (f"http://127.0.0.1:{proxy_port}/static/x", wrk_script(work, "proxy", [key], "GET", "")),
+            "passthrough": (f"http://127.0.0.1:{pas_port}/static/x", wrk_script(work, "pass", [key], "GET", "")),
+        }
+        if args.only:
+            keep = args.only.split(",")
+            targets = {k: v for k, v in targets.items() if k in keep}
+        results = {name: [] for name in targets}
+        for r in range(args.rounds):
+            for name, (url, script) in targets.items():
+                res = run_wrk(url, script, args)
+                results[name].append(res)
+                print(f"round {r + 1} {name:16} {res['rps']:>10.0f} req/s  p50 {res['p50']:.3f} ms  "
+                      f"p99 {res['p99']:.3f} ms  non-2xx {res['non2xx']} {res['errors']}",
+                      file=sys.stderr)
+
+        med = {n: {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50", "p99")}
+               for n, rs in results.items()}
+        def ratio(a, b):
+            return f"{med[a]['rps'] / med[b]['rps']:.2f}" if a in med and b in med else "-"
+        print()
+        print(f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration}s, {args.rounds} interleaved "
+              f"rounds, server threads {args.threads}, medians")
+        print(f"{'target':16} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'/nginx':>7} {'/pingora':>8}")
+        for name, m in med.items():
+            base = "pingora-proxy" if name == "passthrough" else "pingora-fixed"
+            print(f"{name:16} {m['rps']:>10.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} "
+                  f"{ratio(name, 'nginx'):>7} {ratio(name, base):>8}")
+        non2xx = {n: sum(x["non2xx"] for x in rs) for n, rs in results.items()}
+        print(f"non-2xx answers: {non2xx}")
+        print(f"gateway RSS: idle {idle_rss / 1024:.1f} MiB (embedded store, after start); peak "
+              f"{rss_kib(mem.pid, 'VmHWM') / 1024:.1f} MiB embedded, "
+              f"{rss_kib(red.pid, 'VmHWM') / 1024:.1f} MiB Redis (10,000 keys), "
+              f"{rss_kib(pas.pid, 'VmHWM') / 1024:.1f} MiB passthrough")
+    finally:
+        procs.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
