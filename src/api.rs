@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::Serialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::auth::{KeyDigest, bearer_token, check_format};
@@ -207,36 +206,33 @@ impl Gateway {
         };
         let (Unit::Store { used } | Unit::Local { used }) = unit;
         Outcome {
-            result: Ok(success_body(&track.title, &url, track.duration_sec)),
+            result: Ok(success_body(&track.title_json, &url, track.duration_sec)),
             rate: rate(used),
         }
     }
 }
 
-/// `{"code":0,"msg":"ok","data":{…}}`
-pub fn success_body(title: &str, url: &str, duration_sec: u32) -> Bytes {
-    #[derive(Serialize)]
-    struct Data<'a> {
-        title: &'a str,
-        url: &'a str,
-        duration_sec: u32,
-    }
-    #[derive(Serialize)]
-    struct Body<'a> {
-        code: u8,
-        msg: &'static str,
-        data: Data<'a>,
-    }
-    let body = Body {
-        code: 0,
-        msg: "ok",
-        data: Data {
-            title,
-            url,
-            duration_sec,
-        },
+/// `{"code":0,"msg":"ok","data":{…}}`, from the title already encoded as a JSON string (see
+/// [`crate::catalog::Track::title_json`]) and a URL, which needs no escaping when it holds no
+/// quote, backslash or control character — true of every presigned URL.
+pub fn success_body(title_json: &str, url: &str, duration_sec: u32) -> Bytes {
+    let plain = url.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    let escaped;
+    let url_json = if plain {
+        url
+    } else {
+        escaped = serde_json::to_string(url).unwrap_or_default();
+        &escaped[1..escaped.len() - 1]
     };
-    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    let mut body = Vec::with_capacity(64 + title_json.len() + url_json.len());
+    body.extend_from_slice(br#"{"code":0,"msg":"ok","data":{"title":"#);
+    body.extend_from_slice(title_json.as_bytes());
+    body.extend_from_slice(br#","url":""#);
+    body.extend_from_slice(url_json.as_bytes());
+    body.extend_from_slice(br#"","duration_sec":"#);
+    body.extend_from_slice(duration_sec.to_string().as_bytes());
+    body.extend_from_slice(b"}}");
+    Bytes::from(body)
 }
 
 /// Rows 7–8: the body must be one JSON object without repeated keys anywhere, whose
@@ -460,11 +456,16 @@ mod tests {
 
     #[test]
     fn success_body_shape() {
+        let title = serde_json::to_string("T \"q\" é\n").unwrap();
         let v: serde_json::Value =
-            serde_json::from_slice(&success_body("T \"q\"", "https://x/y?z=1&w", 240)).unwrap();
+            serde_json::from_slice(&success_body(&title, "https://x/y?z=1&w", 240)).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"code":0,"msg":"ok","data":{"title":"T \"q\"","url":"https://x/y?z=1&w","duration_sec":240}})
+            serde_json::json!({"code":0,"msg":"ok","data":{"title":"T \"q\" é\n","url":"https://x/y?z=1&w","duration_sec":240}})
         );
+        // A URL that would need escaping still yields valid JSON.
+        let odd = success_body(&title, "https://x/\"\\\u{1}", 1);
+        let v: serde_json::Value = serde_json::from_slice(&odd).unwrap();
+        assert_eq!(v["data"]["url"], "https://x/\"\\\u{1}");
     }
 }

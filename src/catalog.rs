@@ -22,6 +22,8 @@ use crate::sign::encode_key;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Track {
     pub title: String,
+    /// `title` as a JSON string literal, quotes included, ready for the response body.
+    pub title_json: String,
     pub key: String,
     /// `key` encoded once, as S3 and botocore expect it in a URL path.
     pub encoded_key: String,
@@ -165,6 +167,7 @@ pub fn parse_library(file: &Path, text: &str) -> Result<Library, CatalogError> {
         }
         tracks.push(Track {
             encoded_key: encode_key(&t.key),
+            title_json: serde_json::to_string(&t.title).unwrap_or_default(),
             title: t.title,
             key: t.key,
             duration_sec: t.duration_sec,

@@ -195,7 +195,9 @@ impl Presigner {
     /// from `now` for the configured lifetime.
     pub fn presign(&self, encoded_key: &str, now: SystemTime) -> Result<String, PresignError> {
         let t = self.template.as_ref().map_err(Clone::clone)?;
-        let stamp = amz_date(now);
+        let stamp_bytes = amz_date(now);
+        // Only ASCII digits and 'T'/'Z' ever go in.
+        let stamp = std::str::from_utf8(&stamp_bytes).unwrap_or("19700101T000000Z");
         let date = &stamp[..8];
         let day_key = self.signing_key(t, date, now);
 
@@ -207,7 +209,7 @@ impl Presigner {
         head.push_str(date);
         head.push_str(&t.credential_suffix);
         head.push_str("&X-Amz-Date=");
-        head.push_str(&stamp);
+        head.push_str(stamp);
         head.push_str("&X-Amz-Expires=");
         let _ = write!(head, "{}", t.ttl_secs);
 
@@ -226,7 +228,7 @@ impl Presigner {
 
         let mut to_sign = String::with_capacity(160);
         to_sign.push_str("AWS4-HMAC-SHA256\n");
-        to_sign.push_str(&stamp);
+        to_sign.push_str(stamp);
         to_sign.push('\n');
         to_sign.push_str(date);
         to_sign.push('/');
@@ -313,11 +315,26 @@ impl Presigner {
     }
 }
 
-/// `YYYYMMDDTHHMMSSZ` in UTC.
-fn amz_date(t: SystemTime) -> String {
-    DateTime::<Utc>::from(t)
-        .format("%Y%m%dT%H%M%SZ")
-        .to_string()
+/// `YYYYMMDDTHHMMSSZ` in UTC. Formatted once per second per thread: a URL is signed on
+/// every request and the stamp changes only once a second.
+fn amz_date(t: SystemTime) -> [u8; 16] {
+    thread_local! {
+        static LAST: std::cell::Cell<(u64, [u8; 16])> = const { std::cell::Cell::new((u64::MAX, [0; 16])) };
+    }
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.with(|last| {
+        let (cached_secs, stamp) = last.get();
+        if cached_secs == secs {
+            return stamp;
+        }
+        let mut stamp = [0u8; 16];
+        let text = DateTime::<Utc>::from(t).format("%Y%m%dT%H%M%SZ").to_string();
+        stamp.copy_from_slice(&text.as_bytes()[..16]);
+        last.set((secs, stamp));
+        stamp
+    })
 }
 
 fn push_hex(out: &mut String, bytes: &[u8]) {
