@@ -211,7 +211,9 @@ impl AudioProxy {
             }
             Ok(Some(body.freeze()))
         };
-        match tokio::time::timeout(self.limits.body_timeout, read).await {
+        // Pingora's fast timeout: no timer is registered when the body is already buffered,
+        // the common case.
+        match pingora::time::timeout(self.limits.body_timeout, read).await {
             Ok(result) => result,
             Err(_) => Error::e_explain(ErrorType::ReadTimedout, "request body timeout")
                 .map_err(|e| e.into_down()),

@@ -330,7 +330,9 @@ fn amz_date(t: SystemTime) -> [u8; 16] {
             return stamp;
         }
         let mut stamp = [0u8; 16];
-        let text = DateTime::<Utc>::from(t).format("%Y%m%dT%H%M%SZ").to_string();
+        let text = DateTime::<Utc>::from(t)
+            .format("%Y%m%dT%H%M%SZ")
+            .to_string();
         stamp.copy_from_slice(&text.as_bytes()[..16]);
         last.set((secs, stamp));
         stamp
