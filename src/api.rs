@@ -164,7 +164,9 @@ impl Gateway {
                 self.ledger.record(&key.id, period, limit, answer);
                 match answer {
                     Reservation::Granted { used } => Unit::Store { used },
-                    Reservation::Denied { used } => return exceeded(used),
+                    Reservation::Denied { used } | Reservation::Held { used } => {
+                        return exceeded(used);
+                    }
                 }
             }
             Err(e) => {

@@ -106,6 +106,10 @@ impl Ledger {
                 slot.known_used = used;
                 slot.exhausted_under = Some(limit);
             }
+            // Not exhausted: units held by other nodes may come back.
+            Reservation::Held { used } => {
+                slot.known_used = used;
+            }
         }
     }
 

@@ -86,6 +86,9 @@ pub enum Reservation {
     Granted { used: u64 },
     /// The hard limit is reached; nothing was counted.
     Denied { used: u64 },
+    /// Refused for now: what is left of the limit is leased to other nodes, which use it or
+    /// give it back within seconds. Nothing was counted, and the key is not exhausted.
+    Held { used: u64 },
 }
 
 /// The facts behind the IETF `RateLimit` and `RateLimit-Policy` fields of one response.

@@ -162,7 +162,8 @@ impl CatalogReloader {
 }
 
 /// Keeps this node in step with the shared store: applies key changes announced by other
-/// nodes to the key cache, and writes back calls counted locally during an outage.
+/// nodes to the key cache, reports quota used from leases and returns idle units, and writes
+/// back calls counted locally during an outage.
 struct StoreSync {
     gateway: Arc<Gateway>,
     cache: Arc<KeyCache>,
@@ -173,7 +174,7 @@ impl BackgroundService for StoreSync {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
         self.gateway.store().watch(tx);
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -192,12 +193,17 @@ impl BackgroundService for StoreSync {
                     if self.gateway.needs_flush() {
                         self.gateway.flush_local_counts().await;
                     }
+                    self.gateway.store().sync(false).await;
                 }
                 _ = shutdown.changed() => {
                     // Hand over what was counted locally; the process waits for it (within
                     // the grace period).
-                    while self.gateway.needs_flush() {
+                    loop {
                         self.gateway.flush_local_counts().await;
+                        self.gateway.store().sync(true).await;
+                        if !self.gateway.needs_flush() && !self.gateway.store().unsynced() {
+                            break;
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     break;
@@ -248,7 +254,7 @@ pub fn run(config: Config) -> Result<(), String> {
     };
     let lifecycle = Lifecycle::new();
     let gateway = app.gateway.clone();
-    lifecycle.hold_exit_while(move || gateway.needs_flush());
+    lifecycle.hold_exit_while(move || gateway.needs_flush() || gateway.store().unsynced());
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

@@ -5,6 +5,7 @@
 //! one Lua call. [`memory::MemoryStore`] is the embedded implementation for a single node.
 
 pub mod instrumented;
+pub mod lease;
 pub mod memory;
 pub mod redis;
 
@@ -101,6 +102,14 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Starts delivering changes announced by other nodes to `sink`.
     fn watch(&self, _sink: tokio::sync::mpsc::UnboundedSender<Invalidation>) {}
+    /// Sends what this node counted locally to the shared store and gives back quota it holds
+    /// but has not used for a while (`all`: everything it holds, before exit). Called a few
+    /// times a second; a store without local state has nothing to do.
+    async fn sync(&self, _all: bool) {}
+    /// Whether [`Store::sync`] still has something to send or give back.
+    fn unsynced(&self) -> bool {
+        false
+    }
 }
 
 /// RFC 3339 with seconds, the one timestamp format the API shows.

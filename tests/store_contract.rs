@@ -107,12 +107,14 @@ async fn reservations_are_exact(store: Arc<dyn Store>) {
         store.reserve("k", NOV, Some(3)).await.unwrap(),
         Reservation::Denied { used: 3 }
     );
+    store.sync(true).await;
     assert_eq!(
         store.usage("k", NOV).await.unwrap(),
         3,
         "denials are not counted"
     );
     store.refund("k", NOV).await.unwrap();
+    store.sync(true).await;
     assert_eq!(store.usage("k", NOV).await.unwrap(), 2);
     assert_eq!(
         store.reserve("k", NOV, Some(3)).await.unwrap(),
@@ -139,8 +141,16 @@ async fn reservations_are_exact(store: Arc<dyn Store>) {
         store.reserve("k", DEC, Some(3)).await.unwrap(),
         Reservation::Granted { used: 1 }
     );
+    store.sync(true).await;
     assert_eq!(store.usage("k", DEC).await.unwrap(), 1);
+    assert_eq!(store.usage("u", NOV).await.unwrap(), 5);
     assert_eq!(store.usage("nobody", DEC).await.unwrap(), 0);
+    // Outage counts are added on top, once.
+    store.absorb("u", NOV, 3).await.unwrap();
+    store.sync(true).await;
+    store.sync(true).await;
+    assert_eq!(store.usage("u", NOV).await.unwrap(), 8);
+    assert!(!store.unsynced());
 }
 
 async fn concurrent_reservations_never_exceed_the_limit(store: Arc<dyn Store>) {
@@ -157,6 +167,7 @@ async fn concurrent_reservations_never_exceed_the_limit(store: Arc<dyn Store>) {
         }
     }
     assert_eq!(granted, 50);
+    store.sync(true).await;
     assert_eq!(store.usage("hot", NOV).await.unwrap(), 50);
 }
 

@@ -93,4 +93,10 @@ impl Store for Instrumented {
     fn watch(&self, sink: tokio::sync::mpsc::UnboundedSender<Invalidation>) {
         self.inner.watch(sink)
     }
+    async fn sync(&self, all: bool) {
+        self.inner.sync(all).await
+    }
+    fn unsynced(&self) -> bool {
+        self.inner.unsynced()
+    }
 }

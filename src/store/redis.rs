@@ -6,8 +6,8 @@
 //! - `audiolib:{<id>}:key` — HASH: the key record (never the key, only its digest)
 //! - `audiolib:{<id>}:usage:<YYYY-MM>` — STRING counter of successful calls in that UTC month,
 //!   `EXPIREAT` the month's end plus [`USAGE_GRACE_SECS`]
-//! - `audiolib:{<id>}:applied:<YYYY-MM>` — HASH: grants per gateway process (field: node id),
-//!   same expiry; lets a node that lost answers in an outage avoid counting a call twice
+//! - `audiolib:{<id>}:lease:<YYYY-MM>` — HASH: per gateway process (node id), the quota units
+//!   it holds (`held:`), its last operation (`seq:`, `last:`) and when (`at:`); same expiry
 //! - `audiolib:digest:<sha256 hex>` — STRING: the id, the entry point from a presented key
 //! - `audiolib:keys` — ZSET of ids scored by creation time, for listing
 //! - channel `audiolib:invalidate` — a digest in hex (or `*`) whenever a key changes
@@ -29,6 +29,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 use tokio::sync::{OnceCell, mpsc};
 
+use super::lease::{LeaseAnswer, LeaseBook, LeaseOp};
 use super::{Invalidation, KeyRecord, KeyStatus, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
 use crate::quota::{Period, Reservation};
@@ -42,44 +43,60 @@ const BREAKER_THRESHOLD: u32 = 3;
 const BREAKER_OPEN: Duration = Duration::from_millis(500);
 /// Bound on admin and background calls (key management, usage reads, write-back).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Units leased to a node that has not spoken for this long are reclaimed: the node is gone
+/// (a live node reports or gives back its units within seconds).
+const STALE_LEASE_SECS: u64 = 15;
 
-/// Count one call unless the limit (`ARGV[1]`, empty for none) is reached. Grants are also
-/// tallied per node (`KEYS[2]`, field `ARGV[3]`) so a node can later tell which of its calls
-/// whose answers were lost did execute.
-const RESERVE: &str = r"
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-if ARGV[1] ~= '' and used >= tonumber(ARGV[1]) then return {0, used} end
-used = redis.call('INCR', KEYS[1])
-if used == 1 then redis.call('EXPIREAT', KEYS[1], ARGV[2]) end
-if redis.call('HINCRBY', KEYS[2], ARGV[3], 1) == 1 then
-  redis.call('EXPIREAT', KEYS[2], ARGV[2])
-end
-return {1, used}
-";
-
-/// Give one unit back, never below zero.
-const REFUND: &str = r"
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-if used > 0 then return redis.call('DECR', KEYS[1]) end
-return 0
-";
-
-/// Settle a key after failures: add the `ARGV[1]` calls served on local count during an
-/// outage (no limit applies: they were served), and take out the calls that reached Redis
-/// although their answers were lost — this node's grants Redis tallied (`KEYS[2]`, field
-/// `ARGV[3]`) beyond the `ARGV[4]` it saw answered. Those were either among the calls served
-/// locally or not served at all; either way Redis counted them once too often. Returns how
-/// many such calls there were.
-const ABSORB: &str = r"
-local applied = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
-local executed = math.max(0, applied - tonumber(ARGV[4]))
-local delta = tonumber(ARGV[1]) - executed
-if delta ~= 0 then
+/// The quota lease protocol, one call per node and key for many requests (see
+/// [`super::lease`]). Per UTC month, `KEYS[1]` counts calls served (usage) and `KEYS[2]` holds,
+/// per node, the units leased and not yet reported (`held:`), the last operation applied
+/// (`seq:`), its grant (`last:`) and when (`at:`).
+///
+/// ARGV: node, seq, consumed (served from the lease; negative for refunds), returned (unused
+/// units given back), extra (served without a lease during an outage), want, limit (empty for
+/// none), expiry, stale-after seconds. An operation whose seq was already applied answers its
+/// earlier grant again without applying anything: a retry after a lost answer is exact.
+/// Units held by nodes silent for longer than stale-after are reclaimed (a crashed node).
+/// Returns {grant, usage, units held by all nodes after the grant}.
+const LEASE: &str = r"
+local node = ARGV[1]
+local seq = tonumber(ARGV[2])
+local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq:' .. node) or '0')
+if seq <= last_seq then
   local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-  redis.call('SET', KEYS[1], math.max(0, used + delta))
-  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+  return {tonumber(redis.call('HGET', KEYS[2], 'last:' .. node) or '0'), used, -1}
 end
-return executed
+local consumed, returned, extra = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local want = tonumber(ARGV[6])
+local now = tonumber(redis.call('TIME')[1])
+local used = redis.call('INCRBY', KEYS[1], consumed + extra)
+if used < 0 then redis.call('SET', KEYS[1], 0); used = 0 end
+local settled = consumed + returned
+if settled ~= 0 then
+  local mine = redis.call('HINCRBY', KEYS[2], 'held:' .. node, 0 - settled)
+  if mine < 0 then redis.call('HSET', KEYS[2], 'held:' .. node, 0) end
+end
+local held = 0
+local fields = redis.call('HGETALL', KEYS[2])
+for i = 1, #fields, 2 do
+  local name = fields[i]
+  if string.sub(name, 1, 5) == 'held:' then
+    local owner = string.sub(name, 6)
+    local at = tonumber(redis.call('HGET', KEYS[2], 'at:' .. owner) or '0')
+    if owner ~= node and now - at > tonumber(ARGV[9]) then
+      redis.call('HDEL', KEYS[2], name, 'seq:' .. owner, 'last:' .. owner, 'at:' .. owner)
+    else
+      held = held + math.max(0, tonumber(fields[i + 1]))
+    end
+  end
+end
+local grant = want
+if ARGV[7] ~= '' then grant = math.max(0, math.min(want, tonumber(ARGV[7]) - used - held)) end
+if grant > 0 then redis.call('HINCRBY', KEYS[2], 'held:' .. node, grant) end
+redis.call('HSET', KEYS[2], 'seq:' .. node, seq, 'last:' .. node, grant, 'at:' .. node, now)
+redis.call('EXPIREAT', KEYS[1], ARGV[8])
+redis.call('EXPIREAT', KEYS[2], ARGV[8])
+return {grant, used, held + grant}
 ";
 
 /// Update fields of an existing record; returns the record or nil.
@@ -97,8 +114,8 @@ fn usage_key(id: &str, period: Period) -> String {
     format!("audiolib:{{{id}}}:usage:{period}")
 }
 
-fn applied_key(id: &str, period: Period) -> String {
-    format!("audiolib:{{{id}}}:applied:{period}")
+fn lease_key(id: &str, period: Period) -> String {
+    format!("audiolib:{{{id}}}:lease:{period}")
 }
 
 fn digest_key(digest: &KeyDigest) -> String {
@@ -214,17 +231,10 @@ pub struct RedisStore {
     pubsub_urls: Vec<String>,
     timeout: Duration,
     breaker: Breaker,
-    /// This process's name in the per-node grant tallies.
+    /// This process's name in the lease hashes.
     node: String,
-    /// Grants this node saw answered, by key id and period: with Redis's tally it tells how
-    /// many calls with lost answers executed. A std lock: no `.await` while held.
-    answered: std::sync::Mutex<HashMap<String, HashMap<Period, u64>>>,
-    /// Per key: reservations hold it shared, a write-back exclusively, so a write-back sees
-    /// no reservation of that key in flight and `answered` is final when it reads it.
-    gates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
-    reserve: Script,
-    refund: Script,
-    absorb: Script,
+    leases: LeaseBook,
+    lease: Script,
     update: Script,
 }
 
@@ -271,11 +281,8 @@ impl RedisStore {
             timeout,
             breaker: Breaker::new(),
             node: crate::auth::new_id("node"),
-            answered: Default::default(),
-            gates: Default::default(),
-            reserve: Script::new(RESERVE),
-            refund: Script::new(REFUND),
-            absorb: Script::new(ABSORB),
+            leases: LeaseBook::default(),
+            lease: Script::new(LEASE),
             update: Script::new(UPDATE),
         })
     }
@@ -355,30 +362,44 @@ impl RedisStore {
         }
     }
 
-    fn gate(&self, key_id: &str) -> Arc<tokio::sync::RwLock<()>> {
-        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
-        match gates.get(key_id) {
-            Some(g) => g.clone(),
-            None => gates.entry(key_id.to_string()).or_default().clone(),
+    /// Runs one lease operation for `key_id` (bounded and breaker-guarded like every
+    /// request-path call).
+    async fn run_lease(
+        &self,
+        key_id: &str,
+        op: LeaseOp,
+        deadline: tokio::time::Instant,
+    ) -> Result<LeaseAnswer, StoreError> {
+        let script = &self.lease;
+        let node = &self.node;
+        let op = &op;
+        if !self.breaker.allows() {
+            return Err(StoreError("redis circuit open".into()));
         }
-    }
-
-    fn note_answered(&self, key_id: &str, period: Period, n: u64) {
-        let mut answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
-        let periods = match answered.get_mut(key_id) {
-            Some(p) => p,
-            None => answered.entry(key_id.to_string()).or_default(),
-        };
-        *periods.entry(period).or_default() += n;
-    }
-
-    fn answered_count(&self, key_id: &str, period: Period) -> u64 {
-        let answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
-        answered
-            .get(key_id)
-            .and_then(|p| p.get(&period))
-            .copied()
-            .unwrap_or(0)
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (grant, used, held): (u64, u64, i64) = self
+            .call_within(left, |mut c| async move {
+                script
+                    .key(usage_key(key_id, op.period))
+                    .key(lease_key(key_id, op.period))
+                    .arg(node)
+                    .arg(op.seq)
+                    .arg(op.consumed)
+                    .arg(op.returned)
+                    .arg(op.extra)
+                    .arg(op.want)
+                    .arg(op.limit.map(|l| l.to_string()).unwrap_or_default())
+                    .arg(expire_at(op.period))
+                    .arg(STALE_LEASE_SECS)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(LeaseAnswer {
+            grant,
+            used,
+            committed: u64::try_from(held).ok().map(|h| used + h),
+        })
     }
 
     /// Reads a record hash; `None` when the hash is empty (no such key).
@@ -593,72 +614,21 @@ impl Store for RedisStore {
         period: Period,
         limit: Option<u64>,
     ) -> Result<Reservation, StoreError> {
-        let gate = self.gate(key_id);
-        // A settlement holds the gate for one short call at most; never wait past the bound.
-        let _shared = tokio::time::timeout(self.timeout, gate.read())
-            .await
-            .map_err(|_| StoreError("key is being settled".into()))?;
-        let script = &self.reserve;
-        let node = &self.node;
-        let limit_arg = limit.map(|l| l.to_string()).unwrap_or_default();
-        let (granted, used): (u8, u64) = self
-            .call(|mut c| async move {
-                script
-                    .key(usage_key(key_id, period))
-                    .key(applied_key(key_id, period))
-                    .arg(limit_arg)
-                    .arg(expire_at(period))
-                    .arg(node)
-                    .invoke_async(&mut c)
-                    .await
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.leases
+            .reserve(key_id, period, limit, deadline, |op, deadline| {
+                self.run_lease(key_id, op, deadline)
             })
-            .await?;
-        if granted == 1 {
-            self.note_answered(key_id, period, 1);
-        }
-        Ok(if granted == 1 {
-            Reservation::Granted { used }
-        } else {
-            Reservation::Denied { used }
-        })
+            .await
     }
 
     async fn refund(&self, key_id: &str, period: Period) -> Result<(), StoreError> {
-        let script = &self.refund;
-        let _: i64 = self
-            .call(|mut c| async move {
-                script
-                    .key(usage_key(key_id, period))
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        self.leases.refund(key_id, period).await;
         Ok(())
     }
 
     async fn absorb(&self, key_id: &str, period: Period, count: u64) -> Result<(), StoreError> {
-        let gate = self.gate(key_id);
-        let _exclusive = gate.write().await;
-        let script = &self.absorb;
-        let node = &self.node;
-        let answered = self.answered_count(key_id, period);
-        let executed: u64 = self
-            .call(|mut c| async move {
-                script
-                    .key(usage_key(key_id, period))
-                    .key(applied_key(key_id, period))
-                    .arg(count)
-                    .arg(expire_at(period))
-                    .arg(node)
-                    .arg(answered)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        if executed > 0 {
-            log::info!("{executed} calls for {key_id} had reached Redis despite lost answers");
-            self.note_answered(key_id, period, executed);
-        }
+        self.leases.absorb(key_id, period, count).await;
         Ok(())
     }
 
@@ -685,5 +655,17 @@ impl Store for RedisStore {
 
     fn watch(&self, sink: mpsc::UnboundedSender<Invalidation>) {
         self.listen(sink);
+    }
+
+    async fn sync(&self, all: bool) {
+        for (key_id, op) in self.leases.due(all).await {
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            let result = self.run_lease(&key_id, op.clone(), deadline).await;
+            self.leases.settled(&key_id, op, result.ok()).await;
+        }
+    }
+
+    fn unsynced(&self) -> bool {
+        self.leases.unsynced()
     }
 }

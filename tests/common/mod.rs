@@ -291,6 +291,18 @@ impl Gateway {
         reply.json()["usage"].as_u64().unwrap()
     }
 
+    /// Waits (up to 5 s) for usage to read `expected`: on Redis, nodes report what they served
+    /// from quota leases a few times a second.
+    pub fn wait_usage(&self, id: &str, expected: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut last = self.usage(id);
+        while last != expected && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            last = self.usage(id);
+        }
+        assert_eq!(last, expected, "usage of {id}");
+    }
+
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .args([&format!("-{sig}"), &self.pid().to_string()])
