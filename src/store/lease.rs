@@ -26,10 +26,13 @@ use crate::quota::{Period, Reservation};
 
 /// Unused units go back to the store after this long without a call.
 pub const IDLE_RETURN: Duration = Duration::from_secs(2);
+/// Use is reported at most this often per key (and with every refill): usage reads lag by
+/// about this much, and 10,000 busy keys cost 10,000 store calls a second, not ten times that.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Largest block for a limited key; blocks are 1/16 of what is left, at least one unit.
-const MAX_BLOCK: u64 = 64;
+const MAX_BLOCK: u64 = 1024;
 /// Block for unlimited keys: metering in batches.
-const UNLIMITED_BLOCK: u64 = 256;
+const UNLIMITED_BLOCK: u64 = 1024;
 
 /// One operation of this node on one key and month, as sent to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +74,7 @@ struct Lease {
     parked: Option<LeaseOp>,
     committed: u64,
     last_use: Instant,
+    last_report: Instant,
 }
 
 impl Lease {
@@ -86,6 +90,7 @@ impl Lease {
             parked: None,
             committed: 0,
             last_use: Instant::now(),
+            last_report: Instant::now(),
         }
     }
 
@@ -106,6 +111,7 @@ impl Lease {
             return op;
         }
         self.seq += 1;
+        self.last_report = Instant::now();
         LeaseOp {
             period: self.period,
             seq: self.seq,
@@ -267,8 +273,8 @@ impl LeaseBook {
         }
     }
 
-    /// Operations to send now: reports of what was used, units idle for [`IDLE_RETURN`] (or
-    /// all units, with `all`), replays of parked operations. Each is parked until
+    /// Operations to send now: reports of what was used (every [`REPORT_EVERY`]), units idle
+    /// for [`IDLE_RETURN`] (or everything, with `all`), replays of parked operations. Each is parked until
     /// [`Self::settled`] so a failure is replayed.
     pub async fn due(&self, all: bool) -> Vec<(String, LeaseOp)> {
         let entries: Vec<(String, Arc<AsyncMutex<KeyLeases>>)> = {
@@ -288,7 +294,11 @@ impl LeaseBook {
                 if lease.units > 0 && (all || lease.last_use.elapsed() >= IDLE_RETURN) {
                     lease.returned += std::mem::take(&mut lease.units);
                 }
-                if lease.owes() {
+                let report_due = all
+                    || lease.parked.is_some()
+                    || lease.returned > 0
+                    || lease.last_report.elapsed() >= REPORT_EVERY;
+                if lease.owes() && report_due {
                     let op = lease.next_op(0);
                     lease.parked = Some(op.clone());
                     ops.push((key_id.clone(), op));

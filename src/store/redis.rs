@@ -658,11 +658,14 @@ impl Store for RedisStore {
     }
 
     async fn sync(&self, all: bool) {
-        for (key_id, op) in self.leases.due(all).await {
-            let deadline = tokio::time::Instant::now() + self.timeout;
-            let result = self.run_lease(&key_id, op.clone(), deadline).await;
-            self.leases.settled(&key_id, op, result.ok()).await;
-        }
+        // Many keys at once: the multiplexed connection pipelines them.
+        futures_util::stream::iter(self.leases.due(all).await)
+            .for_each_concurrent(64, |(key_id, op)| async move {
+                let deadline = tokio::time::Instant::now() + ADMIN_TIMEOUT;
+                let result = self.run_lease(&key_id, op.clone(), deadline).await;
+                self.leases.settled(&key_id, op, result.ok()).await;
+            })
+            .await;
     }
 
     fn unsynced(&self) -> bool {
