@@ -86,7 +86,7 @@ impl Gateway {
         self.ledger.flush(self.store.as_ref()).await
     }
 
-    /// Whether calls counted locally or failed store calls await [`Self::flush_local_counts`].
+    /// Whether calls counted locally await [`Self::flush_local_counts`].
     pub fn needs_flush(&self) -> bool {
         self.ledger.needs_flush()
     }
@@ -171,7 +171,6 @@ impl Gateway {
             }
             Err(e) => {
                 log::warn!("quota reservation for key {} failed: {e}", key.id);
-                self.ledger.suspect(&key.id, period);
                 match self.failure_policy {
                     FailurePolicy::FailClosed => return Outcome::error(self.store_down()),
                     FailurePolicy::FailOpen => match self.ledger.admit(&key.id, period, limit) {

@@ -24,8 +24,7 @@ struct Slot {
     known_used: u64,
     /// The limit under which the key was found exhausted in `period`.
     exhausted_under: Option<Option<u64>>,
-    /// Calls admitted locally and not yet written back, by period. An entry, even of zero,
-    /// also means a store call failed in that period and the key must be settled.
+    /// Calls admitted locally and not yet written back, by period.
     pending: HashMap<Period, u64>,
 }
 
@@ -113,17 +112,10 @@ impl Ledger {
         }
     }
 
-    /// Notes that a store call for this key failed: its answer may have been lost after the
-    /// store counted it, so the key is settled at the next write-back.
-    pub fn suspect(&self, key_id: &str, period: Period) {
-        let slot = self.slot(key_id);
-        lock(&slot).pending.entry(period).or_default();
-    }
-
     /// Whether anything awaits [`Ledger::flush`].
     pub fn needs_flush(&self) -> bool {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-        slots.values().any(|s| !lock(s).pending.is_empty())
+        slots.values().any(|s| lock(s).pending.values().any(|&n| n > 0))
     }
 
     /// Admits a call locally while the store is unreachable.
@@ -154,7 +146,8 @@ impl Ledger {
     }
 
     /// Calls counted locally and not yet written back.
-    pub fn pending(&self) -> u64 {
+    #[cfg(test)]
+    fn pending(&self) -> u64 {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
         slots
             .values()
@@ -162,15 +155,14 @@ impl Ledger {
             .sum()
     }
 
-    /// Settles suspect keys and writes local counts back to the store; what fails stays for
-    /// the next attempt.
+    /// Writes local counts back to the store; what fails stays for the next attempt.
     /// Returns the number of calls written.
     pub async fn flush(&self, store: &dyn Store) -> u64 {
         let work: Vec<(String, Arc<Mutex<Slot>>)> = {
             let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
             slots
                 .iter()
-                .filter(|(_, s)| !lock(s).pending.is_empty())
+                .filter(|(_, s)| lock(s).pending.values().any(|&n| n > 0))
                 .map(|(k, s)| (k.clone(), s.clone()))
                 .collect()
         };
@@ -178,7 +170,7 @@ impl Ledger {
         for (key_id, slot) in work {
             let batches: Vec<(Period, u64)> = {
                 let mut slot = lock(&slot);
-                slot.pending.drain().collect()
+                slot.pending.drain().filter(|&(_, n)| n > 0).collect()
             };
             for (period, count) in batches {
                 match store.absorb(&key_id, period, count).await {
@@ -190,7 +182,7 @@ impl Ledger {
                         }
                     }
                     Err(e) => {
-                        log::debug!("settling {key_id} ({count} local calls) failed: {e}");
+                        log::debug!("write-back of {count} calls for {key_id} failed: {e}");
                         *lock(&slot).pending.entry(period).or_default() += count;
                     }
                 }

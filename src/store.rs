@@ -87,9 +87,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Reservation, StoreError>;
     /// Gives back one unit reserved in `period` (the call failed after reserving).
     async fn refund(&self, key_id: &str, period: Period) -> Result<(), StoreError>;
-    /// Settles a key after store failures: adds the `count` calls served on local count
-    /// while the store was unreachable (no limit applies: they were served) and takes out any
-    /// call the store counted although its answer never arrived.
+    /// Adds the `count` calls served on local count while the store was unreachable (no limit
+    /// applies: they were served).
     async fn absorb(&self, key_id: &str, period: Period, count: u64) -> Result<(), StoreError>;
     /// Units counted for `key_id` in `period`.
     async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError>;
