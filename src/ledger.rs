@@ -115,7 +115,9 @@ impl Ledger {
     /// Whether anything awaits [`Ledger::flush`].
     pub fn needs_flush(&self) -> bool {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-        slots.values().any(|s| lock(s).pending.values().any(|&n| n > 0))
+        slots
+            .values()
+            .any(|s| lock(s).pending.values().any(|&n| n > 0))
     }
 
     /// Admits a call locally while the store is unreachable.

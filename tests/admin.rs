@@ -252,17 +252,12 @@ fn bad_admin_requests_get_clear_errors() {
 }
 
 fn cli(gw: &Gateway, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_audiolib"))
-        .arg("keys")
-        .args(["--admin-url", &gw.admin_url("")])
-        .args(args)
-        .env("AUDIOLIB_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    common::run(
+        Command::new(env!("CARGO_BIN_EXE_audiolib"))
+            .arg("keys")
+            .args(["--admin-url", &gw.admin_url("")])
+            .args(args)
+            .env("AUDIOLIB_ADMIN_TOKEN", ADMIN_TOKEN),
     )
 }
 

@@ -107,19 +107,12 @@ fn a_bad_file_keeps_the_old_snapshot_and_names_file_and_line() {
 }
 
 fn check(dir: &std::path::Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_audiolib"))
-        .args(["catalog", "check"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let (ok, out, err) = common::run(
+        Command::new(env!("CARGO_BIN_EXE_audiolib"))
+            .args(["catalog", "check"])
+            .arg(dir),
+    );
+    (ok, out + &err)
 }
 
 #[test]

@@ -84,21 +84,14 @@ fn check(text: &str, env: &[(&str, &str)]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_audiolib"))
-        .args(["config", "check"])
-        .arg(&path)
-        .env_clear()
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let (ok, out, err) = common::run(
+        Command::new(env!("CARGO_BIN_EXE_audiolib"))
+            .args(["config", "check"])
+            .arg(&path)
+            .env_clear()
+            .envs(env.iter().copied()),
+    );
+    (ok, out + &err)
 }
 
 #[test]

@@ -151,17 +151,15 @@ fn responses_stream_before_the_upstream_finishes() {
     let mut reader = BufReader::new(stream);
     let mut seen = String::new();
     // The upstream holds "second" back until released; "first;" must already be here.
-    while !seen.contains("first;") {
-        let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "closed early: {seen}"
-        );
-        seen.push_str(&line);
-    }
+    read_until(&mut reader, &mut seen, "first;");
     assert!(!seen.contains("second"));
     assert_eq!(up.get("/open/r1").status, 200);
-    while !seen.contains("second") {
+    read_until(&mut reader, &mut seen, "second");
+}
+
+/// Reads lines into `seen` until it contains `needle`.
+fn read_until(reader: &mut impl BufRead, seen: &mut String, needle: &str) {
+    while !seen.contains(needle) {
         let mut line = String::new();
         assert!(
             reader.read_line(&mut line).unwrap() > 0,
