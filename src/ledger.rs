@@ -12,6 +12,7 @@
 //! the limit. Keys a node has never reserved for this month are not admitted (503).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::quota::{Period, Reservation};
@@ -55,6 +56,8 @@ pub enum LocalAdmission {
 pub struct Ledger {
     // std locks: critical sections are a map lookup or a few integer updates, never `.await`.
     slots: RwLock<HashMap<String, Arc<Mutex<Slot>>>>,
+    /// Calls admitted locally and not yet written back, over all keys: checked every tick.
+    pending_total: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,6 +136,7 @@ impl Ledger {
             Some(limit) if used >= limit => LocalAdmission::Exhausted { used },
             _ => {
                 *slot.pending.entry(period).or_default() += 1;
+                self.pending_total.fetch_add(1, Ordering::AcqRel);
                 LocalAdmission::Admitted { used: used + 1 }
             }
         }
@@ -142,8 +146,9 @@ impl Ledger {
     pub fn unadmit(&self, key_id: &str, period: Period) {
         let slot = self.slot(key_id);
         let mut slot = lock(&slot);
-        if let Some(n) = slot.pending.get_mut(&period) {
-            *n = n.saturating_sub(1);
+        if let Some(n) = slot.pending.get_mut(&period).filter(|n| **n > 0) {
+            *n -= 1;
+            self.pending_total.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -178,6 +183,7 @@ impl Ledger {
                 match store.absorb(&key_id, period, count).await {
                     Ok(()) => {
                         written += count;
+                        self.pending_total.fetch_sub(count, Ordering::AcqRel);
                         let mut slot = lock(&slot);
                         if slot.period == Some(period) {
                             slot.known_used += count;

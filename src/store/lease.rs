@@ -277,12 +277,10 @@ impl LeaseBook {
     /// for [`IDLE_RETURN`] (or everything, with `all`), replays of parked operations. Each is parked until
     /// [`Self::settled`] so a failure is replayed.
     pub async fn due(&self, all: bool) -> Vec<(String, LeaseOp)> {
-        let entries: Vec<(String, Arc<AsyncMutex<KeyLeases>>)> = {
-            let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-            keys.iter().map(|(k, e)| (k.clone(), e.clone())).collect()
-        };
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let mut ops = Vec::new();
-        for (key_id, entry) in entries {
+        // Runs every tick over every key: no allocation for keys with nothing to send.
+        for (key_id, entry) in keys.iter() {
             // A key busy refilling reports with that refill.
             let Ok(mut leases) = entry.try_lock() else {
                 continue;
@@ -304,7 +302,9 @@ impl LeaseBook {
                     ops.push((key_id.clone(), op));
                 }
             }
-            leases.retired.retain(|l| l.owes() || l.units > 0);
+            if !leases.retired.is_empty() {
+                leases.retired.retain(|l| l.owes() || l.units > 0);
+            }
         }
         ops
     }
