@@ -403,3 +403,43 @@ fn sigterm_during_an_outage_waits_to_write_local_counts_back() {
     .unwrap();
     assert_eq!(used.trim(), "6");
 }
+
+#[test]
+fn rediss_urls_connect_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    common::make_certificates(dir.path());
+    let port = common::free_port();
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--save", "", "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(dir.path().join("leaf.pem"))
+        .arg("--tls-key-file")
+        .arg(dir.path().join("leaf.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(dir.path().join("ca.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("TLS redis", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    // The private CA is trusted the standard way, through SSL_CERT_FILE.
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", format!("rediss://127.0.0.1:{port}"))
+        .env("SSL_CERT_FILE", dir.path().join("ca.pem").to_str().unwrap())
+        .start();
+    let (id, key) = gw.create_key("free", Some(Some(10)));
+    assert_eq!(gw.post_audio(&key, BODY).status, 200);
+    gw.wait_usage(&id, 1);
+    let _ = server.kill();
+    let _ = server.wait();
+}

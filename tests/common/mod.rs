@@ -437,8 +437,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A throwaway CA and a certificate for 127.0.0.1 and localhost signed by it.
-fn make_certificates(dir: &Path) {
+/// A throwaway CA (`ca.pem`) and a certificate for 127.0.0.1 and localhost signed by it
+/// (`leaf.pem`, `leaf.key`).
+pub fn make_certificates(dir: &Path) {
     let ec = [
         "-newkey",
         "ec",
