@@ -331,6 +331,15 @@ impl ProxyHttp for AudioProxy {
         Ok(())
     }
 
+    /// Marks the connection as one that has served a request (see [`HeadTimeout`]).
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        Some(Box::new(()))
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -391,5 +400,49 @@ impl ProxyHttp for AudioProxy {
                 ctx.key_prefix.as_deref().unwrap_or("-"),
             );
         }
+    }
+}
+
+/// Wraps the proxy to bound how long a new connection may take between bytes of its first
+/// request head (`limits.header_timeout_secs`) instead of Pingora's 60 s. Pingora reads a head
+/// under the keep-alive timeout, so a new connection gets the head timeout there; once a
+/// request is answered, `request_filter` has set the keep-alive timeout proper, which bounds
+/// the idle wait for the next request. A reused connection is recognised by the marker
+/// [`AudioProxy`] leaves in its connection context.
+pub struct HeadTimeout<A> {
+    pub app: Arc<A>,
+    pub timeout: Duration,
+}
+
+#[async_trait]
+impl<A> pingora::apps::HttpServerApp for HeadTimeout<A>
+where
+    A: pingora::apps::HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: pingora::protocols::http::ServerSession,
+        shutdown: &pingora::server::ShutdownWatch,
+    ) -> Option<pingora::apps::ReusedHttpStream> {
+        match session.take_connection_user_context() {
+            Some(marker) => session.set_connection_user_context(Some(marker)),
+            None if session.get_keepalive().is_some() => {
+                session.set_keepalive(Some(self.timeout.as_secs().max(1)));
+            }
+            None => {}
+        }
+        self.app.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
+        self.app.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&pingora::apps::HttpServerOptions> {
+        self.app.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.app.http_cleanup().await
     }
 }

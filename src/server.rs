@@ -21,7 +21,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
-use crate::proxy::AudioProxy;
+use crate::proxy::{AudioProxy, HeadTimeout};
 use crate::shutdown::{Lifecycle, Signals};
 use crate::sign::Presigner;
 use crate::store::Invalidation;
@@ -274,8 +274,7 @@ pub fn run(config: Config) -> Result<(), String> {
         },
     ));
 
-    let mut proxy = pingora::proxy::http_proxy_service(
-        &server.configuration,
+    let mut proxy = pingora::proxy::HttpProxy::new(
         AudioProxy::new(
             app.gateway.clone(),
             config.cors.clone(),
@@ -284,6 +283,15 @@ pub fn run(config: Config) -> Result<(), String> {
             app.metrics.clone(),
             lifecycle.clone(),
         ),
+        server.configuration.clone(),
+    );
+    proxy.handle_init_modules();
+    let mut proxy = Service::new(
+        "audiolib proxy".to_string(),
+        HeadTimeout {
+            app: Arc::new(proxy),
+            timeout: config.limits.header_timeout,
+        },
     );
     proxy.add_tcp(&config.listen.to_string());
     let proxy = server.add_service(proxy);

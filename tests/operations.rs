@@ -218,3 +218,33 @@ fn readiness_reports_catalog_and_store() {
     assert_eq!(body["catalog_version"], 1);
     assert_eq!(body["store"], "ok");
 }
+
+#[test]
+fn slow_request_heads_are_cut_off_without_slowing_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("gateway.toml");
+    std::fs::write(&conf, "[limits]\nheader_timeout_secs = 1\n").unwrap();
+    let gw = Gateway::builder()
+        .arg("--config")
+        .arg(conf.to_str().unwrap())
+        .start();
+    let mut slow = TcpStream::connect(gw.addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"POST /v1/audio HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    // A well-behaved client on another connection is served meanwhile.
+    assert_eq!(gw.post_audio(&gw.dev_key, BODY).status, 200);
+    let mut rest = Vec::new();
+    let n = slow.read_to_end(&mut rest).unwrap_or(0);
+    let took = started.elapsed();
+    assert_eq!(
+        n,
+        0,
+        "no answer is owed: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(took < Duration::from_secs(5), "cut off after {took:?}");
+    eprintln!("slow head cut off after {took:?}");
+}
