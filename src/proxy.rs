@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::{Method, header};
+use http::{HeaderValue, Method, header};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -63,23 +63,27 @@ impl AudioProxy {
     }
 
     /// The `Access-Control-Allow-Origin` value for this request, if its origin is allowed.
-    fn allowed_origin(&self, req: &RequestHeader) -> Option<String> {
+    fn allowed_origin(&self, req: &RequestHeader) -> Option<HeaderValue> {
         match &self.cors {
-            CorsOrigins::Any => Some("*".to_string()),
+            CorsOrigins::Any => Some(HeaderValue::from_static("*")),
             CorsOrigins::List(list) => {
-                let origin = req.headers.get(header::ORIGIN)?.to_str().ok()?;
-                list.iter().any(|o| o == origin).then(|| origin.to_string())
+                let origin = req.headers.get(header::ORIGIN)?;
+                let text = origin.to_str().ok()?;
+                list.iter().any(|o| o == text).then(|| origin.clone())
             }
         }
     }
 
     fn add_cors(&self, req: &RequestHeader, resp: &mut ResponseHeader) -> Result<()> {
         if matches!(self.cors, CorsOrigins::List(_)) {
-            resp.insert_header(header::VARY, "Origin")?;
+            resp.insert_header(header::VARY, HeaderValue::from_static("Origin"))?;
         }
         if let Some(origin) = self.allowed_origin(req) {
             resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
-            resp.insert_header(header::ACCESS_CONTROL_EXPOSE_HEADERS, EXPOSE_HEADERS)?;
+            resp.insert_header(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static(EXPOSE_HEADERS),
+            )?;
         }
         Ok(())
     }
@@ -109,10 +113,11 @@ impl AudioProxy {
         if self.lifecycle.is_draining() {
             session.set_keepalive(None);
         }
+        // Static values: nothing is parsed or copied for them.
         let mut resp = ResponseHeader::build(status, Some(10))?;
-        resp.insert_header(header::CONTENT_TYPE, JSON)?;
+        resp.insert_header(header::CONTENT_TYPE, HeaderValue::from_static(JSON))?;
         resp.insert_header(header::CONTENT_LENGTH, body.len())?;
-        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))?;
         self.add_cors(session.req_header(), &mut resp)?;
         if let Some(rate) = rate {
             resp.insert_header("RateLimit-Policy", rate.policy_header())?;
@@ -120,10 +125,14 @@ impl AudioProxy {
         }
         if let Some(e) = error {
             match e {
-                ApiError::MethodNotAllowed => resp.insert_header(header::ALLOW, "POST, OPTIONS")?,
-                ApiError::MissingAuth | ApiError::InvalidKeyFormat | ApiError::InvalidKey => {
-                    resp.insert_header(header::WWW_AUTHENTICATE, "Bearer")?
+                ApiError::MethodNotAllowed => {
+                    resp.insert_header(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"))?
                 }
+                ApiError::MissingAuth | ApiError::InvalidKeyFormat | ApiError::InvalidKey => resp
+                    .insert_header(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                )?,
                 _ => {}
             }
             if let Some(secs) = e.retry_after() {
