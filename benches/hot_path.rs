@@ -133,6 +133,13 @@ fn encode(c: &mut Criterion) {
     g.finish();
 }
 
+fn metrics(c: &mut Criterion) {
+    let m = audiolib::metrics::Metrics::new();
+    c.bench_function("metrics_observe_request", |b| {
+        b.iter(|| m.observe_request(black_box("audio"), 200, black_box("ok"), 0.0004))
+    });
+}
+
 fn store_and_cache(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -200,6 +207,6 @@ fn store_and_cache(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    targets = auth, body, choice, presign, encode, store_and_cache
+    targets = auth, body, choice, presign, encode, metrics, store_and_cache
 }
 criterion_main!(benches);
