@@ -189,10 +189,10 @@ impl Gateway {
                 let after_refund = match unit {
                     Unit::Local { used } => {
                         self.ledger.unadmit(&key.id, period);
-                        Some(used - 1)
+                        Some(used.saturating_sub(1))
                     }
                     Unit::Store { used } => match self.store.refund(&key.id, period).await {
-                        Ok(()) => Some(used - 1),
+                        Ok(()) => Some(used.saturating_sub(1)),
                         Err(e) => {
                             log::error!("refund for key {} failed: {e}", key.id);
                             None
