@@ -13,7 +13,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use crate::locks::{PerKey, lock};
 
 use crate::quota::{Period, Reservation};
 use crate::store::Store;
@@ -55,13 +57,9 @@ pub enum LocalAdmission {
 #[derive(Default)]
 pub struct Ledger {
     // std locks: critical sections are a map lookup or a few integer updates, never `.await`.
-    slots: RwLock<HashMap<String, Arc<Mutex<Slot>>>>,
+    slots: PerKey<Mutex<Slot>>,
     /// Calls admitted locally and not yet written back, over all keys: checked every tick.
     pending_total: std::sync::atomic::AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Ledger {
@@ -70,26 +68,13 @@ impl Ledger {
     }
 
     fn slot(&self, key_id: &str) -> Arc<Mutex<Slot>> {
-        if let Some(s) = self
-            .slots
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key_id)
-        {
-            return s.clone();
-        }
-        self.slots
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key_id.to_string())
-            .or_default()
-            .clone()
+        self.slots.get_or_default(key_id)
     }
 
     /// `Some(used)` when the key is known to be exhausted in `period` under `limit`.
     pub fn exhausted(&self, key_id: &str, period: Period, limit: Option<u64>) -> Option<u64> {
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-        let slot = lock(slots.get(key_id)?);
+        let slot = self.slots.get(key_id)?;
+        let slot = lock(&slot);
         (slot.period == Some(period) && slot.exhausted_under == Some(limit))
             .then_some(slot.known_used)
     }
@@ -117,7 +102,7 @@ impl Ledger {
 
     /// Whether anything awaits [`Ledger::flush`].
     pub fn needs_flush(&self) -> bool {
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let slots = self.slots.all();
         slots
             .values()
             .any(|s| lock(s).pending.values().any(|&n| n > 0))
@@ -155,7 +140,7 @@ impl Ledger {
     /// Calls counted locally and not yet written back.
     #[cfg(test)]
     fn pending(&self) -> u64 {
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let slots = self.slots.all();
         slots
             .values()
             .map(|s| lock(s).pending.values().sum::<u64>())
@@ -166,7 +151,7 @@ impl Ledger {
     /// Returns the number of calls written.
     pub async fn flush(&self, store: &dyn Store) -> u64 {
         let work: Vec<(String, Arc<Mutex<Slot>>)> = {
-            let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+            let slots = self.slots.all();
             slots
                 .iter()
                 .filter(|(_, s)| lock(s).pending.values().any(|&n| n > 0))

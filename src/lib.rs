@@ -22,6 +22,7 @@
 //! - [`shutdown`]: signals and draining in-flight requests.
 //! - [`cli`]: the `audiolib` command.
 //! - [`clock`]: injectable time.
+//! - [`locks`]: poison-tolerant std locks and a per-key map of shared entries.
 
 pub mod admin;
 pub mod api;
@@ -34,6 +35,7 @@ pub mod config;
 pub mod error;
 pub mod keys;
 pub mod ledger;
+pub mod locks;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;

@@ -143,14 +143,16 @@ impl AudioProxy {
         session.write_response_body(Some(body), true).await
     }
 
+    /// Answers with an error, recording its code for the access log and metrics.
     async fn respond_error(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         e: ApiError,
+        rate: Option<&RateInfo>,
     ) -> Result<()> {
         ctx.code = Some(e.code());
-        self.respond(session, e.status(), e.body(), Some(&e), None)
+        self.respond(session, e.status(), e.body(), Some(&e), rate)
             .await
     }
 
@@ -161,7 +163,7 @@ impl AudioProxy {
         }
         if method != Method::POST {
             return self
-                .respond_error(session, ctx, ApiError::MethodNotAllowed)
+                .respond_error(session, ctx, ApiError::MethodNotAllowed, None)
                 .await;
         }
         let authorization = session
@@ -172,7 +174,7 @@ impl AudioProxy {
             .map(|v| v.as_bytes());
         let key = match self.gateway.authenticate(authorization).await {
             Ok(key) => key,
-            Err(e) => return self.respond_error(session, ctx, e).await,
+            Err(e) => return self.respond_error(session, ctx, e, None).await,
         };
         ctx.key_prefix = Some(key.prefix.clone());
         let body = match self.read_body(session).await? {
@@ -180,18 +182,14 @@ impl AudioProxy {
             None => {
                 let limit = self.gateway.max_body_bytes;
                 return self
-                    .respond_error(session, ctx, ApiError::PayloadTooLarge { limit })
+                    .respond_error(session, ctx, ApiError::PayloadTooLarge { limit }, None)
                     .await;
             }
         };
         let Outcome { result, rate } = self.gateway.audio(&key, &body).await;
         match result {
             Ok(body) => self.respond(session, 200, body, None, rate.as_ref()).await,
-            Err(e) => {
-                ctx.code = Some(e.code());
-                self.respond(session, e.status(), e.body(), Some(&e), rate.as_ref())
-                    .await
-            }
+            Err(e) => self.respond_error(session, ctx, e, rate.as_ref()).await,
         }
     }
 
@@ -281,7 +279,7 @@ impl ProxyHttp for AudioProxy {
         }
         if header_bytes(session.req_header()) > self.limits.max_header_bytes {
             ctx.route = "rejected";
-            self.respond_error(session, ctx, ApiError::HeadersTooLarge)
+            self.respond_error(session, ctx, ApiError::HeadersTooLarge, None)
                 .await?;
             return Ok(true);
         }
@@ -296,7 +294,10 @@ impl ProxyHttp for AudioProxy {
             "audio" => self.audio(session, ctx).await?,
             "healthz" => self.health(session, false).await?,
             "readyz" => self.health(session, true).await?,
-            _ => self.respond_error(session, ctx, ApiError::NotFound).await?,
+            _ => {
+                self.respond_error(session, ctx, ApiError::NotFound, None)
+                    .await?
+            }
         }
         Ok(true)
     }
@@ -374,7 +375,7 @@ impl ProxyHttp for AudioProxy {
         let error_code = match error {
             Some(api) if session.response_written().is_none() => {
                 let status = api.status();
-                if let Err(write) = self.respond_error(session, ctx, api).await {
+                if let Err(write) = self.respond_error(session, ctx, api, None).await {
                     log::debug!("could not send error response: {write}");
                 }
                 status

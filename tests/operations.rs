@@ -12,8 +12,7 @@ const BODY: &str = r#"{"library":"audio.focus"}"#;
 
 /// Starts a `/v1/audio` call whose body is not finished: a request in flight.
 fn half_sent_request(gw: &Gateway) -> TcpStream {
-    let mut s = TcpStream::connect(gw.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut s = gw.connect(Duration::from_secs(20));
     let head = format!(
         "POST /v1/audio HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
         gw.dev_key,

@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{Gateway, Upstream, agent, free_port, read_reply, wait_until};
@@ -141,10 +140,7 @@ fn tls_upstream_with_an_untrusted_certificate_is_a_bad_gateway() {
 fn responses_stream_before_the_upstream_finishes() {
     let up = Upstream::start(false);
     let gw = gateway_for(&up);
-    let mut stream = TcpStream::connect(gw.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = gw.connect(Duration::from_secs(10));
     stream
         .write_all(b"GET /gate/r1 HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
@@ -173,10 +169,7 @@ fn read_until(reader: &mut impl BufRead, seen: &mut String, needle: &str) {
 fn request_bodies_stream_before_the_client_finishes() {
     let up = Upstream::start(false);
     let gw = gateway_for(&up);
-    let mut stream = TcpStream::connect(gw.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = gw.connect(Duration::from_secs(10));
     stream
         .write_all(
             b"POST /upload/u1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",

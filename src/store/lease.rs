@@ -15,13 +15,13 @@
 //! Near the limit a call can be refused while another node still holds a few units
 //! ([`Reservation::Held`]); that node uses them or gives them back within seconds.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::StoreError;
+use crate::locks::PerKey;
 use crate::quota::{Period, Reservation};
 
 /// Unused units go back to the store after this long without a call.
@@ -173,18 +173,14 @@ impl KeyLeases {
 /// This node's leases, by key id.
 #[derive(Default)]
 pub struct LeaseBook {
-    // A std lock for the map (no `.await` under it); a Tokio lock per key, held across the
-    // store call that refills it so concurrent calls of one key share one refill.
-    keys: Mutex<HashMap<String, Arc<AsyncMutex<KeyLeases>>>>,
+    // A Tokio lock per key, held across the store call that refills it so concurrent calls of
+    // one key share one refill.
+    keys: PerKey<AsyncMutex<KeyLeases>>,
 }
 
 impl LeaseBook {
     fn entry(&self, key_id: &str) -> Arc<AsyncMutex<KeyLeases>> {
-        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        match keys.get(key_id) {
-            Some(e) => e.clone(),
-            None => keys.entry(key_id.to_string()).or_default().clone(),
-        }
+        self.keys.get_or_default(key_id)
     }
 
     /// Takes one unit, refilling from the store through `run` when none is left. The whole
@@ -277,7 +273,7 @@ impl LeaseBook {
     /// for [`IDLE_RETURN`] (or everything, with `all`), replays of parked operations. Each is parked until
     /// [`Self::settled`] so a failure is replayed.
     pub async fn due(&self, all: bool) -> Vec<(String, LeaseOp)> {
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = self.keys.all();
         let mut ops = Vec::new();
         // Runs every tick over every key: no allocation for keys with nothing to send.
         for (key_id, entry) in keys.iter() {
@@ -328,7 +324,7 @@ impl LeaseBook {
 
     /// Whether anything is owed to the store or held from it.
     pub fn unsynced(&self) -> bool {
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = self.keys.all();
         keys.values().any(|entry| match entry.try_lock() {
             Ok(leases) => leases
                 .current
@@ -343,6 +339,7 @@ impl LeaseBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     const NOV: Period = Period {

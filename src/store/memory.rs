@@ -9,6 +9,7 @@ use async_trait::async_trait;
 
 use super::{KeyRecord, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
+use crate::locks::{PerKey, lock, read, write};
 use crate::quota::{Period, Reservation};
 
 #[derive(Default)]
@@ -16,7 +17,7 @@ pub struct MemoryStore {
     // std locks, not Tokio ones: no `.await` happens while they are held, and every critical
     // section is a few map operations.
     keys: RwLock<Keys>,
-    usage: RwLock<HashMap<String, Arc<Mutex<Usage>>>>,
+    usage: PerKey<Mutex<Usage>>,
 }
 
 #[derive(Default)]
@@ -49,26 +50,8 @@ impl MemoryStore {
     }
 
     fn counter(&self, key_id: &str) -> Arc<Mutex<Usage>> {
-        if let Some(c) = read(&self.usage).get(key_id) {
-            return c.clone();
-        }
-        write(&self.usage)
-            .entry(key_id.to_string())
-            .or_default()
-            .clone()
+        self.usage.get_or_default(key_id)
     }
-}
-
-// A panic while holding one of these locks cannot leave the maps half-updated (each critical
-// section is a single insert or lookup), so a poisoned lock is still safe to use.
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
-}
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[async_trait]
@@ -156,7 +139,7 @@ impl Store for MemoryStore {
     }
 
     async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
-        let Some(counter) = read(&self.usage).get(key_id).cloned() else {
+        let Some(counter) = self.usage.get(key_id) else {
             return Ok(0);
         };
         let usage = lock(&counter);

@@ -291,10 +291,10 @@ impl Gateway {
         reply.json()["usage"].as_u64().unwrap()
     }
 
-    /// Waits (up to 5 s) for usage to read `expected`: on Redis, nodes report what they served
+    /// Waits (up to 10 s) for usage to read `expected`: on Redis, nodes report what they served
     /// from quota leases a few times a second.
     pub fn wait_usage(&self, id: &str, expected: u64) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut last = self.usage(id);
         while last != expected && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -311,11 +311,17 @@ impl Gateway {
         assert!(status.success());
     }
 
+    /// A new connection to the public listener whose reads give up after `limit`.
+    pub fn connect(&self, limit: Duration) -> TcpStream {
+        let s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(limit)).unwrap();
+        s
+    }
+
     /// Sends raw bytes on a fresh connection and returns everything read until close or
     /// `limit`.
     pub fn raw(&self, request: &[u8], limit: Duration) -> String {
-        let mut s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(limit)).unwrap();
+        let mut s = self.connect(limit);
         s.write_all(request).unwrap();
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);

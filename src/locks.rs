@@ -1,0 +1,52 @@
+//! Std locks that tolerate poisoning, and a map of shared per-key entries built on them.
+//!
+//! Every critical section in this crate is a map lookup or insert or a few integer updates,
+//! none with an `.await`: a panic inside one cannot leave data half-updated, so a poisoned lock
+//! is still safe to use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Entries shared by key id: each request takes a read lock and clones an `Arc`; the write
+/// lock (and the key's allocation) is needed only the first time a key is seen.
+pub struct PerKey<T> {
+    map: RwLock<HashMap<String, Arc<T>>>,
+}
+
+impl<T> Default for PerKey<T> {
+    fn default() -> Self {
+        Self {
+            map: RwLock::default(),
+        }
+    }
+}
+
+impl<T: Default> PerKey<T> {
+    pub fn get(&self, key: &str) -> Option<Arc<T>> {
+        read(&self.map).get(key).cloned()
+    }
+
+    pub fn get_or_default(&self, key: &str) -> Arc<T> {
+        if let Some(entry) = self.get(key) {
+            return entry;
+        }
+        write(&self.map).entry(key.to_string()).or_default().clone()
+    }
+
+    /// The whole map, for walking every entry.
+    pub fn all(&self) -> RwLockReadGuard<'_, HashMap<String, Arc<T>>> {
+        read(&self.map)
+    }
+}
