@@ -37,8 +37,6 @@ pub struct App {
     pub keys: Arc<KeyService>,
     pub catalog: Arc<CatalogHandle>,
     pub cache: Arc<KeyCache>,
-    /// True for the embedded store, which starts empty and gets a development key.
-    pub embedded_store: bool,
 }
 
 /// Builds the app; fails on a bad catalog or an unsupported store.
@@ -72,9 +70,8 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
         config.default_plan.clone(),
         clock.clone(),
     ));
-    let cache_handle = cache.clone();
     let gateway = Arc::new(Gateway::new(
-        cache,
+        cache.clone(),
         store,
         catalog.clone(),
         presigner,
@@ -87,8 +84,7 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
         metrics,
         keys,
         catalog,
-        cache: cache_handle,
-        embedded_store: config.redis_url.is_none(),
+        cache,
     })
 }
 
@@ -238,7 +234,8 @@ fn create_dev_key(keys: &KeyService) -> Result<(), String> {
 /// Runs the gateway until a signal stops it.
 pub fn run(config: Config) -> Result<(), String> {
     let app = build_app(&config, Arc::new(SystemClock))?;
-    if app.embedded_store {
+    // The embedded store starts empty: it gets a development key.
+    if config.redis_url.is_none() {
         create_dev_key(&app.keys)?;
     }
 
