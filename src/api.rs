@@ -14,8 +14,8 @@ use crate::catalog::CatalogHandle;
 use crate::clock::Clock;
 use crate::config::FailurePolicy;
 use crate::error::ApiError;
-use crate::ledger::{Ledger, LocalAdmission};
-use crate::quota::{Period, RateInfo, Reservation};
+use crate::ledger::Ledger;
+use crate::quota::{LocalAdmission, Period, RateInfo, Reservation, Source};
 use crate::sign::Presigner;
 use crate::store::{KeyRecord, KeyStatus, Store};
 
@@ -52,13 +52,6 @@ pub struct Gateway {
     pub max_body_bytes: usize,
 }
 
-/// How a unit was obtained, so a failed call gives it back to the right place.
-#[derive(Clone, Copy)]
-enum Unit {
-    Store { used: u64 },
-    Local { used: u64 },
-}
-
 impl Gateway {
     pub fn new(
         keys: Arc<KeyCache>,
@@ -79,16 +72,6 @@ impl Gateway {
             ledger: Ledger::new(),
             max_body_bytes,
         }
-    }
-
-    /// Writes calls counted during a store outage back to the store.
-    pub async fn flush_local_counts(&self) -> u64 {
-        self.ledger.flush(self.store.as_ref()).await
-    }
-
-    /// Whether calls counted locally await [`Self::flush_local_counts`].
-    pub fn needs_flush(&self) -> bool {
-        self.ledger.needs_flush()
     }
 
     pub fn catalog(&self) -> &CatalogHandle {
@@ -159,25 +142,24 @@ impl Gateway {
         if let Some(used) = self.ledger.exhausted(&key.id, period, limit) {
             return exceeded(used);
         }
-        let unit = match self.store.reserve(&key.id, period, limit).await {
+        let (used, source) = match self.store.reserve(&key.id, period, limit).await {
             Ok(answer) => {
                 self.ledger.record(&key.id, period, limit, answer);
                 match answer {
-                    Reservation::Granted { used } => Unit::Store { used },
-                    Reservation::Denied { used } | Reservation::Held { used } => {
-                        return exceeded(used);
-                    }
+                    Reservation::Granted { used } => (used, Source::Lease),
+                    Reservation::Denied { used } => return exceeded(used),
+                    Reservation::Held => return Outcome::error(ApiError::RateLimited),
                 }
             }
             Err(e) => {
                 log::warn!("quota reservation for key {} failed: {e}", key.id);
-                match self.failure_policy {
-                    FailurePolicy::FailClosed => return Outcome::error(self.store_down()),
-                    FailurePolicy::FailOpen => match self.ledger.admit(&key.id, period, limit) {
-                        LocalAdmission::Admitted { used } => Unit::Local { used },
-                        LocalAdmission::Exhausted { used } => return exceeded(used),
-                        LocalAdmission::Unknown => return Outcome::error(self.store_down()),
-                    },
+                if self.failure_policy == FailurePolicy::FailClosed {
+                    return Outcome::error(self.store_down());
+                }
+                match self.store.admit_local(&key.id, period, limit).await {
+                    LocalAdmission::Admitted { used, source } => (used, source),
+                    LocalAdmission::Exhausted { used } => return exceeded(used),
+                    LocalAdmission::Refused => return Outcome::error(self.store_down()),
                 }
             }
         };
@@ -186,26 +168,13 @@ impl Gateway {
             Ok(url) => url,
             Err(e) => {
                 log::warn!("presign failed for library {library}: {e}");
-                let after_refund = match unit {
-                    Unit::Local { used } => {
-                        self.ledger.unadmit(&key.id, period);
-                        Some(used.saturating_sub(1))
-                    }
-                    Unit::Store { used } => match self.store.refund(&key.id, period).await {
-                        Ok(()) => Some(used.saturating_sub(1)),
-                        Err(e) => {
-                            log::error!("refund for key {} failed: {e}", key.id);
-                            None
-                        }
-                    },
-                };
+                self.store.refund(&key.id, period, source).await;
                 return Outcome {
                     result: Err(ApiError::PresignFailed),
-                    rate: after_refund.and_then(rate),
+                    rate: rate(used.saturating_sub(1)),
                 };
             }
         };
-        let (Unit::Store { used } | Unit::Local { used }) = unit;
         Outcome {
             result: Ok(success_body(&track.title_json, &url, track.duration_sec)),
             rate: rate(used),

@@ -4,8 +4,13 @@
 //! can only churn the small negative cache, never evict a good key. Concurrent misses of one
 //! digest share a single store fetch (`try_get_with`). TTLs are the backstop; changes made
 //! through the admin API invalidate entries at once.
+//!
+//! An invalidation that arrives while a record is being fetched must not be undone by the
+//! fetch finishing afterwards (SPEC §4a.8): every invalidation moves an epoch, and a fetch
+//! that saw the epoch move drops what it cached.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use moka::future::Cache;
 
@@ -25,6 +30,8 @@ pub struct KeyCache {
     store: Arc<dyn Store>,
     known: Cache<KeyDigest, Arc<KeyRecord>>,
     unknown: Cache<KeyDigest, ()>,
+    /// Moves on every invalidation; a fetch compares it before and after.
+    epoch: AtomicU64,
     /// Hits count answers from either cache: both spare the store a read.
     pub metrics: CacheMetrics,
 }
@@ -41,6 +48,7 @@ impl KeyCache {
                 .max_capacity(config.negative_capacity)
                 .time_to_live(config.negative_ttl)
                 .build(),
+            epoch: AtomicU64::new(0),
             metrics: CacheMetrics::new(),
         }
     }
@@ -57,9 +65,12 @@ impl KeyCache {
         }
         self.metrics.misses.inc();
         let store = &self.store;
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let fetched_here = AtomicBool::new(false);
         let fetched = self
             .known
-            .try_get_with(digest, async move {
+            .try_get_with(digest, async {
+                fetched_here.store(true, Ordering::Relaxed);
                 match store.key_by_digest(&digest).await {
                     Ok(Some(record)) => Ok(Arc::new(record)),
                     Ok(None) => Err(Miss::Unknown),
@@ -67,11 +78,22 @@ impl KeyCache {
                 }
             })
             .await;
+        // A change announced during the fetch: the answer may predate it, so it is used for
+        // this call only, never kept.
+        let stale =
+            fetched_here.load(Ordering::Relaxed) && self.epoch.load(Ordering::SeqCst) != epoch;
         match fetched {
-            Ok(record) => Ok(Some(record)),
+            Ok(record) => {
+                if stale {
+                    self.known.invalidate(&digest).await;
+                }
+                Ok(Some(record))
+            }
             Err(miss) => match &*miss {
                 Miss::Unknown => {
-                    self.unknown.insert(digest, ()).await;
+                    if !stale {
+                        self.unknown.insert(digest, ()).await;
+                    }
                     Ok(None)
                 }
                 Miss::Store(e) => Err(e.clone()),
@@ -81,12 +103,14 @@ impl KeyCache {
 
     /// Forgets everything (after missed invalidations).
     pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         self.known.invalidate_all();
         self.unknown.invalidate_all();
     }
 
     /// Forgets `digest` so the next lookup reads the store (after a create, update or revoke).
     pub async fn invalidate(&self, digest: &KeyDigest) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         self.known.invalidate(digest).await;
         self.unknown.invalidate(digest).await;
     }

@@ -44,6 +44,7 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct StoreFile {
     pub redis_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
     pub failure: Option<String>,
     pub timeout_ms: Option<u64>,
 }
@@ -150,6 +151,8 @@ pub struct Config {
     pub cors: CorsOrigins,
     pub max_body_bytes: usize,
     pub redis_url: Option<String>,
+    /// Where the embedded store keeps its file (used when there is no Redis).
+    pub data_dir: PathBuf,
     pub failure_policy: FailurePolicy,
     /// Bound on every store call; past it the call counts as failed.
     pub store_timeout: Duration,
@@ -400,6 +403,14 @@ impl Config {
                 }
             }
         }
+        let data_dir = pick(
+            p,
+            env,
+            "AUDIOLIB_DATA_DIR",
+            "store.data_dir",
+            file.store.data_dir,
+        )
+        .unwrap_or_else(|| PathBuf::from("data"));
         let failure = pick(
             p,
             env,
@@ -626,6 +637,7 @@ impl Config {
             cors,
             max_body_bytes,
             redis_url,
+            data_dir,
             failure_policy,
             store_timeout,
             s3: S3Location {

@@ -22,6 +22,9 @@ pub enum ApiError {
         reset_at: String,
         retry_after: u64,
     },
+    /// Row 5b, and quota that is momentarily out of reach (held by other nodes, or a key
+    /// too busy to wait for): retry in a second.
+    RateLimited,
     PresignFailed,
     ServiceUnavailable {
         retry_after: u64,
@@ -45,7 +48,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => 413,
             Self::InvalidJson | Self::MissingLibrary | Self::BadRequest => 400,
             Self::LibraryNotFound(_) | Self::NoAudioItems(_) | Self::NotFound => 404,
-            Self::QuotaExceeded { .. } => 429,
+            Self::QuotaExceeded { .. } | Self::RateLimited => 429,
             Self::PresignFailed | Self::ServiceUnavailable { .. } => 503,
             Self::HeadersTooLarge => 431,
             Self::BadGateway => 502,
@@ -65,6 +68,7 @@ impl ApiError {
             Self::LibraryNotFound(_) => "LIBRARY_NOT_FOUND",
             Self::NoAudioItems(_) => "NO_AUDIO_ITEMS",
             Self::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
+            Self::RateLimited => "RATE_LIMITED",
             Self::PresignFailed => "PRESIGN_FAILED",
             Self::ServiceUnavailable { .. } => "SERVICE_UNAVAILABLE",
             Self::NotFound => "NOT_FOUND",
@@ -100,6 +104,7 @@ impl ApiError {
             } => {
                 format!("Monthly quota of {limit} calls reached; it resets at {reset_at}")
             }
+            Self::RateLimited => "Too many calls right now; retry in a second".into(),
             Self::PresignFailed => "Temporary URL could not be generated".into(),
             Self::ServiceUnavailable { .. } => {
                 "Service temporarily unavailable; retry later".into()
@@ -118,6 +123,7 @@ impl ApiError {
             Self::QuotaExceeded { retry_after, .. } | Self::ServiceUnavailable { retry_after } => {
                 Some(*retry_after)
             }
+            Self::RateLimited => Some(1),
             _ => None,
         }
     }
@@ -173,6 +179,10 @@ mod tests {
         assert_eq!(v["reset_at"], "2026-12-01T00:00:00Z");
         assert_eq!(v["code"], "QUOTA_EXCEEDED");
         assert_eq!(e.retry_after(), Some(10));
+        let v: serde_json::Value = serde_json::from_slice(&ApiError::RateLimited.body()).unwrap();
+        assert_eq!(v["code"], "RATE_LIMITED");
+        assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+        assert_eq!(ApiError::RateLimited.retry_after(), Some(1));
     }
 
     #[test]

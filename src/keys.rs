@@ -181,12 +181,17 @@ impl KeyService {
             monthly_limit,
             status: change.status,
         };
+        let reactivating = update.status.is_some_and(|s| s != KeyStatus::Revoked);
         let updated = self
             .store
             .update_key(id, update, self.now())
             .await?
             .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
         self.forget(&updated.digest).await;
+        // Revoked between our read and the store's atomic update: the store kept it revoked.
+        if reactivating && updated.status == KeyStatus::Revoked {
+            return Err(KeyError::Revoked(id.to_string()));
+        }
         Ok(KeyView::from(&updated))
     }
 

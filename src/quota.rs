@@ -84,11 +84,37 @@ impl fmt::Display for Period {
 pub enum Reservation {
     /// The unit is ours; `used` counts it.
     Granted { used: u64 },
-    /// The hard limit is reached; nothing was counted.
+    /// The month's quota is used up; nothing was counted.
     Denied { used: u64 },
-    /// Refused for now: what is left of the limit is leased to other nodes, which use it or
-    /// give it back within seconds. Nothing was counted, and the key is not exhausted.
-    Held { used: u64 },
+    /// Refused for now, though the month's quota is not used up: the rest is leased to other
+    /// nodes (which use it or give it back within seconds) or this key is too busy to wait
+    /// for. Nothing was counted; the client is told to retry in a second (SPEC §4a.7).
+    Held,
+}
+
+/// Where a served unit came from, so a call that fails afterwards gives it back there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Units leased from the store: already counted against the limit.
+    Lease,
+    /// Admitted by this node alone while the store was unreachable (fail-open).
+    Local,
+}
+
+/// The answer to a local admission while the store is unreachable (fail-open, SPEC §4a.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalAdmission {
+    Admitted {
+        used: u64,
+        source: Source,
+    },
+    /// The month's quota is used up as far as this node knows.
+    Exhausted {
+        used: u64,
+    },
+    /// Not admitted: this node never saw the key's usage this month, or it has spent the one
+    /// block an outage allows.
+    Refused,
 }
 
 /// The facts behind the IETF `RateLimit` and `RateLimit-Policy` fields of one response.

@@ -27,8 +27,8 @@ use crate::sign::Presigner;
 use crate::store::Invalidation;
 use crate::store::Store;
 use crate::store::instrumented::Instrumented;
-use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
+use crate::store::sqlite::SqliteStore;
 
 /// Everything a running gateway holds, built without starting any listener.
 pub struct App {
@@ -46,7 +46,7 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
     store_metrics.register_in(&metrics);
     let backend: Arc<dyn Store> = match &config.redis_url {
         Some(urls) => Arc::new(RedisStore::new(urls, config.store_timeout)?),
-        None => Arc::new(MemoryStore::new()),
+        None => Arc::new(SqliteStore::open(&config.data_dir)?),
     };
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(backend, store_metrics));
     let catalog = Arc::new(CatalogHandle::load(&config.catalog_dir).map_err(|e| e.to_string())?);
@@ -158,11 +158,13 @@ impl CatalogReloader {
 }
 
 /// Keeps this node in step with the shared store: applies key changes announced by other
-/// nodes to the key cache, reports quota used from leases and returns idle units, and writes
-/// back calls counted locally during an outage.
+/// nodes to the key cache, reports quota used from leases (calls counted during an outage
+/// included) and returns idle units.
 struct StoreSync {
     gateway: Arc<Gateway>,
     cache: Arc<KeyCache>,
+    /// Requests still in flight after shutdown begins may take units; they are handed back too.
+    lifecycle: Arc<Lifecycle>,
 }
 
 #[async_trait]
@@ -185,19 +187,13 @@ impl BackgroundService for StoreSync {
                         self.cache.invalidate_all();
                     }
                 },
-                _ = tick.tick() => {
-                    if self.gateway.needs_flush() {
-                        self.gateway.flush_local_counts().await;
-                    }
-                    self.gateway.store().sync(false).await;
-                }
+                _ = tick.tick() => self.gateway.store().sync(false).await,
                 _ = shutdown.changed() => {
-                    // Hand over what was counted locally; the process waits for it (within
+                    // Hand over what was counted and held; the process waits for it (within
                     // the grace period).
                     loop {
-                        self.gateway.flush_local_counts().await;
                         self.gateway.store().sync(true).await;
-                        if !self.gateway.needs_flush() && !self.gateway.store().unsynced() {
+                        if self.lifecycle.in_flight() == 0 && !self.gateway.store().unsynced() {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -209,7 +205,8 @@ impl BackgroundService for StoreSync {
     }
 }
 
-/// Creates the development key of the embedded store and prints it once.
+/// Creates a development key on the embedded store and prints it: each start prints a new
+/// one (the store keeps only digests, so an earlier key cannot be shown again).
 fn create_dev_key(keys: &KeyService) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -251,7 +248,7 @@ pub fn run(config: Config) -> Result<(), String> {
     };
     let lifecycle = Lifecycle::new();
     let gateway = app.gateway.clone();
-    lifecycle.hold_exit_while(move || gateway.needs_flush() || gateway.store().unsynced());
+    lifecycle.hold_exit_while(move || gateway.store().unsynced());
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -268,6 +265,7 @@ pub fn run(config: Config) -> Result<(), String> {
         StoreSync {
             gateway: app.gateway.clone(),
             cache: app.cache.clone(),
+            lifecycle: lifecycle.clone(),
         },
     ));
 

@@ -1,13 +1,14 @@
 //! Where key records and quota counters live, behind one small async trait (SPEC §3, §4).
 //!
-//! The trait is shaped for a networked store: every method is one round trip, and a quota
-//! reservation is a single atomic step (`reserve`), so a Redis implementation can do it in
-//! one Lua call. [`memory::MemoryStore`] is the embedded implementation for a single node.
+//! The trait is shaped for a networked store: every method is one round trip. Both
+//! implementations count quota through the same leases ([`lease`]): [`redis::RedisStore`]
+//! shares keys and counters between nodes, [`sqlite::SqliteStore`] is the embedded durable
+//! store of a single machine (one process, or two during an upgrade).
 
 pub mod instrumented;
 pub mod lease;
-pub mod memory;
 pub mod redis;
+pub mod sqlite;
 
 use std::time::SystemTime;
 
@@ -16,7 +17,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::KeyDigest;
-use crate::quota::{Period, Reservation};
+use crate::quota::{LocalAdmission, Period, Reservation, Source};
 
 /// Lifecycle of a key. Only `Active` keys are served; `Revoked` is final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,25 +72,29 @@ pub trait Store: Send + Sync + 'static {
     async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError>;
     async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Applies `update` and returns the new record, or `None` if there is no such key.
+    /// Applies `update` and returns the new record, or `None` if there is no such key. A
+    /// revoked key stays revoked whatever the update says (checked in the same atomic step, so
+    /// a re-activation racing a revocation cannot undo it).
     async fn update_key(
         &self,
         id: &str,
         update: KeyUpdate,
         now: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError>;
-    /// Atomically counts one call for `key_id` in `period` unless `limit` is reached.
+    /// Counts one call for `key_id` in `period` unless `limit` is reached. An `Err` means the
+    /// store could not be reached (the caller applies the outage policy), never contention.
     async fn reserve(
         &self,
         key_id: &str,
         period: Period,
         limit: Option<u64>,
     ) -> Result<Reservation, StoreError>;
-    /// Gives back one unit reserved in `period` (the call failed after reserving).
-    async fn refund(&self, key_id: &str, period: Period) -> Result<(), StoreError>;
-    /// Adds the `count` calls served on local count while the store was unreachable (no limit
-    /// applies: they were served).
-    async fn absorb(&self, key_id: &str, period: Period, count: u64) -> Result<(), StoreError>;
+    /// Admits a call without the store, after [`Store::reserve`] failed, under the fail-open
+    /// policy's bound (SPEC §4a.3).
+    async fn admit_local(&self, key_id: &str, period: Period, limit: Option<u64>)
+    -> LocalAdmission;
+    /// Gives back one unit taken in `period` from `source` (the call failed afterwards).
+    async fn refund(&self, key_id: &str, period: Period, source: Source);
     /// Units counted for `key_id` in `period`.
     async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError>;
     /// Cheap reachability check for `/readyz`.

@@ -41,9 +41,11 @@ fn success_returns_a_track_with_a_signed_url() {
     assert!(url.starts_with("http://127.0.0.1:9/media/focus/"), "{url}");
     assert!(url.contains("X-Amz-Signature="), "{url}");
     // The development key is on the free plan: rate-limit fields are present.
+    // The window is the length of this UTC month.
+    let month = audiolib::quota::Period::containing(std::time::SystemTime::now());
     assert_eq!(
-        reply.header("ratelimit-policy"),
-        Some("\"monthly\";q=1000;w=2592000")
+        reply.header("ratelimit-policy").map(str::to_string),
+        Some(format!("\"monthly\";q=1000;w={}", month.window_secs()))
     );
     assert!(
         reply

@@ -14,9 +14,9 @@ use audiolib::clock::{Clock, ManualClock};
 use audiolib::config::{Config, FailurePolicy, FileConfig};
 use audiolib::error::ApiError;
 use audiolib::keys::{CreateKey, KeyService};
-use audiolib::quota::{Period, Reservation};
+use audiolib::quota::{LocalAdmission, Period, Reservation, Source};
 use audiolib::sign::Presigner;
-use audiolib::store::memory::MemoryStore;
+use audiolib::store::sqlite::SqliteStore;
 use audiolib::store::{KeyRecord, KeyUpdate, Store, StoreError};
 
 /// 2026-01-31T23:59:50Z
@@ -72,7 +72,8 @@ fn auth(key: &str) -> String {
 #[tokio::test]
 async fn quota_starts_afresh_in_a_new_utc_month() {
     let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let data = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data.path()).unwrap());
     let (gw, keys) = gateway(store.clone(), clock.clone(), FailurePolicy::FailOpen);
     let (view, secret) = keys
         .create(CreateKey {
@@ -114,13 +115,18 @@ async fn quota_starts_afresh_in_a_new_utc_month() {
     assert_eq!((rate.remaining, rate.window_secs), (1, 28 * 86_400));
     let feb = Period::containing(clock.now());
     assert_eq!(feb.to_string(), "2026-02");
+    store.sync(true).await;
     assert_eq!(store.usage(&view.id, feb).await.unwrap(), 1);
     let jan = Period {
         year: 2026,
         month: 1,
     };
-    // The embedded store keeps only the current month; January reads as zero now.
-    assert_eq!(store.usage(&view.id, jan).await.unwrap(), 0);
+    // Each month keeps its own count; a late report for January leaves February alone.
+    assert_eq!(store.usage(&view.id, jan).await.unwrap(), 2);
+    store.refund(&view.id, jan, Source::Lease).await;
+    store.sync(true).await;
+    assert_eq!(store.usage(&view.id, jan).await.unwrap(), 1);
+    assert_eq!(store.usage(&view.id, feb).await.unwrap(), 1);
     let (_, period, used) = keys.show(&view.id).await.unwrap();
     assert_eq!((period.to_string(), used), ("2026-02".to_string(), 1));
 }
@@ -153,12 +159,10 @@ impl Store for DownStore {
     async fn reserve(&self, _: &str, _: Period, _: Option<u64>) -> Result<Reservation, StoreError> {
         Err(StoreError("down".into()))
     }
-    async fn refund(&self, _: &str, _: Period) -> Result<(), StoreError> {
-        Err(StoreError("down".into()))
+    async fn admit_local(&self, _: &str, _: Period, _: Option<u64>) -> LocalAdmission {
+        LocalAdmission::Refused
     }
-    async fn absorb(&self, _: &str, _: Period, _: u64) -> Result<(), StoreError> {
-        Err(StoreError("down".into()))
-    }
+    async fn refund(&self, _: &str, _: Period, _: Source) {}
     async fn usage(&self, _: &str, _: Period) -> Result<u64, StoreError> {
         Err(StoreError("down".into()))
     }
@@ -195,7 +199,7 @@ fn row_14_internal_errors_leak_nothing() {
 #[tokio::test]
 async fn concurrent_misses_of_one_key_read_the_store_once() {
     // Counts key lookups reaching the store.
-    struct Counting(MemoryStore, std::sync::atomic::AtomicU64);
+    struct Counting(SqliteStore, std::sync::atomic::AtomicU64);
     #[async_trait]
     impl Store for Counting {
         async fn insert_key(&self, r: KeyRecord) -> Result<(), StoreError> {
@@ -228,11 +232,11 @@ async fn concurrent_misses_of_one_key_read_the_store_once() {
         ) -> Result<Reservation, StoreError> {
             self.0.reserve(id, p, l).await
         }
-        async fn refund(&self, id: &str, p: Period) -> Result<(), StoreError> {
-            self.0.refund(id, p).await
+        async fn admit_local(&self, id: &str, p: Period, l: Option<u64>) -> LocalAdmission {
+            self.0.admit_local(id, p, l).await
         }
-        async fn absorb(&self, id: &str, p: Period, n: u64) -> Result<(), StoreError> {
-            self.0.absorb(id, p, n).await
+        async fn refund(&self, id: &str, p: Period, s: Source) {
+            self.0.refund(id, p, s).await
         }
         async fn usage(&self, id: &str, p: Period) -> Result<u64, StoreError> {
             self.0.usage(id, p).await
@@ -241,7 +245,11 @@ async fn concurrent_misses_of_one_key_read_the_store_once() {
             Ok(())
         }
     }
-    let store = Arc::new(Counting(MemoryStore::new(), Default::default()));
+    let data = tempfile::tempdir().unwrap();
+    let store = Arc::new(Counting(
+        SqliteStore::open(data.path()).unwrap(),
+        Default::default(),
+    ));
     let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
     let (gw, keys) = gateway(store.clone(), clock, FailurePolicy::FailOpen);
     let (_, secret) = keys

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use super::{Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
 use crate::metrics::StoreMetrics;
-use crate::quota::{Period, Reservation};
+use crate::quota::{LocalAdmission, Period, Reservation, Source};
 
 pub struct Instrumented {
     inner: Arc<dyn Store>,
@@ -73,13 +73,16 @@ impl Store for Instrumented {
         self.timed("reserve", self.inner.reserve(key_id, period, limit))
             .await
     }
-    async fn refund(&self, key_id: &str, period: Period) -> Result<(), StoreError> {
-        self.timed("refund", self.inner.refund(key_id, period))
-            .await
+    async fn admit_local(
+        &self,
+        key_id: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> LocalAdmission {
+        self.inner.admit_local(key_id, period, limit).await
     }
-    async fn absorb(&self, key_id: &str, period: Period, count: u64) -> Result<(), StoreError> {
-        self.timed("absorb", self.inner.absorb(key_id, period, count))
-            .await
+    async fn refund(&self, key_id: &str, period: Period, source: Source) {
+        self.inner.refund(key_id, period, source).await
     }
     async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
         self.timed("usage", self.inner.usage(key_id, period)).await

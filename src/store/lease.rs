@@ -1,40 +1,65 @@
 //! Quota leases: how a node serves most calls without a store round trip and still keeps
-//! the monthly count exact (SPEC §4).
+//! the monthly count exact (SPEC §4, §4a).
 //!
-//! A node asks the store for a block of units of a key's quota ("lease"); the store grants
-//! at most what is left of the limit after counting every node's held units, so the limit can
-//! never be exceeded. The node then serves calls from the block locally and reports what it
-//! used with its next operation, a few times a second. Blocks shrink as the limit nears (down
-//! to one unit), units a node has not used for [`IDLE_RETURN`] go back, and unlimited keys
-//! take large blocks: that is batched metering.
+//! A node asks the store for a block of units of a subject's quota ("lease"); the store
+//! grants at most what is left of the limit after counting every node's held units, so the
+//! limit can never be exceeded. The node then serves calls from the block locally and reports
+//! what it used with its next operation, at least once a second. Blocks shrink as the limit
+//! nears (down to one unit, or the number of calls waiting), units a node has not used for
+//! [`IDLE_RETURN`] go back, and unlimited keys take large blocks: that is batched metering.
 //!
-//! Every operation of a node on a key carries a sequence number; the store applies each
+//! Every operation of a node on a subject carries a sequence number; the store applies each
 //! number once and answers a repeat with the earlier grant. An operation whose answer was
 //! lost is replayed as is, so nothing is counted twice or lost.
 //!
-//! Near the limit a call can be refused while another node still holds a few units
-//! ([`Reservation::Held`]); that node uses them or gives them back within seconds.
+//! **Fencing.** A node serves leased units only while its lease is confirmed: within
+//! [`FENCE_AFTER`] of sending an operation the store answered, on this node's monotonic
+//! clock. The store counts a node as silent only [`STALE_AFTER`] after it last applied one of
+//! its operations (its own clock), which is later than the fence by the margin between the
+//! two. Units a silent node holds are never handed to another node (it may have served some of
+//! them before it fell silent): they stay counted against the limit until it reports, and are
+//! treated as spent when deciding a refusal. A node that reports late (after a pause or a
+//! partition) settles them exactly.
+//!
+//! **Outages.** Under fail-open a node whose store is unreachable serves the units it holds,
+//! then at most one more block (1/16 of the limit, at least one call) per subject and outage,
+//! counted as `extra` and reported once the store answers; the block is granted again only
+//! after that report is acknowledged.
+//!
+//! Time is Tokio's [`Instant`], so tests drive it with a paused clock.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::Mutex as AsyncMutex;
+use tokio::time::Instant;
 
 use super::StoreError;
 use crate::locks::PerKey;
-use crate::quota::{Period, Reservation};
+use crate::quota::{LocalAdmission, Period, Reservation, Source};
 
 /// Unused units go back to the store after this long without a call.
 pub const IDLE_RETURN: Duration = Duration::from_secs(2);
-/// Use is reported at most this often per key (and with every refill): usage reads lag by
+/// Use is reported at most this often per subject (and with every refill): usage reads lag by
 /// about this much, and 10,000 busy keys cost 10,000 store calls a second, not ten times that.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
-/// Largest block for a limited key; blocks are 1/16 of what is left, at least one unit.
+/// A node stops serving leased units this long after sending the last operation the store
+/// answered, until a new one is answered.
+pub const FENCE_AFTER: Duration = Duration::from_secs(10);
+/// The store counts a node as silent this long after it last applied one of its operations;
+/// the 5 s over [`FENCE_AFTER`] cover clock-rate differences and scheduling delays.
+pub const STALE_AFTER: Duration = Duration::from_secs(15);
+/// How long a call waits for other calls' refills of the same subject before it is told to
+/// retry (429, `Retry-After: 1`). Waiting is load, not an outage: it never fails over to the
+/// outage policy.
+pub const BUSY_WAIT: Duration = Duration::from_secs(2);
+/// Largest block for a limited subject; blocks are 1/16 of what is left, at least one unit.
 const MAX_BLOCK: u64 = 1024;
-/// Block for unlimited keys: metering in batches.
+/// Block for unlimited subjects: metering in batches.
 const UNLIMITED_BLOCK: u64 = 1024;
 
-/// One operation of this node on one key and month, as sent to the store.
+/// One operation of this node on one subject and month, as sent to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseOp {
     pub period: Period,
@@ -58,9 +83,11 @@ pub struct LeaseAnswer {
     pub used: u64,
     /// Calls counted plus units held by all nodes; `None` when the answer is a replay.
     pub committed: Option<u64>,
+    /// Units held by other nodes that are not silent: what may still come back.
+    pub live_others: u64,
 }
 
-/// What this node holds and owes for one key and month.
+/// What this node holds and owes for one subject and month.
 #[derive(Debug)]
 struct Lease {
     period: Period,
@@ -72,13 +99,21 @@ struct Lease {
     seq: u64,
     /// An operation sent whose answer never arrived; it is replayed before any other.
     parked: Option<LeaseOp>,
-    committed: u64,
+    /// Used plus held by all nodes, as of the last fresh answer; `None` until one arrives.
+    committed: Option<u64>,
+    /// Leased units may be served until then.
+    confirmed_until: Option<Instant>,
+    /// Calls admitted locally during the current outage, not yet acknowledged by the store.
+    outage: u64,
+    /// Set when the store said the month's quota is used up under `limit`: calls queued
+    /// behind that answer are refused without asking again.
+    spent: Option<u64>,
     last_use: Instant,
     last_report: Instant,
 }
 
 impl Lease {
-    fn new(period: Period, limit: Option<u64>, seq: u64) -> Self {
+    fn new(period: Period, limit: Option<u64>, seq: u64, now: Instant) -> Self {
         Self {
             period,
             limit,
@@ -88,17 +123,28 @@ impl Lease {
             extra: 0,
             seq,
             parked: None,
-            committed: 0,
-            last_use: Instant::now(),
-            last_report: Instant::now(),
+            committed: None,
+            confirmed_until: None,
+            outage: 0,
+            spent: None,
+            last_use: now,
+            last_report: now,
         }
     }
 
-    fn want(&self) -> u64 {
-        match self.limit {
+    /// Units to ask for: 1/16 of what is left, and at least enough for the calls waiting.
+    fn want(&self, waiting: u64) -> u64 {
+        let block = match self.limit {
             None => UNLIMITED_BLOCK,
-            Some(limit) => (limit.saturating_sub(self.committed) / 16).clamp(1, MAX_BLOCK),
-        }
+            Some(limit) => {
+                (limit.saturating_sub(self.committed.unwrap_or(0)) / 16).clamp(1, MAX_BLOCK)
+            }
+        };
+        block.max(waiting.min(MAX_BLOCK))
+    }
+
+    fn confirmed(&self, now: Instant) -> bool {
+        self.confirmed_until.is_some_and(|t| now < t)
     }
 
     fn owes(&self) -> bool {
@@ -106,12 +152,12 @@ impl Lease {
     }
 
     /// The next operation: the parked one again, or a new one carrying what is owed.
-    fn next_op(&mut self, want: u64) -> LeaseOp {
+    fn next_op(&mut self, want: u64, now: Instant) -> LeaseOp {
         if let Some(op) = self.parked.take() {
             return op;
         }
         self.seq += 1;
-        self.last_report = Instant::now();
+        self.last_report = now;
         LeaseOp {
             period: self.period,
             seq: self.seq,
@@ -123,34 +169,36 @@ impl Lease {
         }
     }
 
-    fn apply(&mut self, answer: LeaseAnswer) {
+    /// Applies the answer to `op`, sent at `sent`: the store applied it at or after that
+    /// instant, so the lease is confirmed from then.
+    fn apply(&mut self, op: &LeaseOp, answer: LeaseAnswer, sent: Instant) {
         self.units += answer.grant;
         if let Some(c) = answer.committed {
-            self.committed = c;
+            self.committed = Some(c);
         }
+        self.confirmed_until = Some(sent + FENCE_AFTER);
+        self.outage = self.outage.saturating_sub(op.extra);
     }
 
-    fn take_unit(&mut self) -> Reservation {
+    fn take_unit(&mut self, now: Instant) -> u64 {
         self.units -= 1;
         self.consumed += 1;
-        self.last_use = Instant::now();
-        Reservation::Granted {
-            used: self.committed.saturating_sub(self.units),
-        }
+        self.last_use = now;
+        self.committed.unwrap_or(0).saturating_sub(self.units)
     }
 }
 
-/// A key's leases: the current month's, and earlier ones still owing a report.
+/// A subject's leases: the current month's, and earlier ones still owing a report.
 #[derive(Debug, Default)]
-struct KeyLeases {
+struct SubjectLeases {
     current: Option<Lease>,
     retired: Vec<Lease>,
-    /// Sequence numbers continue across months so a node never reuses one per key.
+    /// Sequence numbers continue across months so a node never reuses one per subject.
     seq: u64,
 }
 
-impl KeyLeases {
-    fn lease(&mut self, period: Period, limit: Option<u64>) -> &mut Lease {
+impl SubjectLeases {
+    fn lease(&mut self, period: Period, limit: Option<u64>, now: Instant) -> &mut Lease {
         if self.current.as_ref().is_some_and(|l| l.period != period) {
             let mut old = self.current.take().expect("checked");
             old.returned += std::mem::take(&mut old.units);
@@ -158,8 +206,16 @@ impl KeyLeases {
             self.retired.push(old);
         }
         let seq = self.seq;
-        self.current
-            .get_or_insert_with(|| Lease::new(period, limit, seq))
+        let lease = self
+            .current
+            .get_or_insert_with(|| Lease::new(period, limit, seq, now));
+        if lease.limit != limit {
+            // Units leased under another limit go back; the next lease uses the new one.
+            lease.returned += std::mem::take(&mut lease.units);
+            lease.limit = limit;
+            lease.spent = None;
+        }
+        lease
     }
 
     fn find(&mut self, period: Period) -> Option<&mut Lease> {
@@ -170,132 +226,210 @@ impl KeyLeases {
     }
 }
 
-/// This node's leases, by key id.
+#[derive(Default)]
+struct Entry {
+    /// Calls waiting for the lock: a refill asks for at least this many units.
+    waiting: AtomicU64,
+    /// Refills that failed: a call that waited through one fails at once rather than queue
+    /// for its own timeout (the store is down; waiting itself is never a failure).
+    failures: AtomicU64,
+    leases: AsyncMutex<SubjectLeases>,
+}
+
+/// An operation from [`LeaseBook::due`], to send and then hand to [`LeaseBook::settled`].
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub subject: String,
+    pub op: LeaseOp,
+    sent: Instant,
+}
+
+/// This node's leases, by subject (a key id).
 #[derive(Default)]
 pub struct LeaseBook {
-    // A Tokio lock per key, held across the store call that refills it so concurrent calls of
-    // one key share one refill.
-    keys: PerKey<AsyncMutex<KeyLeases>>,
+    // A Tokio lock per subject, held across the store call that refills it so concurrent
+    // calls of one subject share one refill.
+    subjects: PerKey<Entry>,
 }
 
 impl LeaseBook {
-    fn entry(&self, key_id: &str) -> Arc<AsyncMutex<KeyLeases>> {
-        self.keys.get_or_default(key_id)
+    fn entry(&self, subject: &str) -> Arc<Entry> {
+        self.subjects.get_or_default(subject)
     }
 
-    /// Takes one unit, refilling from the store through `run` when none is left. The whole
-    /// call, waiting for another call's refill included, ends by `deadline`; `run` gets it.
+    /// Takes one unit, refilling from the store through `run` when none is left or the lease
+    /// needs confirming. `run` gets the operation and its deadline (`timeout` from sending).
+    /// A store failure is an `Err` (the caller applies the outage policy); waiting longer
+    /// than [`BUSY_WAIT`] for other calls is [`Reservation::Held`].
     pub async fn reserve<F, Fut>(
         &self,
-        key_id: &str,
+        subject: &str,
         period: Period,
         limit: Option<u64>,
-        deadline: tokio::time::Instant,
+        timeout: Duration,
         run: F,
     ) -> Result<Reservation, StoreError>
     where
-        F: Fn(LeaseOp, tokio::time::Instant) -> Fut,
+        F: Fn(LeaseOp, Instant) -> Fut,
         Fut: std::future::Future<Output = Result<LeaseAnswer, StoreError>>,
     {
-        let entry = self.entry(key_id);
-        let mut leases = tokio::time::timeout_at(deadline, entry.lock())
-            .await
-            .map_err(|_| StoreError("quota lease busy".into()))?;
-        let lease = leases.lease(period, limit);
-        if lease.limit != limit {
-            // Units leased under another limit go back; the next lease uses the new one.
-            lease.returned += std::mem::take(&mut lease.units);
-            lease.limit = limit;
+        let entry = self.entry(subject);
+        let failures = entry.failures.load(Ordering::Acquire);
+        entry.waiting.fetch_add(1, Ordering::Relaxed);
+        let locked = tokio::time::timeout(BUSY_WAIT, entry.leases.lock()).await;
+        entry.waiting.fetch_sub(1, Ordering::Relaxed);
+        let Ok(mut leases) = locked else {
+            return Ok(Reservation::Held);
+        };
+        let failed_meanwhile = entry.failures.load(Ordering::Acquire) != failures;
+        let now = Instant::now();
+        let lease = leases.lease(period, limit, now);
+        // A parked operation may answer with units (a replay); a second round asks for more.
+        if let (0, Some(used)) = (lease.units, lease.spent) {
+            return Ok(Reservation::Denied { used });
         }
-        // A parked operation may answer with units; a second round asks for more.
         for _ in 0..2 {
-            if lease.units > 0 {
-                return Ok(lease.take_unit());
+            if lease.units > 0 && lease.confirmed(Instant::now()) {
+                return Ok(Reservation::Granted {
+                    used: lease.take_unit(Instant::now()),
+                });
             }
-            let want = lease.want();
-            let op = lease.next_op(want);
+            if failed_meanwhile {
+                return Err(StoreError(
+                    "the store failed a refill this call waited for".into(),
+                ));
+            }
+            let op = lease.next_op(lease.want(entry.waiting.load(Ordering::Relaxed)), now);
             // Parked before sending: if this call is abandoned midway, the operation is
             // replayed later rather than lost.
             lease.parked = Some(op.clone());
-            match run(op.clone(), deadline).await {
-                Ok(answer) => {
-                    lease.parked = None;
-                    lease.apply(answer);
-                    if lease.units > 0 {
-                        return Ok(lease.take_unit());
-                    }
-                    if op.want > 0 {
-                        return Ok(match limit {
-                            Some(l) if answer.used >= l => {
-                                Reservation::Denied { used: answer.used }
-                            }
-                            _ => Reservation::Held {
-                                used: lease.committed,
-                            },
-                        });
-                    }
+            let sent = Instant::now();
+            let answer = match run(op.clone(), sent + timeout).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    entry.failures.fetch_add(1, Ordering::Release);
+                    return Err(e);
                 }
-                Err(e) => return Err(e),
+            };
+            lease.parked = None;
+            lease.apply(&op, answer, sent);
+            if lease.units > 0 {
+                return Ok(Reservation::Granted {
+                    used: lease.take_unit(Instant::now()),
+                });
+            }
+            if let (Some(committed), true) = (answer.committed, op.want > 0) {
+                // Nothing granted: the limit is used up unless live nodes hold units that
+                // may come back. Units of silent nodes count as spent.
+                if limit.is_some() && answer.live_others > 0 {
+                    return Ok(Reservation::Held);
+                }
+                let used = committed - answer.live_others;
+                lease.spent = Some(used);
+                return Ok(Reservation::Denied { used });
             }
         }
-        Err(StoreError("quota lease not granted".into()))
+        Ok(Reservation::Held)
+    }
+
+    /// Admits a call while the store is unreachable (fail-open): from units this node holds
+    /// (already counted), else from the one block an outage allows.
+    pub async fn admit_local(
+        &self,
+        subject: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> LocalAdmission {
+        let entry = self.entry(subject);
+        let mut leases = entry.leases.lock().await;
+        let now = Instant::now();
+        let lease = leases.lease(period, limit, now);
+        if lease.units > 0 {
+            return LocalAdmission::Admitted {
+                used: lease.take_unit(now),
+                source: Source::Lease,
+            };
+        }
+        let seen = lease.committed.unwrap_or(0) + lease.outage;
+        match limit {
+            Some(_) if lease.committed.is_none() => return LocalAdmission::Refused,
+            Some(limit) if seen >= limit => return LocalAdmission::Exhausted { used: seen },
+            Some(limit) if lease.outage >= (limit / 16).max(1) => return LocalAdmission::Refused,
+            _ => {}
+        }
+        lease.extra += 1;
+        lease.outage += 1;
+        lease.last_use = now;
+        LocalAdmission::Admitted {
+            used: seen + 1,
+            source: Source::Local,
+        }
     }
 
     /// Gives a unit back for a call that failed after taking it.
-    pub async fn refund(&self, key_id: &str, period: Period) {
-        let entry = self.entry(key_id);
-        let mut leases = entry.lock().await;
+    pub async fn refund(&self, subject: &str, period: Period, source: Source) {
+        let entry = self.entry(subject);
+        let mut leases = entry.leases.lock().await;
         let current = leases.current.as_ref().is_some_and(|l| l.period == period);
-        if let Some(lease) = leases.find(period) {
-            lease.consumed -= 1;
-            // Back into this month's block, or back to the store for a past month.
-            if current {
-                lease.units += 1;
-            } else {
-                lease.returned += 1;
-            }
-        }
-    }
-
-    /// Records calls served without a lease during an outage, for the next report.
-    pub async fn absorb(&self, key_id: &str, period: Period, count: u64) {
-        let entry = self.entry(key_id);
-        let mut leases = entry.lock().await;
         if leases.find(period).is_none() {
-            leases.lease(period, None);
+            // A past month whose lease was already settled and dropped: a new one carries
+            // the refund (its sequence numbers continue past the old one's).
+            let lease = Lease::new(period, None, leases.seq, Instant::now());
+            leases.retired.push(lease);
         }
-        if let Some(lease) = leases.find(period) {
-            lease.extra += count;
+        let Some(lease) = leases.find(period) else {
+            return;
+        };
+        lease.spent = None;
+        match source {
+            Source::Lease => {
+                lease.consumed -= 1;
+                // Back into this month's block, or back to the store for a past month.
+                if current {
+                    lease.units += 1;
+                } else {
+                    lease.returned += 1;
+                }
+            }
+            Source::Local => {
+                lease.extra = lease.extra.saturating_sub(1);
+                lease.outage = lease.outage.saturating_sub(1);
+            }
         }
     }
 
     /// Operations to send now: reports of what was used (every [`REPORT_EVERY`]), units idle
-    /// for [`IDLE_RETURN`] (or everything, with `all`), replays of parked operations. Each is parked until
-    /// [`Self::settled`] so a failure is replayed.
-    pub async fn due(&self, all: bool) -> Vec<(String, LeaseOp)> {
-        let keys = self.keys.all();
+    /// for [`IDLE_RETURN`] (or everything, with `all`), replays of parked operations. Each is
+    /// parked until [`Self::settled`] so a failure is replayed.
+    pub async fn due(&self, all: bool) -> Vec<Due> {
+        let subjects = self.subjects.all();
+        let now = Instant::now();
         let mut ops = Vec::new();
-        // Runs every tick over every key: no allocation for keys with nothing to send.
-        for (key_id, entry) in keys.iter() {
-            // A key busy refilling reports with that refill.
-            let Ok(mut leases) = entry.try_lock() else {
+        // Runs every tick over every subject: no allocation for those with nothing to send.
+        for (subject, entry) in subjects.iter() {
+            // A subject busy refilling reports with that refill.
+            let Ok(mut leases) = entry.leases.try_lock() else {
                 continue;
             };
-            let KeyLeases {
+            let SubjectLeases {
                 current, retired, ..
             } = &mut *leases;
             for lease in current.iter_mut().chain(retired.iter_mut()) {
-                if lease.units > 0 && (all || lease.last_use.elapsed() >= IDLE_RETURN) {
+                if lease.units > 0 && (all || now - lease.last_use >= IDLE_RETURN) {
                     lease.returned += std::mem::take(&mut lease.units);
                 }
                 let report_due = all
                     || lease.parked.is_some()
                     || lease.returned > 0
-                    || lease.last_report.elapsed() >= REPORT_EVERY;
+                    || now - lease.last_report >= REPORT_EVERY;
                 if lease.owes() && report_due {
-                    let op = lease.next_op(0);
+                    let op = lease.next_op(0, now);
                     lease.parked = Some(op.clone());
-                    ops.push((key_id.clone(), op));
+                    ops.push(Due {
+                        subject: subject.clone(),
+                        op,
+                        sent: now,
+                    });
                 }
             }
             if !leases.retired.is_empty() {
@@ -307,166 +441,51 @@ impl LeaseBook {
 
     /// Applies the outcome of an operation from [`Self::due`]: the first to answer a parked
     /// operation applies its grant, exactly once.
-    pub async fn settled(&self, key_id: &str, op: LeaseOp, answer: Option<LeaseAnswer>) {
-        let entry = self.entry(key_id);
-        let mut leases = entry.lock().await;
-        let Some(lease) = leases.find(op.period) else {
+    pub async fn settled(&self, due: Due, answer: Option<LeaseAnswer>) {
+        let entry = self.entry(&due.subject);
+        let mut leases = entry.leases.lock().await;
+        let Some(lease) = leases.find(due.op.period) else {
             return;
         };
-        if lease.parked.as_ref() != Some(&op) {
+        if lease.parked.as_ref() != Some(&due.op) {
             return;
         }
         if let Some(answer) = answer {
             lease.parked = None;
-            lease.apply(answer);
+            lease.apply(&due.op, answer, due.sent);
         }
+    }
+
+    /// Calls this node served in `period` and has not reported yet (an operation in flight
+    /// excluded: it may or may not have been applied). Added to usage reads so a node's own
+    /// calls show at once.
+    pub fn unreported(&self, subject: &str, period: Period) -> u64 {
+        let Some(entry) = self.subjects.get(subject) else {
+            return 0;
+        };
+        let Ok(mut leases) = entry.leases.try_lock() else {
+            return 0;
+        };
+        leases
+            .find(period)
+            .map_or(0, |l| (l.consumed + l.extra as i64).max(0) as u64)
     }
 
     /// Whether anything is owed to the store or held from it.
     pub fn unsynced(&self) -> bool {
-        let keys = self.keys.all();
-        keys.values().any(|entry| match entry.try_lock() {
-            Ok(leases) => leases
-                .current
-                .iter()
-                .chain(leases.retired.iter())
-                .any(|l| l.owes() || l.units > 0),
-            Err(_) => true,
-        })
+        let subjects = self.subjects.all();
+        subjects
+            .values()
+            .any(|entry| match entry.leases.try_lock() {
+                Ok(leases) => leases
+                    .current
+                    .iter()
+                    .chain(leases.retired.iter())
+                    .any(|l| l.owes() || l.units > 0),
+                Err(_) => true,
+            })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    const NOV: Period = Period {
-        year: 2026,
-        month: 11,
-    };
-
-    /// A store of one key: usage, held units and applied sequence numbers, in memory.
-    #[derive(Default)]
-    struct FakeStore {
-        state: Mutex<(i64, i64, u64, u64)>, // usage, held, last seq, last grant
-        calls: AtomicU64,
-    }
-
-    impl FakeStore {
-        fn run(&self, op: &LeaseOp) -> Result<LeaseAnswer, StoreError> {
-            self.calls.fetch_add(1, Ordering::Relaxed);
-            let mut s = self.state.lock().unwrap();
-            if op.seq <= s.2 {
-                return Ok(LeaseAnswer {
-                    grant: s.3,
-                    used: s.0 as u64,
-                    committed: None,
-                });
-            }
-            s.0 += op.consumed + op.extra as i64;
-            s.1 -= op.consumed + op.returned as i64;
-            let grant = match op.limit {
-                None => op.want,
-                Some(l) => op.want.min((l as i64 - s.0 - s.1).max(0) as u64),
-            };
-            s.1 += grant as i64;
-            s.2 = op.seq;
-            s.3 = grant;
-            Ok(LeaseAnswer {
-                grant,
-                used: s.0 as u64,
-                committed: Some((s.0 + s.1) as u64),
-            })
-        }
-    }
-
-    async fn reserve(book: &LeaseBook, store: &FakeStore, limit: Option<u64>) -> Reservation {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        book.reserve("k", NOV, limit, deadline, |op, _| {
-            let r = store.run(&op);
-            async move { r }
-        })
-        .await
-        .unwrap()
-    }
-
-    async fn sync(book: &LeaseBook, store: &FakeStore, all: bool) {
-        for (key, op) in book.due(all).await {
-            let answer = store.run(&op).ok();
-            book.settled(&key, op, answer).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn never_grants_past_the_limit_and_reports_exactly() {
-        let book = LeaseBook::default();
-        let store = FakeStore::default();
-        for _ in 0..100 {
-            assert!(matches!(
-                reserve(&book, &store, Some(100)).await,
-                Reservation::Granted { .. }
-            ));
-        }
-        // Far fewer store calls than calls served; blocks shrink to one unit near the limit.
-        assert!(
-            store.calls.load(Ordering::Relaxed) < 60,
-            "{:?}",
-            store.calls
-        );
-        for _ in 0..10 {
-            assert_eq!(
-                reserve(&book, &store, Some(100)).await,
-                Reservation::Denied { used: 100 }
-            );
-        }
-        sync(&book, &store, true).await;
-        assert_eq!(store.state.lock().unwrap().0, 100);
-        assert_eq!(store.state.lock().unwrap().1, 0, "nothing left held");
-        assert!(!book.unsynced());
-    }
-
-    #[tokio::test]
-    async fn refunds_and_idle_units_go_back() {
-        let book = LeaseBook::default();
-        let store = FakeStore::default();
-        assert!(matches!(
-            reserve(&book, &store, None).await,
-            Reservation::Granted { used: 1 }
-        ));
-        book.refund("k", NOV).await;
-        sync(&book, &store, true).await;
-        let s = store.state.lock().unwrap();
-        assert_eq!((s.0, s.1), (0, 0));
-    }
-
-    #[tokio::test]
-    async fn a_lost_answer_is_replayed_not_repeated() {
-        let book = LeaseBook::default();
-        let store = FakeStore::default();
-        for _ in 0..3 {
-            reserve(&book, &store, None).await;
-        }
-        // The report is applied by the store but its answer is lost.
-        let ops = book.due(true).await;
-        assert_eq!(ops.len(), 1);
-        store.run(&ops[0].1).unwrap();
-        book.settled(&ops[0].0, ops[0].1.clone(), None).await;
-        assert!(book.unsynced());
-        // The replay changes nothing more.
-        sync(&book, &store, true).await;
-        let s = store.state.lock().unwrap();
-        assert_eq!((s.0, s.1), (3, 0));
-    }
-
-    #[tokio::test]
-    async fn outage_counts_are_reported_once() {
-        let book = LeaseBook::default();
-        let store = FakeStore::default();
-        book.absorb("k", NOV, 5).await;
-        sync(&book, &store, true).await;
-        sync(&book, &store, true).await;
-        assert_eq!(store.state.lock().unwrap().0, 5);
-    }
-}
+mod tests;

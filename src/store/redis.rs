@@ -29,10 +29,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 use tokio::sync::{OnceCell, mpsc};
 
-use super::lease::{LeaseAnswer, LeaseBook, LeaseOp};
+use super::lease::{LeaseAnswer, LeaseBook, LeaseOp, STALE_AFTER};
 use super::{Invalidation, KeyRecord, KeyStatus, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
-use crate::quota::{Period, Reservation};
+use crate::quota::{LocalAdmission, Period, Reservation, Source};
 
 /// Counters outlive their month by this much, for late reads and reconciliation.
 pub const USAGE_GRACE_SECS: i64 = 7 * 86_400;
@@ -43,32 +43,33 @@ const BREAKER_THRESHOLD: u32 = 3;
 const BREAKER_OPEN: Duration = Duration::from_millis(500);
 /// Bound on admin and background calls (key management, usage reads, write-back).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
-/// Units leased to a node that has not spoken for this long are reclaimed: the node is gone
-/// (a live node reports or gives back its units within seconds).
-const STALE_LEASE_SECS: u64 = 15;
-
-/// The quota lease protocol, one call per node and key for many requests (see
+/// The quota lease protocol, one call per node and subject for many requests (see
 /// [`super::lease`]). Per UTC month, `KEYS[1]` counts calls served (usage) and `KEYS[2]` holds,
 /// per node, the units leased and not yet reported (`held:`), the last operation applied
-/// (`seq:`), its grant (`last:`) and when (`at:`).
+/// (`seq:`), its grant (`last:`) and when the node was last heard from (`at:`).
 ///
 /// ARGV: node, seq, consumed (served from the lease; negative for refunds), returned (unused
 /// units given back), extra (served without a lease during an outage), want, limit (empty for
-/// none), expiry, stale-after seconds. An operation whose seq was already applied answers its
+/// none), expiry, silent-after seconds. An operation whose seq was already applied answers its
 /// earlier grant again without applying anything: a retry after a lost answer is exact.
-/// Units held by nodes silent for longer than stale-after are reclaimed (a crashed node).
-/// Returns {grant, usage, units held by all nodes after the grant}.
+/// Units of a node silent for longer than silent-after are never handed to anyone else (the
+/// node may have served some before it fell silent); they are reported apart as not live.
+/// `seq:` is kept for the whole month, so a late replay is still recognised; the other fields
+/// of a silent node that holds nothing are dropped.
+/// Returns {grant, usage, units held by all nodes after the grant (-1 for a replay), units
+/// held by other live nodes}.
 const LEASE: &str = r"
 local node = ARGV[1]
 local seq = tonumber(ARGV[2])
+local now = tonumber(redis.call('TIME')[1])
 local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq:' .. node) or '0')
 if seq <= last_seq then
+  redis.call('HSET', KEYS[2], 'at:' .. node, now)
   local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-  return {tonumber(redis.call('HGET', KEYS[2], 'last:' .. node) or '0'), used, -1}
+  return {tonumber(redis.call('HGET', KEYS[2], 'last:' .. node) or '0'), used, -1, 0}
 end
 local consumed, returned, extra = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local want = tonumber(ARGV[6])
-local now = tonumber(redis.call('TIME')[1])
 local used = redis.call('INCRBY', KEYS[1], consumed + extra)
 if used < 0 then redis.call('SET', KEYS[1], 0); used = 0 end
 local settled = consumed + returned
@@ -76,17 +77,22 @@ if settled ~= 0 then
   local mine = redis.call('HINCRBY', KEYS[2], 'held:' .. node, 0 - settled)
   if mine < 0 then redis.call('HSET', KEYS[2], 'held:' .. node, 0) end
 end
-local held = 0
+local held, live = 0, 0
+local silent_after = tonumber(ARGV[9])
 local fields = redis.call('HGETALL', KEYS[2])
 for i = 1, #fields, 2 do
   local name = fields[i]
   if string.sub(name, 1, 5) == 'held:' then
     local owner = string.sub(name, 6)
-    local at = tonumber(redis.call('HGET', KEYS[2], 'at:' .. owner) or '0')
-    if owner ~= node and now - at > tonumber(ARGV[9]) then
-      redis.call('HDEL', KEYS[2], name, 'seq:' .. owner, 'last:' .. owner, 'at:' .. owner)
-    else
-      held = held + math.max(0, tonumber(fields[i + 1]))
+    local n = math.max(0, tonumber(fields[i + 1]))
+    held = held + n
+    if owner ~= node then
+      local at = tonumber(redis.call('HGET', KEYS[2], 'at:' .. owner) or '0')
+      if now - at <= silent_after then
+        live = live + n
+      elseif n == 0 then
+        redis.call('HDEL', KEYS[2], name, 'last:' .. owner, 'at:' .. owner)
+      end
     end
   end
 end
@@ -96,13 +102,17 @@ if grant > 0 then redis.call('HINCRBY', KEYS[2], 'held:' .. node, grant) end
 redis.call('HSET', KEYS[2], 'seq:' .. node, seq, 'last:' .. node, grant, 'at:' .. node, now)
 redis.call('EXPIREAT', KEYS[1], ARGV[8])
 redis.call('EXPIREAT', KEYS[2], ARGV[8])
-return {grant, used, held + grant}
+return {grant, used, held + grant, live}
 ";
 
-/// Update fields of an existing record; returns the record or nil.
+/// Update fields of an existing record; returns the record or nil. Revocation is final: a
+/// revoked record keeps its status whatever the update says.
 const UPDATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
-for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local revoked = redis.call('HGET', KEYS[1], 'status') == 'revoked'
+for i = 1, #ARGV, 2 do
+  if not (revoked and ARGV[i] == 'status') then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
 return redis.call('HGETALL', KEYS[1])
 ";
 
@@ -377,7 +387,7 @@ impl RedisStore {
             return Err(StoreError("redis circuit open".into()));
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let (grant, used, held): (u64, u64, i64) = self
+        let (grant, used, held, live_others): (u64, u64, i64, u64) = self
             .call_within(left, |mut c| async move {
                 script
                     .key(usage_key(key_id, op.period))
@@ -390,7 +400,7 @@ impl RedisStore {
                     .arg(op.want)
                     .arg(op.limit.map(|l| l.to_string()).unwrap_or_default())
                     .arg(expire_at(op.period))
-                    .arg(STALE_LEASE_SECS)
+                    .arg(STALE_AFTER.as_secs())
                     .invoke_async(&mut c)
                     .await
             })
@@ -399,6 +409,7 @@ impl RedisStore {
             grant,
             used,
             committed: u64::try_from(held).ok().map(|h| used + h),
+            live_others,
         })
     }
 
@@ -614,29 +625,31 @@ impl Store for RedisStore {
         period: Period,
         limit: Option<u64>,
     ) -> Result<Reservation, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
         self.leases
-            .reserve(key_id, period, limit, deadline, |op, deadline| {
+            .reserve(key_id, period, limit, self.timeout, |op, deadline| {
                 self.run_lease(key_id, op, deadline)
             })
             .await
     }
 
-    async fn refund(&self, key_id: &str, period: Period) -> Result<(), StoreError> {
-        self.leases.refund(key_id, period).await;
-        Ok(())
+    async fn admit_local(
+        &self,
+        key_id: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> LocalAdmission {
+        self.leases.admit_local(key_id, period, limit).await
     }
 
-    async fn absorb(&self, key_id: &str, period: Period, count: u64) -> Result<(), StoreError> {
-        self.leases.absorb(key_id, period, count).await;
-        Ok(())
+    async fn refund(&self, key_id: &str, period: Period, source: Source) {
+        self.leases.refund(key_id, period, source).await;
     }
 
     async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
         let used: Option<u64> = self
             .call_patiently(|mut c| async move { c.get(usage_key(key_id, period)).await })
             .await?;
-        Ok(used.unwrap_or(0))
+        Ok(used.unwrap_or(0) + self.leases.unreported(key_id, period))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -660,10 +673,10 @@ impl Store for RedisStore {
     async fn sync(&self, all: bool) {
         // Many keys at once: the multiplexed connection pipelines them.
         futures_util::stream::iter(self.leases.due(all).await)
-            .for_each_concurrent(64, |(key_id, op)| async move {
+            .for_each_concurrent(64, |due| async move {
                 let deadline = tokio::time::Instant::now() + ADMIN_TIMEOUT;
-                let result = self.run_lease(&key_id, op.clone(), deadline).await;
-                self.leases.settled(&key_id, op, result.ok()).await;
+                let result = self.run_lease(&due.subject, due.op.clone(), deadline).await;
+                self.leases.settled(due, result.ok()).await;
             })
             .await;
     }

@@ -1,0 +1,652 @@
+//! The embedded durable store: keys and quota in one SQLite file under the data directory
+//! (SPEC §4a.5, §7 `AUDIOLIB_DATA_DIR`), for a gateway that runs without Redis.
+//!
+//! # Why SQLite
+//! WAL mode with `synchronous=FULL` makes every commit durable and atomic, so the file
+//! survives SIGKILL (and power loss) at any moment; several processes can open it at once
+//! (the old and the new process of a zero-downtime upgrade), serialised by SQLite's own file
+//! locks; and the `bundled` build needs no system library. redb and fjall lock their files
+//! to one process.
+//!
+//! # Quota off the disk
+//! Calls are served from quota leases exactly as on Redis ([`super::lease`]): each process is
+//! a node, takes blocks of units in one transaction and reports use once a second, so the hot
+//! path never waits for the disk. A block is written (as `held`) before any of it is served.
+//! When a process dies without reporting, the next process to look (at start and every few
+//! seconds) sees that its pid is gone and counts its whole held block as used: after a crash
+//! usage can only be above the calls served (by at most the unserved part of one block per
+//! key), and no key ever gets more than its limit.
+//!
+//! # Schema (`PRAGMA user_version` 1)
+//! - `keys`: the key records (digest in hex, never the key).
+//! - `usage(subject, period, used)`: calls counted per subject (a key id) and UTC month.
+//! - `leases(subject, period, node, held, seq, last_grant)`: units each process holds and
+//!   the last operation of it applied, as in the Redis lease hash.
+//! - `nodes(node, pid, started, heard_at)`: the processes using the file; `started` is the
+//!   kernel's start time of the pid, so a reused pid is not mistaken for a live process.
+//! - `key_changes(seq, digest, at)`: changes to key records, polled by the other process so its
+//!   key cache forgets them (the embedded analogue of Redis pub/sub).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use tokio::sync::mpsc;
+
+use super::lease::{Due, LeaseAnswer, LeaseBook, LeaseOp, STALE_AFTER};
+use super::{Invalidation, KeyRecord, KeyStatus, KeyUpdate, Store, StoreError};
+use crate::auth::KeyDigest;
+use crate::locks::lock;
+use crate::quota::{LocalAdmission, Period, Reservation, Source};
+
+/// The database file inside the data directory.
+pub const FILE_NAME: &str = "audiolib.db";
+/// A disk has no network: a call waits this long (a stalled disk, the other process's
+/// write) before it counts as failed and the outage policy applies.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often key changes made by another process are looked for.
+const CHANGES_POLL: Duration = Duration::from_millis(100);
+/// Key changes older than this are pruned (every process has long seen them).
+const CHANGES_KEEP_SECS: i64 = 300;
+/// Dead processes are looked for every this many syncs (about 2 s).
+const REAP_EVERY: u64 = 20;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    name TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    monthly_limit INTEGER,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, id);
+CREATE TABLE IF NOT EXISTS usage (
+    subject TEXT NOT NULL,
+    period TEXT NOT NULL,
+    used INTEGER NOT NULL,
+    PRIMARY KEY (subject, period)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (
+    subject TEXT NOT NULL,
+    period TEXT NOT NULL,
+    node TEXT NOT NULL,
+    held INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    last_grant INTEGER NOT NULL,
+    PRIMARY KEY (subject, period, node)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nodes (
+    node TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    started INTEGER NOT NULL,
+    heard_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    digest TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+PRAGMA user_version = 1;
+";
+
+/// The connections: writes go through one, reads (key lookups, usage, polling) through the
+/// other so they never wait behind a commit's fsync. std locks: the holder is a blocking
+/// thread doing SQLite work, never an `.await`.
+struct Db {
+    write: Mutex<Connection>,
+    read: Mutex<Connection>,
+}
+
+pub struct SqliteStore {
+    db: Arc<Db>,
+    path: PathBuf,
+    node: String,
+    leases: LeaseBook,
+    syncs: std::sync::atomic::AtomicU64,
+    /// The last key change this process has applied to its cache.
+    changes_seen: Arc<AtomicI64>,
+}
+
+fn db_error(e: rusqlite::Error) -> StoreError {
+    StoreError(format!("embedded store: {e}"))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn from_unix(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+}
+
+fn status_str(status: KeyStatus) -> &'static str {
+    match status {
+        KeyStatus::Active => "active",
+        KeyStatus::Inactive => "inactive",
+        KeyStatus::Revoked => "revoked",
+    }
+}
+
+fn parse_status(s: &str) -> Option<KeyStatus> {
+    match s {
+        "active" => Some(KeyStatus::Active),
+        "inactive" => Some(KeyStatus::Inactive),
+        "revoked" => Some(KeyStatus::Revoked),
+        _ => None,
+    }
+}
+
+const KEY_COLUMNS: &str =
+    "id, digest, prefix, name, plan, monthly_limit, status, created_at, updated_at";
+
+fn key_from_row(row: &Row) -> rusqlite::Result<KeyRecord> {
+    let bad = |i, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("bad {what}").into(),
+        )
+    };
+    let digest: String = row.get(1)?;
+    let status: String = row.get(6)?;
+    let limit: Option<i64> = row.get(5)?;
+    Ok(KeyRecord {
+        id: row.get(0)?,
+        digest: KeyDigest::parse_hex(&digest).ok_or_else(|| bad(1, "digest"))?,
+        prefix: row.get(2)?,
+        name: row.get(3)?,
+        plan: row.get(4)?,
+        monthly_limit: limit.map(|l| l.max(0) as u64),
+        status: parse_status(&status).ok_or_else(|| bad(6, "status"))?,
+        created_at: from_unix(row.get(7)?),
+        updated_at: from_unix(row.get(8)?),
+    })
+}
+
+/// The kernel's start time of `pid` (clock ticks since boot), `None` if no such process.
+fn process_start(pid: u32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold anything; fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Applies one lease operation of `node` (the same steps as the Redis script).
+fn apply(
+    tx: &Transaction,
+    node: &str,
+    subject: &str,
+    op: &LeaseOp,
+) -> rusqlite::Result<LeaseAnswer> {
+    let period = op.period.to_string();
+    let mine: Option<(i64, i64, i64)> = tx
+        .query_row(
+            "SELECT held, seq, last_grant FROM leases WHERE subject = ?1 AND period = ?2 AND node = ?3",
+            params![subject, period, node],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let used: i64 = tx
+        .query_row(
+            "SELECT used FROM usage WHERE subject = ?1 AND period = ?2",
+            params![subject, period],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    if let Some((_, seq, last)) = mine
+        && op.seq as i64 <= seq
+    {
+        return Ok(LeaseAnswer {
+            grant: last.max(0) as u64,
+            used: used.max(0) as u64,
+            committed: None,
+            live_others: 0,
+        });
+    }
+    let used = (used + op.consumed + op.extra as i64).max(0);
+    tx.execute(
+        "INSERT INTO usage (subject, period, used) VALUES (?1, ?2, ?3)
+         ON CONFLICT (subject, period) DO UPDATE SET used = excluded.used",
+        params![subject, period, used],
+    )?;
+    let held = (mine.map_or(0, |m| m.0) - op.consumed - op.returned as i64).max(0);
+    let silent_before = unix_now() - STALE_AFTER.as_secs() as i64;
+    let (others, live): (i64, i64) = tx.query_row(
+        "SELECT COALESCE(SUM(l.held), 0),
+                COALESCE(SUM(CASE WHEN n.heard_at >= ?4 THEN l.held ELSE 0 END), 0)
+         FROM leases l LEFT JOIN nodes n ON n.node = l.node
+         WHERE l.subject = ?1 AND l.period = ?2 AND l.node != ?3",
+        params![subject, period, node, silent_before],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let grant = match op.limit {
+        None => op.want,
+        Some(limit) => op
+            .want
+            .min((limit as i64 - used - others - held).max(0) as u64),
+    };
+    tx.execute(
+        "INSERT INTO leases (subject, period, node, held, seq, last_grant) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (subject, period, node) DO UPDATE
+         SET held = excluded.held, seq = excluded.seq, last_grant = excluded.last_grant",
+        params![subject, period, node, held + grant as i64, op.seq as i64, grant as i64],
+    )?;
+    Ok(LeaseAnswer {
+        grant,
+        used: used as u64,
+        committed: Some((used + others + held) as u64 + grant),
+        live_others: live.max(0) as u64,
+    })
+}
+
+impl Db {
+    fn open(path: &Path) -> rusqlite::Result<Connection> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(CALL_TIMEOUT)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(conn)
+    }
+
+    /// Applies `ops` of `node` in one transaction: one fsync for a whole sync tick.
+    fn apply_all(
+        &self,
+        node: &str,
+        ops: &[(&str, &LeaseOp)],
+    ) -> rusqlite::Result<Vec<LeaseAnswer>> {
+        let mut conn = lock(&self.write);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let answers = ops
+            .iter()
+            .map(|(subject, op)| apply(&tx, node, subject, op))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        tx.execute(
+            "UPDATE nodes SET heard_at = ?2 WHERE node = ?1",
+            params![node, unix_now()],
+        )?;
+        tx.commit()?;
+        Ok(answers)
+    }
+
+    /// Counts the held units of every process that is gone as used, and forgets it.
+    fn reap_dead(&self, me: &str) -> rusqlite::Result<u64> {
+        let mut conn = lock(&self.write);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let nodes: Vec<(String, u32, i64)> = tx
+            .prepare("SELECT node, pid, started FROM nodes WHERE node != ?1")?
+            .query_map([me], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut folded = 0u64;
+        for (node, pid, started) in nodes {
+            if process_start(pid) == Some(started) {
+                continue;
+            }
+            let held: Vec<(String, String, i64)> = tx
+                .prepare("SELECT subject, period, held FROM leases WHERE node = ?1 AND held > 0")?
+                .query_map([&node], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (subject, period, n) in held {
+                tx.execute(
+                    "INSERT INTO usage (subject, period, used) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (subject, period) DO UPDATE SET used = used + excluded.used",
+                    params![subject, period, n],
+                )?;
+                folded += n as u64;
+            }
+            tx.execute("DELETE FROM leases WHERE node = ?1", [&node])?;
+            tx.execute("DELETE FROM nodes WHERE node = ?1", [&node])?;
+            log::warn!(
+                "embedded store: process {pid} ended without reporting; {folded} units it held are counted as used"
+            );
+        }
+        tx.execute(
+            "DELETE FROM key_changes WHERE at < ?1",
+            [unix_now() - CHANGES_KEEP_SECS],
+        )?;
+        tx.commit()?;
+        Ok(folded)
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `dir` and registers this process as a node.
+    pub fn open(dir: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("data directory {}: {e}", dir.display()))?;
+        let path = dir.join(FILE_NAME);
+        let fail = |e: rusqlite::Error| format!("embedded store {}: {e}", path.display());
+        let write = Db::open(&path).map_err(fail)?;
+        write.execute_batch(SCHEMA).map_err(fail)?;
+        let read = Db::open(&path).map_err(fail)?;
+        let node = crate::auth::new_id("node");
+        let pid = std::process::id();
+        let started = process_start(pid).unwrap_or(0);
+        write
+            .execute(
+                "INSERT INTO nodes (node, pid, started, heard_at) VALUES (?1, ?2, ?3, ?4)",
+                params![node, pid, started, unix_now()],
+            )
+            .map_err(fail)?;
+        let seen: i64 = read
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| {
+                r.get(0)
+            })
+            .map_err(fail)?;
+        let db = Arc::new(Db {
+            write: Mutex::new(write),
+            read: Mutex::new(read),
+        });
+        db.reap_dead(&node).map_err(fail)?;
+        Ok(Self {
+            db,
+            path,
+            node,
+            leases: LeaseBook::default(),
+            syncs: Default::default(),
+            changes_seen: Arc::new(AtomicI64::new(seen)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs blocking SQLite work off the async threads, bounded by `until`.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        until: tokio::time::Instant,
+        work: impl FnOnce(&Db) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        let task = tokio::task::spawn_blocking(move || work(&db));
+        match tokio::time::timeout_at(until, task).await {
+            Ok(Ok(result)) => result.map_err(db_error),
+            Ok(Err(e)) => Err(StoreError(format!("embedded store task: {e}"))),
+            Err(_) => Err(StoreError("embedded store: no answer in time".into())),
+        }
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Db) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.blocking(tokio::time::Instant::now() + CALL_TIMEOUT, work)
+            .await
+    }
+
+    async fn run_lease(
+        &self,
+        subject: &str,
+        op: LeaseOp,
+        until: tokio::time::Instant,
+    ) -> Result<LeaseAnswer, StoreError> {
+        let node = self.node.clone();
+        let subject = subject.to_string();
+        let mut answers = self
+            .blocking(until, move |db| db.apply_all(&node, &[(&subject, &op)]))
+            .await?;
+        answers
+            .pop()
+            .ok_or_else(|| StoreError("embedded store: no answer".into()))
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_key(&self, r: KeyRecord) -> Result<(), StoreError> {
+        self.call(move |db| {
+            lock(&db.write).execute(
+                &format!(
+                    "INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                ),
+                params![
+                    r.id,
+                    r.digest.to_string(),
+                    r.prefix,
+                    r.name,
+                    r.plan,
+                    r.monthly_limit.map(|l| l as i64),
+                    status_str(r.status),
+                    unix(r.created_at),
+                    unix(r.updated_at)
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        let digest = digest.to_string();
+        self.call(move |db| {
+            lock(&db.read)
+                .query_row(
+                    &format!("SELECT {KEY_COLUMNS} FROM keys WHERE digest = ?1"),
+                    [digest],
+                    key_from_row,
+                )
+                .optional()
+        })
+        .await
+    }
+
+    async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |db| {
+            lock(&db.read)
+                .query_row(
+                    &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1"),
+                    [id],
+                    key_from_row,
+                )
+                .optional()
+        })
+        .await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.call(|db| {
+            lock(&db.read)
+                .prepare(&format!(
+                    "SELECT {KEY_COLUMNS} FROM keys ORDER BY created_at, id"
+                ))?
+                .query_map([], key_from_row)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        update: KeyUpdate,
+        now: SystemTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |db| {
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let select = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
+            let Some(mut record) = tx.query_row(&select, [&id], key_from_row).optional()? else {
+                return Ok(None);
+            };
+            if let Some(plan) = update.plan {
+                record.plan = plan;
+            }
+            if let Some(limit) = update.monthly_limit {
+                record.monthly_limit = limit;
+            }
+            // Revocation is final, decided inside the transaction.
+            if let Some(status) = update.status
+                && record.status != KeyStatus::Revoked
+            {
+                record.status = status;
+            }
+            record.updated_at = from_unix(unix(now));
+            tx.execute(
+                "UPDATE keys SET plan = ?2, monthly_limit = ?3, status = ?4, updated_at = ?5 WHERE id = ?1",
+                params![
+                    id,
+                    record.plan,
+                    record.monthly_limit.map(|l| l as i64),
+                    status_str(record.status),
+                    unix(now)
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Some(record))
+        })
+        .await
+    }
+
+    async fn reserve(
+        &self,
+        key_id: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> Result<Reservation, StoreError> {
+        self.leases
+            .reserve(key_id, period, limit, CALL_TIMEOUT, |op, until| {
+                self.run_lease(key_id, op, until)
+            })
+            .await
+    }
+
+    async fn admit_local(
+        &self,
+        key_id: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> LocalAdmission {
+        self.leases.admit_local(key_id, period, limit).await
+    }
+
+    async fn refund(&self, key_id: &str, period: Period, source: Source) {
+        self.leases.refund(key_id, period, source).await;
+    }
+
+    async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
+        let unreported = self.leases.unreported(key_id, period);
+        let (id, period) = (key_id.to_string(), period.to_string());
+        let stored = self
+            .call(move |db| {
+                lock(&db.read)
+                    .query_row(
+                        "SELECT used FROM usage WHERE subject = ?1 AND period = ?2",
+                        [id, period],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .optional()
+                    .map(|u| u.unwrap_or(0).max(0) as u64)
+            })
+            .await?;
+        Ok(stored + unreported)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.call(|db| lock(&db.read).query_row("SELECT 1", [], |_| Ok(())))
+            .await
+    }
+
+    async fn announce(&self, digest: &KeyDigest) -> Result<(), StoreError> {
+        let digest = digest.to_string();
+        self.call(move |db| {
+            lock(&db.write).execute(
+                "INSERT INTO key_changes (digest, at) VALUES (?1, ?2)",
+                params![digest, unix_now()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn watch(&self, sink: mpsc::UnboundedSender<Invalidation>) {
+        let db = self.db.clone();
+        let seen = self.changes_seen.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHANGES_POLL);
+            while !sink.is_closed() {
+                tick.tick().await;
+                let db = db.clone();
+                let after = seen.load(Ordering::Relaxed);
+                let changes = tokio::task::spawn_blocking(move || {
+                    lock(&db.read)
+                        .prepare("SELECT seq, digest FROM key_changes WHERE seq > ?1 ORDER BY seq")?
+                        .query_map([after], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                        })?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .await;
+                let Ok(Ok(changes)) = changes else {
+                    continue;
+                };
+                for (seq, digest) in changes {
+                    seen.store(seq, Ordering::Relaxed);
+                    let event =
+                        KeyDigest::parse_hex(&digest).map_or(Invalidation::All, Invalidation::Key);
+                    if sink.send(event).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn sync(&self, all: bool) {
+        if self.syncs.fetch_add(1, Ordering::Relaxed) % REAP_EVERY == REAP_EVERY - 1 {
+            let node = self.node.clone();
+            if let Err(e) = self.call(move |db| db.reap_dead(&node)).await {
+                log::warn!("embedded store: looking for dead processes failed: {e}");
+            }
+        }
+        let due: Vec<Due> = self.leases.due(all).await;
+        if due.is_empty() {
+            return;
+        }
+        let node = self.node.clone();
+        let ops: Vec<(String, LeaseOp)> = due
+            .iter()
+            .map(|d| (d.subject.clone(), d.op.clone()))
+            .collect();
+        let answers = self
+            .call(move |db| {
+                let refs: Vec<(&str, &LeaseOp)> =
+                    ops.iter().map(|(s, op)| (s.as_str(), op)).collect();
+                db.apply_all(&node, &refs)
+            })
+            .await;
+        match answers {
+            Ok(answers) => {
+                for (due, answer) in due.into_iter().zip(answers) {
+                    self.leases.settled(due, Some(answer)).await;
+                }
+            }
+            Err(e) => {
+                log::warn!("embedded store: quota report failed: {e}");
+                for due in due {
+                    self.leases.settled(due, None).await;
+                }
+            }
+        }
+    }
+
+    fn unsynced(&self) -> bool {
+        self.leases.unsynced()
+    }
+}
