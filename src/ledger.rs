@@ -1,17 +1,23 @@
-//! Keys found exhausted this month, so a flood from an over-quota key never reaches the store
-//! (SPEC §4). A memo holds until the month ends or the key's limit changes: a changed record
-//! reaches the key cache through invalidation, and a memo only matches the limit it was made
-//! under. Counting during outages lives with the leases ([`crate::store::lease`]).
+//! Keys found exhausted this month, so a flood from an over-quota key reaches the store at
+//! most once per [`MEMO_TTL`] per node (SPEC §4). A memo only matches the month and the limit
+//! it was made under (a changed record reaches the key cache through invalidation), and it
+//! expires so that units a silent node held, counted as spent, are found again once that node
+//! reports. Counting during outages lives with the leases ([`crate::store::lease`]).
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::locks::{PerKey, lock};
 use crate::quota::{Period, Reservation};
 
+/// How long an exhausted key is refused without asking the store again.
+pub const MEMO_TTL: Duration = Duration::from_secs(10);
+
 #[derive(Default)]
 struct Memo {
-    /// The period and limit under which the key was found exhausted, and its usage then.
-    exhausted: Option<(Period, Option<u64>, u64)>,
+    /// The period and limit under which the key was found exhausted, its usage then, and
+    /// when that was.
+    exhausted: Option<(Period, Option<u64>, u64, Instant)>,
 }
 
 #[derive(Default)]
@@ -30,7 +36,9 @@ impl Ledger {
         let memo = self.memos.get(key_id)?;
         let memo = lock(&memo);
         match memo.exhausted {
-            Some((p, l, used)) if p == period && l == limit => Some(used),
+            Some((p, l, used, at)) if p == period && l == limit && at.elapsed() < MEMO_TTL => {
+                Some(used)
+            }
             _ => None,
         }
     }
@@ -39,7 +47,8 @@ impl Ledger {
     pub fn record(&self, key_id: &str, period: Period, limit: Option<u64>, answer: Reservation) {
         match answer {
             Reservation::Denied { used } => {
-                lock(&self.memos.get_or_default(key_id)).exhausted = Some((period, limit, used));
+                lock(&self.memos.get_or_default(key_id)).exhausted =
+                    Some((period, limit, used, Instant::now()));
             }
             Reservation::Granted { .. } => {
                 if let Some(memo) = self.memos.get(key_id) {

@@ -54,6 +54,8 @@ pub const STALE_AFTER: Duration = Duration::from_secs(15);
 /// retry (429, `Retry-After: 1`). Waiting is load, not an outage: it never fails over to the
 /// outage policy.
 pub const BUSY_WAIT: Duration = Duration::from_secs(2);
+/// How long a "used up" answer stands for the calls that queued behind it.
+const SPENT_TTL: Duration = Duration::from_secs(1);
 /// Largest block for a limited subject; blocks are 1/16 of what is left, at least one unit.
 const MAX_BLOCK: u64 = 1024;
 /// Block for unlimited subjects: metering in batches.
@@ -106,8 +108,8 @@ struct Lease {
     /// Calls admitted locally during the current outage, not yet acknowledged by the store.
     outage: u64,
     /// Set when the store said the month's quota is used up under `limit`: calls queued
-    /// behind that answer are refused without asking again.
-    spent: Option<u64>,
+    /// behind that answer (for [`SPENT_TTL`]) are refused without asking again.
+    spent: Option<(u64, Instant)>,
     last_use: Instant,
     last_report: Instant,
 }
@@ -285,7 +287,9 @@ impl LeaseBook {
         let now = Instant::now();
         let lease = leases.lease(period, limit, now);
         // A parked operation may answer with units (a replay); a second round asks for more.
-        if let (0, Some(used)) = (lease.units, lease.spent) {
+        if let (0, Some((used, at))) = (lease.units, lease.spent)
+            && now - at < SPENT_TTL
+        {
             return Ok(Reservation::Denied { used });
         }
         for _ in 0..2 {
@@ -325,7 +329,7 @@ impl LeaseBook {
                     return Ok(Reservation::Held);
                 }
                 let used = committed - answer.live_others;
-                lease.spent = Some(used);
+                lease.spent = Some((used, Instant::now()));
                 return Ok(Reservation::Denied { used });
             }
         }
