@@ -196,60 +196,83 @@ fn row_14_internal_errors_leak_nothing() {
     );
 }
 
+/// The embedded store with a hook run inside every key lookup, after the record is read.
+struct Hooked {
+    inner: SqliteStore,
+    lookups: std::sync::atomic::AtomicU64,
+    hook: Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>,
+    _dir: tempfile::TempDir,
+}
+
+impl Hooked {
+    fn new(
+        hook: impl Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        Arc::new(Self {
+            inner: SqliteStore::open(dir.path()).unwrap(),
+            lookups: Default::default(),
+            hook: Box::new(hook),
+            _dir: dir,
+        })
+    }
+
+    fn lookups(&self) -> u64 {
+        self.lookups.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Store for Hooked {
+    async fn insert_key(&self, r: KeyRecord) -> Result<(), StoreError> {
+        self.inner.insert_key(r).await
+    }
+    async fn key_by_digest(&self, d: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let record = self.inner.key_by_digest(d).await;
+        (self.hook)().await;
+        record
+    }
+    async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.key_by_id(id).await
+    }
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.list_keys().await
+    }
+    async fn update_key(
+        &self,
+        id: &str,
+        u: KeyUpdate,
+        t: SystemTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.update_key(id, u, t).await
+    }
+    async fn reserve(
+        &self,
+        id: &str,
+        p: Period,
+        l: Option<u64>,
+    ) -> Result<Reservation, StoreError> {
+        self.inner.reserve(id, p, l).await
+    }
+    async fn admit_local(&self, id: &str, p: Period, l: Option<u64>) -> LocalAdmission {
+        self.inner.admit_local(id, p, l).await
+    }
+    async fn refund(&self, id: &str, p: Period, s: Source) {
+        self.inner.refund(id, p, s).await
+    }
+    async fn usage(&self, id: &str, p: Period) -> Result<u64, StoreError> {
+        self.inner.usage(id, p).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn concurrent_misses_of_one_key_read_the_store_once() {
-    // Counts key lookups reaching the store.
-    struct Counting(SqliteStore, std::sync::atomic::AtomicU64);
-    #[async_trait]
-    impl Store for Counting {
-        async fn insert_key(&self, r: KeyRecord) -> Result<(), StoreError> {
-            self.0.insert_key(r).await
-        }
-        async fn key_by_digest(&self, d: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            self.0.key_by_digest(d).await
-        }
-        async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-            self.0.key_by_id(id).await
-        }
-        async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-            self.0.list_keys().await
-        }
-        async fn update_key(
-            &self,
-            id: &str,
-            u: KeyUpdate,
-            t: SystemTime,
-        ) -> Result<Option<KeyRecord>, StoreError> {
-            self.0.update_key(id, u, t).await
-        }
-        async fn reserve(
-            &self,
-            id: &str,
-            p: Period,
-            l: Option<u64>,
-        ) -> Result<Reservation, StoreError> {
-            self.0.reserve(id, p, l).await
-        }
-        async fn admit_local(&self, id: &str, p: Period, l: Option<u64>) -> LocalAdmission {
-            self.0.admit_local(id, p, l).await
-        }
-        async fn refund(&self, id: &str, p: Period, s: Source) {
-            self.0.refund(id, p, s).await
-        }
-        async fn usage(&self, id: &str, p: Period) -> Result<u64, StoreError> {
-            self.0.usage(id, p).await
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
-    let data = tempfile::tempdir().unwrap();
-    let store = Arc::new(Counting(
-        SqliteStore::open(data.path()).unwrap(),
-        Default::default(),
-    ));
+    let store = Hooked::new(|| Box::pin(tokio::time::sleep(Duration::from_millis(20))));
     let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
     let (gw, keys) = gateway(store.clone(), clock, FailurePolicy::FailOpen);
     let (_, secret) = keys
@@ -275,7 +298,7 @@ async fn concurrent_misses_of_one_key_read_the_store_once() {
     for t in tasks {
         assert!(t.await.unwrap());
     }
-    assert_eq!(store.1.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(store.lookups(), 1);
 
     // Unknown keys are remembered too: a flood of one junk key reads the store once.
     let junk = auth("alp_0123456789abcdefABCDEF0123456789");
@@ -287,5 +310,79 @@ async fn concurrent_misses_of_one_key_read_the_store_once() {
             ApiError::InvalidKey
         );
     }
-    assert_eq!(store.1.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(store.lookups(), 2);
+}
+
+#[tokio::test]
+async fn a_revocation_during_a_key_fetch_is_not_undone_by_the_fetch() {
+    // The first lookup stops after reading the (still active) record until told to go on.
+    let (fetched_tx, fetched_rx) = tokio::sync::oneshot::channel::<()>();
+    let fetched_tx = std::sync::Mutex::new(Some(fetched_tx));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let store = Hooked::new(move || {
+        let first = fetched_tx.lock().unwrap().take();
+        let gate = gate.clone();
+        Box::pin(async move {
+            if let Some(tx) = first {
+                let _ = tx.send(());
+                let _ = gate.acquire().await.map(|p| p.forget());
+            }
+        })
+    });
+    let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
+    let (gw, keys) = gateway(store.clone(), clock, FailurePolicy::FailClosed);
+    let gw = Arc::new(gw);
+    let (view, secret) = keys
+        .create(CreateKey {
+            name: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let header = auth(&secret);
+    let first = {
+        let (gw, header) = (gw.clone(), header.clone());
+        tokio::spawn(async move { gw.authenticate(std::iter::once(header.as_bytes())).await })
+    };
+    fetched_rx.await.unwrap();
+    keys.revoke(&view.id).await.unwrap();
+    release.add_permits(1);
+    // The call whose fetch began before the revocation may finish with what it read…
+    assert!(first.await.unwrap().is_ok());
+    // …but the cache does not keep it: the next call reads the store and is refused.
+    assert_eq!(
+        gw.authenticate(std::iter::once(header.as_bytes()))
+            .await
+            .unwrap_err(),
+        ApiError::InvalidKey
+    );
+    assert_eq!(store.lookups(), 2);
+    // Revoked is final: re-activation is refused, and the record stays revoked.
+    let reactivate = keys
+        .change(
+            &view.id,
+            audiolib::keys::ChangeKey {
+                status: Some(audiolib::store::KeyStatus::Active),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(
+        reactivate,
+        Err(audiolib::keys::KeyError::Revoked(_))
+    ));
+    let stored = store.update_key(
+        &view.id,
+        KeyUpdate {
+            status: Some(audiolib::store::KeyStatus::Active),
+            ..Default::default()
+        },
+        SystemTime::now(),
+    );
+    assert_eq!(
+        stored.await.unwrap().unwrap().status,
+        audiolib::store::KeyStatus::Revoked,
+        "a racing re-activation cannot undo a revocation"
+    );
 }

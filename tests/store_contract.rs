@@ -166,8 +166,28 @@ async fn concurrent_reservations_never_exceed_the_limit(store: Arc<dyn Store>) {
     assert_eq!(store.usage("hot", NOV).await.unwrap(), 50);
 }
 
+async fn revocation_is_final(store: Arc<dyn Store>) {
+    let r = record("key_r", 1);
+    store.insert_key(r.clone()).await.unwrap();
+    let now = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let update = |status| KeyUpdate {
+        status: Some(status),
+        ..Default::default()
+    };
+    let revoked = store.update_key("key_r", update(KeyStatus::Revoked), now);
+    assert_eq!(revoked.await.unwrap().unwrap().status, KeyStatus::Revoked);
+    for status in [KeyStatus::Active, KeyStatus::Inactive] {
+        let after = store
+            .update_key("key_r", update(status), now)
+            .await
+            .unwrap();
+        assert_eq!(after.unwrap().status, KeyStatus::Revoked, "{status:?}");
+    }
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn Store>) {
     keys_round_trip(make()).await;
+    revocation_is_final(make()).await;
     reservations_are_exact(make()).await;
     concurrent_reservations_never_exceed_the_limit(make()).await;
     make().ping().await.unwrap();
