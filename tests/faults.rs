@@ -390,3 +390,43 @@ fn a_frozen_node_reports_late_without_over_admission() {
     assert_eq!(3 + b_ok + more, limit, "nothing lost, nothing doubled");
     b.wait_usage(&id, limit);
 }
+
+#[test]
+fn fail_open_admits_one_block_per_outage_and_counts_it() {
+    let mut redis = RedisServer::start();
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", redis.url())
+        .env("AUDIOLIB_STORE_FAILURE", "fail_open")
+        .env("AUDIOLIB_STORE_TIMEOUT_MS", "100")
+        .start();
+    let limit = 1600;
+    let (id, key) = gw.create_key("free", Some(Some(limit)));
+    // The first block is 1/16 of the limit: 100 units, all used.
+    for _ in 0..100 {
+        assert_eq!(call(&gw, &key).0, 200);
+    }
+    gw.wait_usage(&id, 100);
+    redis.kill();
+    // Redis gone: one more block at most, then refusals, however long the outage.
+    let during = calls_until(&gw, &key, 503, "SERVICE_UNAVAILABLE");
+    let mut refused = 0;
+    for _ in 0..50 {
+        match call(&gw, &key) {
+            (503, _) => refused += 1,
+            other => panic!("after the outage block: {other:?}"),
+        }
+    }
+    eprintln!(
+        "fail_open outage: {during} calls admitted beyond the held units, then {refused} × 503"
+    );
+    assert!(during <= limit / 16, "{during} over one block");
+    assert!(during > 0, "fail_open admitted nothing");
+    // Back: the calls admitted during the outage are counted.
+    redis.restart();
+    wait_until(
+        "the gateway to reach Redis again",
+        Duration::from_secs(10),
+        || gw.admin("GET", &format!("/admin/keys/{id}"), None).status == 200,
+    );
+    gw.wait_usage(&id, 100 + during);
+}
