@@ -6,12 +6,13 @@
 //! - [`config`]: the TOML file and environment, validated into one [`config::Config`].
 //! - [`error`]: the error table of the API; every status, code and message.
 //! - [`auth`]: the `Authorization` header, key format, key minting and digests.
-//! - [`store`]: the storage trait for keys and quota; embedded and Redis implementations, and
-//!   the quota leases that let Redis nodes serve most calls without a round trip.
+//! - [`store`]: the storage trait for keys and quota; the embedded durable store (SQLite) and
+//!   the Redis one, and the quota leases through which both count: most calls need no round
+//!   trip, leases are fenced, and the outage policy is bounded (SPEC §4a).
 //! - [`cache`]: the per-node key cache in front of the store.
 //! - [`keys`]: key management, the operations behind the admin API.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.
-//! - [`ledger`]: local quota knowledge: exhausted keys, fail-open counting and write-back.
+//! - [`ledger`]: keys found exhausted, refused without asking the store again for a while.
 //! - [`catalog`]: library files, the immutable snapshot and its reloads.
 //! - [`sign`]: SigV4 presigned S3 URLs.
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
