@@ -6,14 +6,14 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use audiolib::api::{Gateway, parse_request, success_body};
+use audiolib::api::{parse_request, success_body};
 use audiolib::auth::{KeyDigest, bearer_token, check_format};
-use audiolib::cache::KeyCache;
 use audiolib::catalog::CatalogHandle;
 use audiolib::clock::SystemClock;
-use audiolib::config::{Config, FailurePolicy, FileConfig};
-use audiolib::keys::{CreateKey, KeyService};
+use audiolib::config::{Config, FileConfig};
+use audiolib::keys::CreateKey;
 use audiolib::quota::Period;
+use audiolib::server::build_app_with;
 use audiolib::sign::{Presigner, encode_key};
 use audiolib::store::Store;
 use audiolib::store::sqlite::SqliteStore;
@@ -157,22 +157,17 @@ fn store_and_cache(c: &mut Criterion) {
         })
     });
 
-    let cache = Arc::new(KeyCache::new(store.clone(), &config.key_cache));
-    let keys = KeyService::new(
-        store.clone(),
-        cache.clone(),
-        config.plans.clone(),
-        config.default_plan.clone(),
-        Arc::new(SystemClock),
-    );
+    // The app as the server wires it, over the same store.
+    let app = build_app_with(&config, store, Arc::new(SystemClock)).unwrap();
     let (_, secret) = runtime
-        .block_on(keys.create(CreateKey {
+        .block_on(app.keys.create(CreateKey {
             name: "bench".into(),
             plan: Some("unlimited".into()),
             monthly_limit: None,
         }))
         .unwrap();
     let digest = KeyDigest::of(&secret);
+    let cache = app.cache.clone();
     runtime.block_on(cache.get(digest)).unwrap().unwrap();
     c.bench_function("key_cache_hit", |b| {
         b.to_async(&runtime).iter(|| {
@@ -181,19 +176,7 @@ fn store_and_cache(c: &mut Criterion) {
         })
     });
 
-    let gateway = Arc::new(Gateway::new(
-        cache,
-        store,
-        Arc::new(CatalogHandle::load(&config.catalog_dir).unwrap()),
-        Presigner::new(
-            config.s3.clone(),
-            config.credentials.clone(),
-            config.url_ttl,
-        ),
-        Arc::new(SystemClock),
-        FailurePolicy::FailOpen,
-        config.max_body_bytes,
-    ));
+    let gateway = app.gateway.clone();
     let header = format!("Bearer {secret}");
     c.bench_function("whole_request", |b| {
         b.to_async(&runtime).iter(|| {

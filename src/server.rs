@@ -39,15 +39,26 @@ pub struct App {
     pub cache: Arc<KeyCache>,
 }
 
-/// Builds the app; fails on a bad catalog or an unsupported store.
+/// Builds the app with the store the config names; fails on a bad catalog or a store that
+/// cannot be opened.
 pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> {
-    let metrics = Arc::new(Metrics::new());
-    let store_metrics = StoreMetrics::new();
-    store_metrics.register_in(&metrics);
     let backend: Arc<dyn Store> = match &config.redis_url {
         Some(urls) => Arc::new(RedisStore::new(urls, config.store_timeout)?),
         None => Arc::new(SqliteStore::open(&config.data_dir)?),
     };
+    build_app_with(config, backend, clock)
+}
+
+/// Builds the app over a given store: the one wiring the server, the tests and the benches
+/// share.
+pub fn build_app_with(
+    config: &Config,
+    backend: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) -> Result<App, String> {
+    let metrics = Arc::new(Metrics::new());
+    let store_metrics = StoreMetrics::new();
+    store_metrics.register_in(&metrics);
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(backend, store_metrics));
     let catalog = Arc::new(CatalogHandle::load(&config.catalog_dir).map_err(|e| e.to_string())?);
     catalog.metrics.register_in(&metrics);

@@ -8,14 +8,12 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use audiolib::api::Gateway;
 use audiolib::auth::KeyDigest;
-use audiolib::cache::KeyCache;
-use audiolib::catalog::CatalogHandle;
 use audiolib::clock::{Clock, ManualClock};
 use audiolib::config::{Config, FailurePolicy, FileConfig};
 use audiolib::error::ApiError;
 use audiolib::keys::{CreateKey, KeyService};
 use audiolib::quota::{LocalAdmission, Period, Reservation, Source};
-use audiolib::sign::Presigner;
+use audiolib::server::build_app_with;
 use audiolib::store::sqlite::SqliteStore;
 use audiolib::store::{KeyRecord, KeyUpdate, Store, StoreError};
 
@@ -33,36 +31,16 @@ fn config() -> Config {
     config
 }
 
+/// The app as the server wires it, over `store` and `clock`.
 fn gateway(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     policy: FailurePolicy,
-) -> (Gateway, KeyService) {
-    let config = config();
-    let cache = Arc::new(KeyCache::new(store.clone(), &config.key_cache));
-    let catalog = Arc::new(CatalogHandle::load(&config.catalog_dir).unwrap());
-    let keys = KeyService::new(
-        store.clone(),
-        cache.clone(),
-        config.plans.clone(),
-        config.default_plan.clone(),
-        clock.clone(),
-    );
-    let presigner = Presigner::new(
-        config.s3.clone(),
-        config.credentials.clone(),
-        config.url_ttl,
-    );
-    let gw = Gateway::new(
-        cache,
-        store,
-        catalog,
-        presigner,
-        clock,
-        policy,
-        config.max_body_bytes,
-    );
-    (gw, keys)
+) -> (Arc<Gateway>, Arc<KeyService>) {
+    let mut config = config();
+    config.failure_policy = policy;
+    let app = build_app_with(&config, store, clock).unwrap();
+    (app.gateway, app.keys)
 }
 
 fn auth(key: &str) -> String {
@@ -283,7 +261,6 @@ async fn concurrent_misses_of_one_key_read_the_store_once() {
         .await
         .unwrap();
     let header = auth(&secret);
-    let gw = Arc::new(gw);
     let tasks: Vec<_> = (0..32)
         .map(|_| {
             let gw = gw.clone();
@@ -332,7 +309,6 @@ async fn a_revocation_during_a_key_fetch_is_not_undone_by_the_fetch() {
     });
     let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
     let (gw, keys) = gateway(store.clone(), clock, FailurePolicy::FailClosed);
-    let gw = Arc::new(gw);
     let (view, secret) = keys
         .create(CreateKey {
             name: "t".into(),
