@@ -3,7 +3,9 @@
 Targets (all on 127.0.0.1, 2 server threads each unless --threads):
   nginx          nginx answering the gateway's JSON with `return 200` (ceiling)
   pingora-fixed  examples/fixed_body: Pingora answering a fixed body from request_filter (ceiling)
-  memory         the gateway, embedded store, one free-plan key
+  embedded       the gateway, embedded durable store (SQLite in a temp dir), one free-plan key
+  baseline       with --baseline BIN: another build of the gateway (an earlier release) on its
+                 embedded store, one key: the before/after comparison of a change
   redis-limited  the gateway on Redis, a free-plan key with a huge limit
   redis-unlimited the gateway on Redis, an unlimited key
   redis-10k      the gateway on Redis, 10,000 distinct keys in rotation
@@ -108,7 +110,7 @@ def create_keys(port, n, plan, limit="default"):
     return keys
 
 
-def start_gateway(procs, work, name, threads, extra_env, upstream=None):
+def start_gateway(procs, work, name, threads, extra_env, upstream=None, binary=None):
     port, admin_port = free_port(), free_port()
     env = {
         "PATH": os.environ["PATH"],
@@ -126,7 +128,7 @@ def start_gateway(procs, work, name, threads, extra_env, upstream=None):
         env["AUDIOLIB_UPSTREAM"] = upstream
     env.update(extra_env)
     log = open(os.path.join(work, f"{name}.log"), "w")
-    p = procs.start([os.path.join(RELEASE, "audiolib"), "serve"], env=env, cwd=work,
+    p = procs.start([binary or os.path.join(RELEASE, "audiolib"), "serve"], env=env, cwd=work,
                     stdout=log, stderr=log)
     wait_port(port)
     wait_port(admin_port)
@@ -180,6 +182,7 @@ def main():
     ap.add_argument("--wrk-threads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="server threads / nginx workers")
     ap.add_argument("--only", help="comma list of targets")
+    ap.add_argument("--baseline", help="another audiolib binary to measure beside this one")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="audiolib-bench-")
@@ -194,7 +197,8 @@ def main():
 
         # A small upstream for passthrough, and nginx as the fixed-answer ceiling.
         up_port, nginx_port = free_port(), free_port()
-        mem, mem_port, mem_admin = start_gateway(procs, work, "memory", args.threads, {})
+        mem, mem_port, mem_admin = start_gateway(procs, work, "embedded", args.threads,
+                                                 {"AUDIOLIB_DATA_DIR": os.path.join(work, "data")})
         time.sleep(0.3)
         idle_rss = rss_kib(mem.pid, "VmRSS")
         key = create_keys(mem_admin, 1, "free", 10**12)[0]
@@ -244,13 +248,19 @@ http {{
         targets = {
             "nginx": (f"http://127.0.0.1:{nginx_port}/v1/audio", wrk_script(work, "nginx", [key])),
             "pingora-fixed": (f"http://127.0.0.1:{fixed_port}/v1/audio", wrk_script(work, "fixed", [key])),
-            "memory": (f"http://127.0.0.1:{mem_port}/v1/audio", wrk_script(work, "memory", [key])),
+            "embedded": (f"http://127.0.0.1:{mem_port}/v1/audio", wrk_script(work, "embedded", [key])),
             "redis-limited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "limited", limited)),
             "redis-unlimited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "unlimited", unlimited)),
             "redis-10k": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "many", many)),
             "pingora-proxy": (f"http://127.0.0.1:{proxy_port}/static/x", wrk_script(work, "proxy", [key], "GET", "")),
             "passthrough": (f"http://127.0.0.1:{pas_port}/static/x", wrk_script(work, "pass", [key], "GET", "")),
         }
+        if args.baseline:
+            base, base_port, base_admin = start_gateway(procs, work, "baseline", args.threads, {},
+                                                        binary=args.baseline)
+            base_key = create_keys(base_admin, 1, "free", 10**12)[0]
+            targets["baseline"] = (f"http://127.0.0.1:{base_port}/v1/audio",
+                                   wrk_script(work, "baseline", [base_key]))
         if args.only:
             keep = args.only.split(",")
             targets = {k: v for k, v in targets.items() if k in keep}
@@ -275,6 +285,8 @@ http {{
             base = "pingora-proxy" if name == "passthrough" else "pingora-fixed"
             print(f"{name:16} {m['rps']:>10.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} "
                   f"{ratio(name, 'nginx'):>7} {ratio(name, base):>8}")
+        if "baseline" in med and "embedded" in med:
+            print(f"embedded / baseline: {ratio('embedded', 'baseline')}")
         non2xx = {n: sum(x["non2xx"] for x in rs) for n, rs in results.items()}
         print(f"non-2xx answers: {non2xx}")
         print(f"gateway RSS: idle {idle_rss / 1024:.1f} MiB (embedded store, after start); peak "

@@ -134,7 +134,10 @@ impl GatewayBuilder {
         }
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiolib"));
+        // AUDIOLIB_TEST_BIN runs the suite against another build (an older release, say).
+        let bin = std::env::var("AUDIOLIB_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_audiolib").to_string());
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .args(&self.args)
             // Run from an empty directory so conf/audiolib.toml is not picked up by accident.
