@@ -12,10 +12,11 @@ use audiolib::catalog::CatalogHandle;
 use audiolib::clock::SystemClock;
 use audiolib::config::{Config, FileConfig};
 use audiolib::keys::CreateKey;
+use audiolib::metrics::StoreMetrics;
 use audiolib::quota::Period;
 use audiolib::server::build_app_with;
 use audiolib::sign::{Presigner, encode_key};
-use audiolib::store::Store;
+use audiolib::store::lease::Quota;
 use audiolib::store::sqlite::SqliteStore;
 use criterion::{Criterion, criterion_group, criterion_main};
 
@@ -147,18 +148,19 @@ fn store_and_cache(c: &mut Criterion) {
         .unwrap();
     let config = config();
     let data = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data.path()).unwrap());
+    let store = Arc::new(SqliteStore::open(data.path()).unwrap());
+    let quota = Arc::new(Quota::new(store.clone(), StoreMetrics::new()));
     let period = Period::containing(SystemTime::now());
     // Served from the lease: the disk is touched once per block of 1,024 calls.
     c.bench_function("embedded_reserve", |b| {
         b.to_async(&runtime).iter(|| {
-            let store = store.clone();
-            async move { store.reserve("key_bench", period, None).await.unwrap() }
+            let quota = quota.clone();
+            async move { quota.reserve("key_bench", period, None).await.unwrap() }
         })
     });
 
     // The app as the server wires it, over the same store.
-    let app = build_app_with(&config, store, Arc::new(SystemClock)).unwrap();
+    let app = build_app_with(&config, store.clone(), store, Arc::new(SystemClock)).unwrap();
     let (_, secret) = runtime
         .block_on(app.keys.create(CreateKey {
             name: "bench".into(),

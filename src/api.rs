@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::quota::{LocalAdmission, Period, RateInfo, Reservation, Source};
 use crate::sign::Presigner;
+use crate::store::lease::Quota;
 use crate::store::{KeyRecord, KeyStatus, Store};
 
 /// Seconds a client is told to wait when the store is down and the policy is fail-closed.
@@ -42,7 +43,7 @@ impl Outcome {
 
 pub struct Gateway {
     keys: Arc<KeyCache>,
-    store: Arc<dyn Store>,
+    quota: Arc<Quota>,
     catalog: Arc<CatalogHandle>,
     presigner: Presigner,
     clock: Arc<dyn Clock>,
@@ -55,7 +56,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(
         keys: Arc<KeyCache>,
-        store: Arc<dyn Store>,
+        quota: Arc<Quota>,
         catalog: Arc<CatalogHandle>,
         presigner: Presigner,
         clock: Arc<dyn Clock>,
@@ -64,7 +65,7 @@ impl Gateway {
     ) -> Self {
         Self {
             keys,
-            store,
+            quota,
             catalog,
             presigner,
             clock,
@@ -78,8 +79,13 @@ impl Gateway {
         &self.catalog
     }
 
+    /// The key store (behind the key cache).
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        self.keys.store()
+    }
+
+    pub fn quota(&self) -> &Arc<Quota> {
+        &self.quota
     }
 
     /// Rows 3–5: the `Authorization` header values to an active key.
@@ -142,7 +148,7 @@ impl Gateway {
         if let Some(used) = self.ledger.exhausted(&key.id, period, limit) {
             return exceeded(used);
         }
-        let (used, source) = match self.store.reserve(&key.id, period, limit).await {
+        let (used, source) = match self.quota.reserve(&key.id, period, limit).await {
             Ok(answer) => {
                 self.ledger.record(&key.id, period, limit, answer);
                 match answer {
@@ -156,7 +162,7 @@ impl Gateway {
                 if self.failure_policy == FailurePolicy::FailClosed {
                     return Outcome::error(self.store_down());
                 }
-                match self.store.admit_local(&key.id, period, limit).await {
+                match self.quota.admit_local(&key.id, period, limit).await {
                     LocalAdmission::Admitted { used, source } => (used, source),
                     LocalAdmission::Exhausted { used } => return exceeded(used),
                     LocalAdmission::Refused => return Outcome::error(self.store_down()),
@@ -168,7 +174,7 @@ impl Gateway {
             Ok(url) => url,
             Err(e) => {
                 log::warn!("presign failed for library {library}: {e}");
-                self.store.refund(&key.id, period, source).await;
+                self.quota.refund(&key.id, period, source).await;
                 return Outcome {
                     result: Err(ApiError::PresignFailed),
                     rate: rate(used.saturating_sub(1)),

@@ -101,6 +101,11 @@ impl KeyCache {
         }
     }
 
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// Forgets everything (after missed invalidations).
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);

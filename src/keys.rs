@@ -10,6 +10,7 @@ use crate::cache::KeyCache;
 use crate::clock::Clock;
 use crate::config::Plan;
 use crate::quota::Period;
+use crate::store::lease::Quota;
 use crate::store::{KeyRecord, KeyStatus, KeyUpdate, Store, StoreError, rfc3339};
 
 /// A key as the admin API shows it: never the secret, never the digest.
@@ -73,6 +74,7 @@ pub enum KeyError {
 
 pub struct KeyService {
     store: Arc<dyn Store>,
+    quota: Arc<Quota>,
     cache: Arc<KeyCache>,
     plans: BTreeMap<String, Plan>,
     default_plan: String,
@@ -82,6 +84,7 @@ pub struct KeyService {
 impl KeyService {
     pub fn new(
         store: Arc<dyn Store>,
+        quota: Arc<Quota>,
         cache: Arc<KeyCache>,
         plans: BTreeMap<String, Plan>,
         default_plan: String,
@@ -89,6 +92,7 @@ impl KeyService {
     ) -> Self {
         Self {
             store,
+            quota,
             cache,
             plans,
             default_plan,
@@ -158,7 +162,7 @@ impl KeyService {
     pub async fn show(&self, id: &str) -> Result<(KeyView, Period, u64), KeyError> {
         let record = self.find(id).await?;
         let period = Period::containing(self.clock.now());
-        let used = self.store.usage(&record.id, period).await?;
+        let used = self.quota.usage(&record.id, period).await?;
         Ok((KeyView::from(&record), period, used))
     }
 

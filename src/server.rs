@@ -27,6 +27,7 @@ use crate::sign::Presigner;
 use crate::store::Invalidation;
 use crate::store::Store;
 use crate::store::instrumented::Instrumented;
+use crate::store::lease::{LeaseBackend, Quota};
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 
@@ -42,24 +43,31 @@ pub struct App {
 /// Builds the app with the store the config names; fails on a bad catalog or a store that
 /// cannot be opened.
 pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> {
-    let backend: Arc<dyn Store> = match &config.redis_url {
-        Some(urls) => Arc::new(RedisStore::new(urls, config.store_timeout)?),
-        None => Arc::new(SqliteStore::open(&config.data_dir)?),
-    };
-    build_app_with(config, backend, clock)
+    match &config.redis_url {
+        Some(urls) => {
+            let redis = Arc::new(RedisStore::new(urls, config.store_timeout)?);
+            build_app_with(config, redis.clone(), redis, clock)
+        }
+        None => {
+            let embedded = Arc::new(SqliteStore::open(&config.data_dir)?);
+            build_app_with(config, embedded.clone(), embedded, clock)
+        }
+    }
 }
 
-/// Builds the app over a given store: the one wiring the server, the tests and the benches
-/// share.
+/// Builds the app over a given key store and lease backend (usually one store serving as
+/// both): the one wiring the server, the tests and the benches share.
 pub fn build_app_with(
     config: &Config,
-    backend: Arc<dyn Store>,
+    keys_backend: Arc<dyn Store>,
+    lease_backend: Arc<dyn LeaseBackend>,
     clock: Arc<dyn Clock>,
 ) -> Result<App, String> {
     let metrics = Arc::new(Metrics::new());
     let store_metrics = StoreMetrics::new();
     store_metrics.register_in(&metrics);
-    let store: Arc<dyn Store> = Arc::new(Instrumented::new(backend, store_metrics));
+    let quota = Arc::new(Quota::new(lease_backend, store_metrics.clone()));
+    let store: Arc<dyn Store> = Arc::new(Instrumented::new(keys_backend, store_metrics));
     let catalog = Arc::new(CatalogHandle::load(&config.catalog_dir).map_err(|e| e.to_string())?);
     catalog.metrics.register_in(&metrics);
     let cache = Arc::new(KeyCache::new(store.clone(), &config.key_cache));
@@ -76,6 +84,7 @@ pub fn build_app_with(
     }
     let keys = Arc::new(KeyService::new(
         store.clone(),
+        quota.clone(),
         cache.clone(),
         config.plans.clone(),
         config.default_plan.clone(),
@@ -83,7 +92,7 @@ pub fn build_app_with(
     ));
     let gateway = Arc::new(Gateway::new(
         cache.clone(),
-        store,
+        quota,
         catalog.clone(),
         presigner,
         clock,
@@ -198,13 +207,13 @@ impl BackgroundService for StoreSync {
                         self.cache.invalidate_all();
                     }
                 },
-                _ = tick.tick() => self.gateway.store().sync(false).await,
+                _ = tick.tick() => self.gateway.quota().sync(false).await,
                 _ = shutdown.changed() => {
                     // Hand over what was counted and held; the process waits for it (within
                     // the grace period).
                     loop {
-                        self.gateway.store().sync(true).await;
-                        if self.lifecycle.in_flight() == 0 && !self.gateway.store().unsynced() {
+                        self.gateway.quota().sync(true).await;
+                        if self.lifecycle.in_flight() == 0 && !self.gateway.quota().unsynced() {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -259,7 +268,7 @@ pub fn run(config: Config) -> Result<(), String> {
     };
     let lifecycle = Lifecycle::new();
     let gateway = app.gateway.clone();
-    lifecycle.hold_exit_while(move || gateway.store().unsynced());
+    lifecycle.hold_exit_while(move || gateway.quota().unsynced());
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

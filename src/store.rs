@@ -1,9 +1,10 @@
 //! Where key records and quota counters live, behind one small async trait (SPEC §3, §4).
 //!
-//! The trait is shaped for a networked store: every method is one round trip. Both
-//! implementations count quota through the same leases ([`lease`]): [`redis::RedisStore`]
-//! shares keys and counters between nodes, [`sqlite::SqliteStore`] is the embedded durable
-//! store of a single machine (one process, or two during an upgrade).
+//! Two traits, both shaped for a networked store (every method one round trip): [`Store`]
+//! for key records, and [`lease::LeaseBackend`] for the atomic step behind quota leases, on
+//! which [`lease::Quota`] counts calls. [`redis::RedisStore`] implements both and shares keys
+//! and counters between nodes; [`sqlite::SqliteStore`] is the embedded durable store of a
+//! single machine (one process, or two during an upgrade).
 
 pub mod instrumented;
 pub mod lease;
@@ -17,7 +18,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::KeyDigest;
-use crate::quota::{LocalAdmission, Period, Reservation, Source};
 
 /// Lifecycle of a key. Only `Active` keys are served; `Revoked` is final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,22 +81,6 @@ pub trait Store: Send + Sync + 'static {
         update: KeyUpdate,
         now: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError>;
-    /// Counts one call for `key_id` in `period` unless `limit` is reached. An `Err` means the
-    /// store could not be reached (the caller applies the outage policy), never contention.
-    async fn reserve(
-        &self,
-        key_id: &str,
-        period: Period,
-        limit: Option<u64>,
-    ) -> Result<Reservation, StoreError>;
-    /// Admits a call without the store, after [`Store::reserve`] failed, under the fail-open
-    /// policy's bound (SPEC §4a.3).
-    async fn admit_local(&self, key_id: &str, period: Period, limit: Option<u64>)
-    -> LocalAdmission;
-    /// Gives back one unit taken in `period` from `source` (the call failed afterwards).
-    async fn refund(&self, key_id: &str, period: Period, source: Source);
-    /// Units counted for `key_id` in `period`.
-    async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError>;
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Tells every node that the key with `digest` changed. A single-process store has no
@@ -106,14 +90,6 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Starts delivering changes announced by other nodes to `sink`.
     fn watch(&self, _sink: tokio::sync::mpsc::UnboundedSender<Invalidation>) {}
-    /// Sends what this node counted locally to the shared store and gives back quota it holds
-    /// but has not used for a while (`all`: everything it holds, before exit). Called a few
-    /// times a second; a store without local state has nothing to do.
-    async fn sync(&self, _all: bool) {}
-    /// Whether [`Store::sync`] still has something to send or give back.
-    fn unsynced(&self) -> bool {
-        false
-    }
 }
 
 /// RFC 3339 with seconds, the one timestamp format the API shows.

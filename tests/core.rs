@@ -12,10 +12,12 @@ use audiolib::clock::{Clock, ManualClock};
 use audiolib::config::{Config, FailurePolicy, FileConfig};
 use audiolib::error::ApiError;
 use audiolib::keys::{CreateKey, KeyService};
-use audiolib::quota::{LocalAdmission, Period, Reservation, Source};
+use audiolib::quota::{Period, Source};
 use audiolib::server::build_app_with;
+use audiolib::store::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp};
 use audiolib::store::sqlite::SqliteStore;
 use audiolib::store::{KeyRecord, KeyUpdate, Store, StoreError};
+use tokio::time::Instant;
 
 /// 2026-01-31T23:59:50Z
 const END_OF_JANUARY: u64 = 1_769_903_990;
@@ -32,14 +34,14 @@ fn config() -> Config {
 }
 
 /// The app as the server wires it, over `store` and `clock`.
-fn gateway(
-    store: Arc<dyn Store>,
+fn gateway<S: Store + LeaseBackend>(
+    store: Arc<S>,
     clock: Arc<dyn Clock>,
     policy: FailurePolicy,
 ) -> (Arc<Gateway>, Arc<KeyService>) {
     let mut config = config();
     config.failure_policy = policy;
-    let app = build_app_with(&config, store, clock).unwrap();
+    let app = build_app_with(&config, store.clone(), store, clock).unwrap();
     (app.gateway, app.keys)
 }
 
@@ -51,8 +53,9 @@ fn auth(key: &str) -> String {
 async fn quota_starts_afresh_in_a_new_utc_month() {
     let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
     let data = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data.path()).unwrap());
+    let store = Arc::new(SqliteStore::open(data.path()).unwrap());
     let (gw, keys) = gateway(store.clone(), clock.clone(), FailurePolicy::FailOpen);
+    let quota = gw.quota().clone();
     let (view, secret) = keys
         .create(CreateKey {
             name: "t".into(),
@@ -93,18 +96,18 @@ async fn quota_starts_afresh_in_a_new_utc_month() {
     assert_eq!((rate.remaining, rate.window_secs), (1, 28 * 86_400));
     let feb = Period::containing(clock.now());
     assert_eq!(feb.to_string(), "2026-02");
-    store.sync(true).await;
-    assert_eq!(store.usage(&view.id, feb).await.unwrap(), 1);
+    quota.sync(true).await;
+    assert_eq!(quota.usage(&view.id, feb).await.unwrap(), 1);
     let jan = Period {
         year: 2026,
         month: 1,
     };
     // Each month keeps its own count; a late report for January leaves February alone.
-    assert_eq!(store.usage(&view.id, jan).await.unwrap(), 2);
-    store.refund(&view.id, jan, Source::Lease).await;
-    store.sync(true).await;
-    assert_eq!(store.usage(&view.id, jan).await.unwrap(), 1);
-    assert_eq!(store.usage(&view.id, feb).await.unwrap(), 1);
+    assert_eq!(quota.usage(&view.id, jan).await.unwrap(), 2);
+    quota.refund(&view.id, jan, Source::Lease).await;
+    quota.sync(true).await;
+    assert_eq!(quota.usage(&view.id, jan).await.unwrap(), 1);
+    assert_eq!(quota.usage(&view.id, feb).await.unwrap(), 1);
     let (_, period, used) = keys.show(&view.id).await.unwrap();
     assert_eq!((period.to_string(), used), ("2026-02".to_string(), 1));
 }
@@ -134,18 +137,24 @@ impl Store for DownStore {
     ) -> Result<Option<KeyRecord>, StoreError> {
         Err(StoreError("down".into()))
     }
-    async fn reserve(&self, _: &str, _: Period, _: Option<u64>) -> Result<Reservation, StoreError> {
-        Err(StoreError("down".into()))
-    }
-    async fn admit_local(&self, _: &str, _: Period, _: Option<u64>) -> LocalAdmission {
-        LocalAdmission::Refused
-    }
-    async fn refund(&self, _: &str, _: Period, _: Source) {}
-    async fn usage(&self, _: &str, _: Period) -> Result<u64, StoreError> {
-        Err(StoreError("down".into()))
-    }
     async fn ping(&self) -> Result<(), StoreError> {
         Err(StoreError("down".into()))
+    }
+}
+
+#[async_trait]
+impl LeaseBackend for DownStore {
+    async fn apply(&self, _: &str, _: &LeaseOp, _: Instant) -> Result<LeaseAnswer, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn apply_all(&self, due: &[Due]) -> Vec<Option<LeaseAnswer>> {
+        vec![None; due.len()]
+    }
+    async fn used(&self, _: &str, _: Period) -> Result<u64, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(10)
     }
 }
 
@@ -226,25 +235,24 @@ impl Store for Hooked {
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.update_key(id, u, t).await
     }
-    async fn reserve(
-        &self,
-        id: &str,
-        p: Period,
-        l: Option<u64>,
-    ) -> Result<Reservation, StoreError> {
-        self.inner.reserve(id, p, l).await
-    }
-    async fn admit_local(&self, id: &str, p: Period, l: Option<u64>) -> LocalAdmission {
-        self.inner.admit_local(id, p, l).await
-    }
-    async fn refund(&self, id: &str, p: Period, s: Source) {
-        self.inner.refund(id, p, s).await
-    }
-    async fn usage(&self, id: &str, p: Period) -> Result<u64, StoreError> {
-        self.inner.usage(id, p).await
-    }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[async_trait]
+impl LeaseBackend for Hooked {
+    async fn apply(&self, s: &str, op: &LeaseOp, t: Instant) -> Result<LeaseAnswer, StoreError> {
+        self.inner.apply(s, op, t).await
+    }
+    async fn apply_all(&self, due: &[Due]) -> Vec<Option<LeaseAnswer>> {
+        self.inner.apply_all(due).await
+    }
+    async fn used(&self, s: &str, p: Period) -> Result<u64, StoreError> {
+        self.inner.used(s, p).await
+    }
+    fn timeout(&self) -> Duration {
+        self.inner.timeout()
     }
 }
 

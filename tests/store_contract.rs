@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use audiolib::auth::{KeyDigest, mint_key};
+use audiolib::metrics::StoreMetrics;
 use audiolib::quota::{Period, Reservation, Source};
+use audiolib::store::lease::{LeaseBackend, Quota};
 use audiolib::store::sqlite::SqliteStore;
 use audiolib::store::{KeyRecord, KeyStatus, KeyUpdate, Store};
 
@@ -96,7 +98,11 @@ async fn keys_round_trip(store: Arc<dyn Store>) {
     );
 }
 
-async fn reservations_are_exact(store: Arc<dyn Store>) {
+fn quota(backend: Arc<dyn LeaseBackend>) -> Arc<Quota> {
+    Arc::new(Quota::new(backend, StoreMetrics::new()))
+}
+
+async fn reservations_are_exact(store: Arc<Quota>) {
     for used in 1..=3 {
         assert_eq!(
             store.reserve("k", NOV, Some(3)).await.unwrap(),
@@ -148,7 +154,7 @@ async fn reservations_are_exact(store: Arc<dyn Store>) {
     assert!(!store.unsynced());
 }
 
-async fn concurrent_reservations_never_exceed_the_limit(store: Arc<dyn Store>) {
+async fn concurrent_reservations_never_exceed_the_limit(store: Arc<Quota>) {
     let tasks: Vec<_> = (0..400)
         .map(|_| {
             let store = store.clone();
@@ -185,12 +191,13 @@ async fn revocation_is_final(store: Arc<dyn Store>) {
     }
 }
 
-async fn contract(make: impl Fn() -> Arc<dyn Store>) {
-    keys_round_trip(make()).await;
-    revocation_is_final(make()).await;
-    reservations_are_exact(make()).await;
-    concurrent_reservations_never_exceed_the_limit(make()).await;
-    make().ping().await.unwrap();
+/// Runs the contract on fresh stores from `make`, each a key store and a lease backend.
+async fn contract(make: impl Fn() -> (Arc<dyn Store>, Arc<dyn LeaseBackend>)) {
+    keys_round_trip(make().0).await;
+    revocation_is_final(make().0).await;
+    reservations_are_exact(quota(make().1)).await;
+    concurrent_reservations_never_exceed_the_limit(quota(make().1)).await;
+    make().0.ping().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -200,7 +207,7 @@ async fn embedded_store_meets_the_contract() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         dirs.lock().unwrap().push(dir);
-        store
+        (store.clone(), store)
     })
     .await;
 }
@@ -215,7 +222,10 @@ async fn redis_store_meets_the_contract() {
     let port = redis.port;
     contract(move || {
         common::redis_cli(port, &["FLUSHALL"]).unwrap();
-        Arc::new(audiolib::store::redis::RedisStore::new(&url, Duration::from_millis(500)).unwrap())
+        let store = Arc::new(
+            audiolib::store::redis::RedisStore::new(&url, Duration::from_millis(500)).unwrap(),
+        );
+        (store.clone(), store)
     })
     .await;
 }

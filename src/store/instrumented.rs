@@ -1,4 +1,5 @@
-//! A `Store` decorator that records each operation's latency and failures for `/metrics`.
+//! A `Store` decorator that records each operation's latency and failures for `/metrics`
+//! (quota reservations are timed by [`super::lease::Quota`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,7 +10,6 @@ use async_trait::async_trait;
 use super::{Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
 use crate::metrics::StoreMetrics;
-use crate::quota::{LocalAdmission, Period, Reservation, Source};
 
 pub struct Instrumented {
     inner: Arc<dyn Store>,
@@ -64,29 +64,6 @@ impl Store for Instrumented {
         self.timed("update_key", self.inner.update_key(id, update, now))
             .await
     }
-    async fn reserve(
-        &self,
-        key_id: &str,
-        period: Period,
-        limit: Option<u64>,
-    ) -> Result<Reservation, StoreError> {
-        self.timed("reserve", self.inner.reserve(key_id, period, limit))
-            .await
-    }
-    async fn admit_local(
-        &self,
-        key_id: &str,
-        period: Period,
-        limit: Option<u64>,
-    ) -> LocalAdmission {
-        self.inner.admit_local(key_id, period, limit).await
-    }
-    async fn refund(&self, key_id: &str, period: Period, source: Source) {
-        self.inner.refund(key_id, period, source).await
-    }
-    async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
-        self.timed("usage", self.inner.usage(key_id, period)).await
-    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed("ping", self.inner.ping()).await
     }
@@ -95,11 +72,5 @@ impl Store for Instrumented {
     }
     fn watch(&self, sink: tokio::sync::mpsc::UnboundedSender<Invalidation>) {
         self.inner.watch(sink)
-    }
-    async fn sync(&self, all: bool) {
-        self.inner.sync(all).await
-    }
-    fn unsynced(&self) -> bool {
-        self.inner.unsynced()
     }
 }

@@ -32,11 +32,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
 
 use super::StoreError;
 use crate::locks::PerKey;
+use crate::metrics::StoreMetrics;
 use crate::quota::{LocalAdmission, Period, Reservation, Source};
 
 /// Unused units go back to the store after this long without a call.
@@ -488,6 +490,115 @@ impl LeaseBook {
                     .any(|l| l.owes() || l.units > 0),
                 Err(_) => true,
             })
+    }
+}
+
+/// What a store does for the leases: apply this node's operations atomically, read usage.
+#[async_trait]
+pub trait LeaseBackend: Send + Sync + 'static {
+    /// Applies one operation of this node on `subject`, answering by `until`.
+    async fn apply(
+        &self,
+        subject: &str,
+        op: &LeaseOp,
+        until: Instant,
+    ) -> Result<LeaseAnswer, StoreError>;
+    /// Applies the operations of one sync; per operation its answer, `None` where it failed.
+    async fn apply_all(&self, ops: &[Due]) -> Vec<Option<LeaseAnswer>>;
+    /// Calls reported for `subject` in `period`.
+    async fn used(&self, subject: &str, period: Period) -> Result<u64, StoreError>;
+    /// The bound on a refill made while a call waits.
+    fn timeout(&self) -> Duration;
+    /// Housekeeping once per sync.
+    async fn upkeep(&self) {}
+}
+
+/// A node's quota counting: its lease book over a store's [`LeaseBackend`]. The one place
+/// the request path, the admin API and the background sync meet the leases.
+pub struct Quota {
+    book: LeaseBook,
+    backend: Arc<dyn LeaseBackend>,
+    metrics: StoreMetrics,
+}
+
+impl Quota {
+    pub fn new(backend: Arc<dyn LeaseBackend>, metrics: StoreMetrics) -> Self {
+        Self {
+            book: LeaseBook::default(),
+            backend,
+            metrics,
+        }
+    }
+
+    /// Counts one call for `subject` in `period` unless `limit` is reached. An `Err` means the
+    /// store could not be reached (the caller applies the outage policy), never contention.
+    pub async fn reserve(
+        &self,
+        subject: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> Result<Reservation, StoreError> {
+        let started = std::time::Instant::now();
+        let backend = &self.backend;
+        let result = self
+            .book
+            .reserve(
+                subject,
+                period,
+                limit,
+                backend.timeout(),
+                |op, until| async move { backend.apply(subject, &op, until).await },
+            )
+            .await;
+        self.metrics
+            .latency
+            .with_label_values(&["reserve"])
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.errors.with_label_values(&["reserve"]).inc();
+        }
+        result
+    }
+
+    /// Admits a call without the store, after [`Self::reserve`] failed, under the fail-open
+    /// policy's bound (SPEC §4a.3).
+    pub async fn admit_local(
+        &self,
+        subject: &str,
+        period: Period,
+        limit: Option<u64>,
+    ) -> LocalAdmission {
+        self.book.admit_local(subject, period, limit).await
+    }
+
+    /// Gives back one unit taken in `period` from `source` (the call failed afterwards).
+    pub async fn refund(&self, subject: &str, period: Period, source: Source) {
+        self.book.refund(subject, period, source).await
+    }
+
+    /// Calls counted for `subject` in `period`: what the store has, plus what this node has
+    /// served and not reported yet, so a node's own calls show at once.
+    pub async fn usage(&self, subject: &str, period: Period) -> Result<u64, StoreError> {
+        Ok(self.backend.used(subject, period).await? + self.book.unreported(subject, period))
+    }
+
+    /// Reports use and gives back idle units (`all`: everything held, before exit). Called a
+    /// few times a second.
+    pub async fn sync(&self, all: bool) {
+        self.backend.upkeep().await;
+        let due = self.book.due(all).await;
+        if due.is_empty() {
+            return;
+        }
+        let answers = self.backend.apply_all(&due).await;
+        for (due, answer) in due.into_iter().zip(answers) {
+            self.book.settled(due, answer).await;
+        }
+    }
+
+    /// Whether [`Self::sync`] still has something to send or give back.
+    pub fn unsynced(&self) -> bool {
+        self.book.unsynced()
     }
 }
 

@@ -29,10 +29,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 use tokio::sync::{OnceCell, mpsc};
 
-use super::lease::{LeaseAnswer, LeaseBook, LeaseOp, STALE_AFTER};
+use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
 use super::{Invalidation, KeyRecord, KeyStatus, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
-use crate::quota::{LocalAdmission, Period, Reservation, Source};
+use crate::quota::Period;
 
 /// Counters outlive their month by this much, for late reads and reconciliation.
 pub const USAGE_GRACE_SECS: i64 = 7 * 86_400;
@@ -243,7 +243,6 @@ pub struct RedisStore {
     breaker: Breaker,
     /// This process's name in the lease hashes.
     node: String,
-    leases: LeaseBook,
     lease: Script,
     update: Script,
 }
@@ -291,7 +290,6 @@ impl RedisStore {
             timeout,
             breaker: Breaker::new(),
             node: crate::auth::new_id("node"),
-            leases: LeaseBook::default(),
             lease: Script::new(LEASE),
             update: Script::new(UPDATE),
         })
@@ -411,6 +409,14 @@ impl RedisStore {
             committed: u64::try_from(held).ok().map(|h| used + h),
             live_others,
         })
+    }
+
+    /// Sends one operation of a sync (background: the patient bound).
+    async fn report(&self, due: &Due) -> Option<LeaseAnswer> {
+        let until = tokio::time::Instant::now() + ADMIN_TIMEOUT;
+        self.run_lease(&due.subject, due.op.clone(), until)
+            .await
+            .ok()
     }
 
     /// Reads a record hash; `None` when the hash is empty (no such key).
@@ -619,39 +625,6 @@ impl Store for RedisStore {
         }
     }
 
-    async fn reserve(
-        &self,
-        key_id: &str,
-        period: Period,
-        limit: Option<u64>,
-    ) -> Result<Reservation, StoreError> {
-        self.leases
-            .reserve(key_id, period, limit, self.timeout, |op, deadline| {
-                self.run_lease(key_id, op, deadline)
-            })
-            .await
-    }
-
-    async fn admit_local(
-        &self,
-        key_id: &str,
-        period: Period,
-        limit: Option<u64>,
-    ) -> LocalAdmission {
-        self.leases.admit_local(key_id, period, limit).await
-    }
-
-    async fn refund(&self, key_id: &str, period: Period, source: Source) {
-        self.leases.refund(key_id, period, source).await;
-    }
-
-    async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
-        let used: Option<u64> = self
-            .call_patiently(|mut c| async move { c.get(usage_key(key_id, period)).await })
-            .await?;
-        Ok(used.unwrap_or(0) + self.leases.unreported(key_id, period))
-    }
-
     async fn ping(&self) -> Result<(), StoreError> {
         self.call(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
@@ -669,19 +642,37 @@ impl Store for RedisStore {
     fn watch(&self, sink: mpsc::UnboundedSender<Invalidation>) {
         self.listen(sink);
     }
+}
 
-    async fn sync(&self, all: bool) {
-        // Many keys at once: the multiplexed connection pipelines them.
-        futures_util::stream::iter(self.leases.due(all).await)
-            .for_each_concurrent(64, |due| async move {
-                let deadline = tokio::time::Instant::now() + ADMIN_TIMEOUT;
-                let result = self.run_lease(&due.subject, due.op.clone(), deadline).await;
-                self.leases.settled(due, result.ok()).await;
-            })
-            .await;
+#[async_trait]
+impl LeaseBackend for RedisStore {
+    async fn apply(
+        &self,
+        subject: &str,
+        op: &LeaseOp,
+        until: tokio::time::Instant,
+    ) -> Result<LeaseAnswer, StoreError> {
+        self.run_lease(subject, op.clone(), until).await
     }
 
-    fn unsynced(&self) -> bool {
-        self.leases.unsynced()
+    /// Many subjects at once, 64 in flight: the multiplexed connection pipelines them.
+    async fn apply_all(&self, due: &[Due]) -> Vec<Option<LeaseAnswer>> {
+        let mut answers = Vec::with_capacity(due.len());
+        for chunk in due.chunks(64) {
+            answers
+                .extend(futures_util::future::join_all(chunk.iter().map(|d| self.report(d))).await);
+        }
+        answers
+    }
+
+    async fn used(&self, subject: &str, period: Period) -> Result<u64, StoreError> {
+        let used: Option<u64> = self
+            .call_patiently(|mut c| async move { c.get(usage_key(subject, period)).await })
+            .await?;
+        Ok(used.unwrap_or(0))
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 }

@@ -36,11 +36,11 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
-use super::lease::{Due, LeaseAnswer, LeaseBook, LeaseOp, STALE_AFTER};
+use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
 use super::{Invalidation, KeyRecord, KeyStatus, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
 use crate::locks::lock;
-use crate::quota::{LocalAdmission, Period, Reservation, Source};
+use crate::quota::Period;
 
 /// The database file inside the data directory.
 pub const FILE_NAME: &str = "audiolib.db";
@@ -108,7 +108,7 @@ pub struct SqliteStore {
     db: Arc<Db>,
     path: PathBuf,
     node: String,
-    leases: LeaseBook,
+    /// Syncs so far, to do the upkeep every few.
     syncs: std::sync::atomic::AtomicU64,
     /// The last key change this process has applied to its cache.
     changes_seen: Arc<AtomicI64>,
@@ -356,7 +356,6 @@ impl SqliteStore {
             db,
             path,
             node,
-            leases: LeaseBook::default(),
             syncs: Default::default(),
             changes_seen: Arc::new(AtomicI64::new(seen)),
         })
@@ -387,22 +386,6 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         self.blocking(tokio::time::Instant::now() + CALL_TIMEOUT, work)
             .await
-    }
-
-    async fn run_lease(
-        &self,
-        subject: &str,
-        op: LeaseOp,
-        until: tokio::time::Instant,
-    ) -> Result<LeaseAnswer, StoreError> {
-        let node = self.node.clone();
-        let subject = subject.to_string();
-        let mut answers = self
-            .blocking(until, move |db| db.apply_all(&node, &[(&subject, &op)]))
-            .await?;
-        answers
-            .pop()
-            .ok_or_else(|| StoreError("embedded store: no answer".into()))
     }
 }
 
@@ -514,50 +497,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn reserve(
-        &self,
-        key_id: &str,
-        period: Period,
-        limit: Option<u64>,
-    ) -> Result<Reservation, StoreError> {
-        self.leases
-            .reserve(key_id, period, limit, CALL_TIMEOUT, |op, until| {
-                self.run_lease(key_id, op, until)
-            })
-            .await
-    }
-
-    async fn admit_local(
-        &self,
-        key_id: &str,
-        period: Period,
-        limit: Option<u64>,
-    ) -> LocalAdmission {
-        self.leases.admit_local(key_id, period, limit).await
-    }
-
-    async fn refund(&self, key_id: &str, period: Period, source: Source) {
-        self.leases.refund(key_id, period, source).await;
-    }
-
-    async fn usage(&self, key_id: &str, period: Period) -> Result<u64, StoreError> {
-        let unreported = self.leases.unreported(key_id, period);
-        let (id, period) = (key_id.to_string(), period.to_string());
-        let stored = self
-            .call(move |db| {
-                lock(&db.read)
-                    .query_row(
-                        "SELECT used FROM usage WHERE subject = ?1 AND period = ?2",
-                        [id, period],
-                        |r| r.get::<_, i64>(0),
-                    )
-                    .optional()
-                    .map(|u| u.unwrap_or(0).max(0) as u64)
-            })
-            .await?;
-        Ok(stored + unreported)
-    }
-
     async fn ping(&self) -> Result<(), StoreError> {
         self.call(|db| lock(&db.read).query_row("SELECT 1", [], |_| Ok(())))
             .await
@@ -607,23 +546,33 @@ impl Store for SqliteStore {
             }
         });
     }
+}
 
-    async fn sync(&self, all: bool) {
-        if self.syncs.fetch_add(1, Ordering::Relaxed) % REAP_EVERY == REAP_EVERY - 1 {
-            let node = self.node.clone();
-            if let Err(e) = self.call(move |db| db.reap_dead(&node)).await {
-                log::warn!("embedded store: looking for dead processes failed: {e}");
-            }
-        }
-        let due: Vec<Due> = self.leases.due(all).await;
-        if due.is_empty() {
-            return;
-        }
+#[async_trait]
+impl LeaseBackend for SqliteStore {
+    async fn apply(
+        &self,
+        subject: &str,
+        op: &LeaseOp,
+        until: tokio::time::Instant,
+    ) -> Result<LeaseAnswer, StoreError> {
+        let (node, subject, op) = (self.node.clone(), subject.to_string(), op.clone());
+        let mut answers = self
+            .blocking(until, move |db| db.apply_all(&node, &[(&subject, &op)]))
+            .await?;
+        answers
+            .pop()
+            .ok_or_else(|| StoreError("embedded store: no answer".into()))
+    }
+
+    /// One transaction, one fsync, for the whole tick.
+    async fn apply_all(&self, due: &[Due]) -> Vec<Option<LeaseAnswer>> {
         let node = self.node.clone();
         let ops: Vec<(String, LeaseOp)> = due
             .iter()
             .map(|d| (d.subject.clone(), d.op.clone()))
             .collect();
+        let count = ops.len();
         let answers = self
             .call(move |db| {
                 let refs: Vec<(&str, &LeaseOp)> =
@@ -632,21 +581,41 @@ impl Store for SqliteStore {
             })
             .await;
         match answers {
-            Ok(answers) => {
-                for (due, answer) in due.into_iter().zip(answers) {
-                    self.leases.settled(due, Some(answer)).await;
-                }
-            }
+            Ok(answers) => answers.into_iter().map(Some).collect(),
             Err(e) => {
                 log::warn!("embedded store: quota report failed: {e}");
-                for due in due {
-                    self.leases.settled(due, None).await;
-                }
+                vec![None; count]
             }
         }
     }
 
-    fn unsynced(&self) -> bool {
-        self.leases.unsynced()
+    async fn used(&self, subject: &str, period: Period) -> Result<u64, StoreError> {
+        let (id, period) = (subject.to_string(), period.to_string());
+        self.call(move |db| {
+            lock(&db.read)
+                .query_row(
+                    "SELECT used FROM usage WHERE subject = ?1 AND period = ?2",
+                    [id, period],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+                .map(|u| u.unwrap_or(0).max(0) as u64)
+        })
+        .await
+    }
+
+    fn timeout(&self) -> Duration {
+        CALL_TIMEOUT
+    }
+
+    /// Every [`REAP_EVERY`] syncs: count what dead processes held as used.
+    async fn upkeep(&self) {
+        if self.syncs.fetch_add(1, Ordering::Relaxed) % REAP_EVERY != REAP_EVERY - 1 {
+            return;
+        }
+        let node = self.node.clone();
+        if let Err(e) = self.call(move |db| db.reap_dead(&node)).await {
+            log::warn!("embedded store: looking for dead processes failed: {e}");
+        }
     }
 }
