@@ -300,19 +300,23 @@ impl Db {
                 .prepare("SELECT subject, period, held FROM leases WHERE node = ?1 AND held > 0")?
                 .query_map([&node], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<_>>()?;
+            let mut units = 0u64;
             for (subject, period, n) in held {
                 tx.execute(
                     "INSERT INTO usage (subject, period, used) VALUES (?1, ?2, ?3)
                      ON CONFLICT (subject, period) DO UPDATE SET used = used + excluded.used",
                     params![subject, period, n],
                 )?;
-                folded += n as u64;
+                units += n as u64;
             }
             tx.execute("DELETE FROM leases WHERE node = ?1", [&node])?;
             tx.execute("DELETE FROM nodes WHERE node = ?1", [&node])?;
-            log::warn!(
-                "embedded store: process {pid} ended without reporting; {folded} units it held are counted as used"
-            );
+            if units > 0 {
+                log::warn!(
+                    "embedded store: process {pid} ended without reporting; the {units} quota units it held are counted as used"
+                );
+            }
+            folded += units;
         }
         tx.execute(
             "DELETE FROM key_changes WHERE at < ?1",
