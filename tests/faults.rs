@@ -329,6 +329,34 @@ fn calls_until(gw: &Gateway, key: &str, status: u16, code: &str) -> u64 {
     }
 }
 
+/// Waits until Redis counts some node of `id`'s lease as silent: its last operation older
+/// than the silence threshold (15 s) by Redis's own clock.
+fn wait_until_a_node_is_silent(redis: &RedisServer, id: &str) {
+    let period = audiolib::quota::Period::containing(std::time::SystemTime::now());
+    let hash = format!("audiolib:{{{id}}}:lease:{period}");
+    wait_until("a node silent at Redis", Duration::from_secs(40), || {
+        let now: i64 = common::redis_cli(redis.port, &["TIME"])
+            .and_then(|t| t.lines().next()?.trim().parse().ok())
+            .unwrap_or(0);
+        let fields =
+            common::redis_cli(redis.port, &["--raw", "HGETALL", &hash]).unwrap_or_default();
+        let lines: Vec<&str> = fields.lines().collect();
+        lines.chunks(2).any(|kv| {
+            kv.len() == 2
+                && kv[0].starts_with("at:")
+                && kv[1].trim().parse::<i64>().is_ok_and(|at| now - at > 16)
+        })
+    });
+}
+
+/// A fresh node asks Redis directly (no memo of an earlier refusal): it must get none of the
+/// units a silent node holds.
+fn assert_a_fresh_node_gets_nothing(redis: &RedisServer, key: &str) {
+    let c = fail_closed_node(&redis.url());
+    let got = calls_until(&c, key, 429, "QUOTA_EXCEEDED");
+    assert_eq!(got, 0, "a silent node's units were handed to another node");
+}
+
 fn fail_closed_node(url: &str) -> Gateway {
     Gateway::builder()
         .env("AUDIOLIB_REDIS_URL", url)
@@ -358,6 +386,8 @@ fn a_partitioned_node_under_fail_closed_never_over_admits() {
     eprintln!("partition: node A served {a_ok} before its fence, node B {b_ok}");
     assert!(a_ok + b_ok <= limit, "{a_ok} + {b_ok} over {limit}");
     assert!(b_ok < limit - 3, "node B got units node A held");
+    wait_until_a_node_is_silent(&redis, &id);
+    assert_a_fresh_node_gets_nothing(&redis, &key);
     // Healed: the partitioned node reports late; usage is exactly what was served, and what
     // it held unused serves again.
     proxy.set(false);
@@ -381,6 +411,8 @@ fn a_frozen_node_reports_late_without_over_admission() {
     a.signal("STOP");
     // Held by the frozen node: retry later; once it is silent: spent.
     let b_ok = calls_until(&b, &key, 429, "QUOTA_EXCEEDED");
+    wait_until_a_node_is_silent(&redis, &id);
+    assert_a_fresh_node_gets_nothing(&redis, &key);
     a.signal("CONT");
     eprintln!("SIGSTOP: node B served {b_ok} while node A was frozen after 3");
     assert!(3 + b_ok <= limit, "3 + {b_ok} over {limit}");
