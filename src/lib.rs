@@ -17,6 +17,7 @@
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`proxy`]: the Pingora glue for the public listener.
+//! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
 //! - [`admin`]: the admin API on its own listener.
 //! - [`server`]: builds the app from the config and runs the services.
 //! - [`shutdown`]: signals and draining in-flight requests.
@@ -43,3 +44,4 @@ pub mod server;
 pub mod shutdown;
 pub mod sign;
 pub mod store;
+pub mod upstream;

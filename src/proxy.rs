@@ -13,11 +13,12 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::api::{Gateway, Outcome};
-use crate::config::{CorsOrigins, Limits, Upstream};
+use crate::config::{CorsOrigins, Limits};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::quota::RateInfo;
 use crate::shutdown::{InFlight, Lifecycle};
+use crate::upstream::UpstreamPeers;
 
 /// Headers a browser script may read from our answers.
 const EXPOSE_HEADERS: &str = "RateLimit, RateLimit-Policy, Retry-After";
@@ -32,12 +33,14 @@ pub struct RequestCtx {
     /// The error code answered, or `None` for success and passthrough.
     code: Option<&'static str>,
     key_prefix: Option<String>,
+    /// Upstream peers tried for this request (each address at most once).
+    upstream_tries: usize,
 }
 
 pub struct AudioProxy {
     gateway: Arc<Gateway>,
     cors: CorsOrigins,
-    upstream: Option<Upstream>,
+    upstream: Option<Arc<UpstreamPeers>>,
     limits: Limits,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
@@ -47,7 +50,7 @@ impl AudioProxy {
     pub fn new(
         gateway: Arc<Gateway>,
         cors: CorsOrigins,
-        upstream: Option<Upstream>,
+        upstream: Option<Arc<UpstreamPeers>>,
         limits: Limits,
         metrics: Arc<Metrics>,
         lifecycle: Arc<Lifecycle>,
@@ -270,6 +273,7 @@ impl ProxyHttp for AudioProxy {
             _in_flight: self.lifecycle.enter(),
             code: None,
             key_prefix: None,
+            upstream_tries: 0,
         }
     }
 
@@ -302,18 +306,39 @@ impl ProxyHttp for AudioProxy {
         Ok(true)
     }
 
+    /// Reads the resolver's snapshot: no lookup and no allocation beyond the peer itself.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let Some(up) = &self.upstream else {
             return Error::e_explain(ErrorType::InternalError, "no upstream configured");
         };
-        let mut peer = HttpPeer::new(up.address.as_str(), up.tls, up.sni.clone());
-        peer.options.connection_timeout = Some(Duration::from_secs(2));
-        peer.options.total_connection_timeout = Some(Duration::from_secs(5));
-        Ok(Box::new(peer))
+        ctx.upstream_tries += 1;
+        match up.next_peer() {
+            Some(peer) => Ok(Box::new(peer)),
+            // An upstream error, so `fail_to_proxy` answers 502 BAD_GATEWAY.
+            None => Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                "the upstream host name has not resolved",
+            )
+            .into_up()),
+        }
+    }
+
+    /// A connection that could not be made is tried on the next address, each at most once;
+    /// nothing has been sent yet, so any method may be retried.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let addresses = self.upstream.as_ref().map_or(0, |u| u.len());
+        e.set_retry(ctx.upstream_tries < addresses);
+        e
     }
 
     async fn upstream_request_filter(
@@ -322,7 +347,11 @@ impl ProxyHttp for AudioProxy {
         upstream_request: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(host) = self.upstream.as_ref().and_then(|u| u.host_header.as_ref()) {
+        if let Some(host) = self
+            .upstream
+            .as_ref()
+            .and_then(|u| u.upstream().host_header.as_ref())
+        {
             upstream_request.insert_header(header::HOST, host.as_str())?;
         }
         Ok(())

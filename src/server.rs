@@ -29,6 +29,7 @@ use crate::store::Store;
 use crate::store::instrumented::Instrumented;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
+use crate::upstream::{Resolver, UpstreamPeers};
 
 /// Everything a running gateway holds, built without starting any listener.
 pub struct App {
@@ -271,11 +272,17 @@ pub fn run(config: Config) -> Result<(), String> {
         },
     ));
 
+    // The upstream's addresses are looked up before the proxy accepts, then kept fresh.
+    let upstream = config.upstream.clone().map(UpstreamPeers::new);
+    let resolver = upstream.clone().map(|peers| {
+        server.add_service(background_service("upstream resolver", Resolver { peers }))
+    });
+
     let mut proxy = pingora::proxy::HttpProxy::new(
         AudioProxy::new(
             app.gateway.clone(),
             config.cors.clone(),
-            config.upstream.clone(),
+            upstream,
             config.limits.clone(),
             app.metrics.clone(),
             lifecycle.clone(),
@@ -293,6 +300,9 @@ pub fn run(config: Config) -> Result<(), String> {
     proxy.add_tcp(&config.listen.to_string());
     let proxy = server.add_service(proxy);
     proxy.add_dependency(&reloader);
+    if let Some(resolver) = &resolver {
+        proxy.add_dependency(resolver);
+    }
 
     let mut admin = Service::new(
         "admin".to_string(),

@@ -141,3 +141,17 @@ fn config_check_names_the_setting_and_the_problem() {
         assert!(out.contains(needle), "{text:?} {env:?}: {out}");
     }
 }
+
+#[test]
+fn config_check_warns_about_an_upstream_name_that_does_not_resolve() {
+    let (ok, out) = check("", &[("AUDIOLIB_UPSTREAM", "no-such-host.invalid:443")]);
+    assert!(ok, "a warning, not an error: {out}");
+    assert!(
+        out.contains(
+            "warning: setting `upstream` (AUDIOLIB_UPSTREAM): 'no-such-host.invalid:443' does not resolve"
+        ),
+        "{out}"
+    );
+    let (ok, out) = check("", &[("AUDIOLIB_UPSTREAM", "localhost:443")]);
+    assert!(ok && !out.contains("warning"), "{out}");
+}

@@ -214,3 +214,44 @@ fn upstream_down_is_a_quick_bad_gateway() {
         200
     );
 }
+
+#[test]
+fn upstream_given_by_host_name_is_resolved_off_the_request_path() {
+    let up = Upstream::start(false);
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", format!("localhost:{}", up.port))
+        .start();
+    for _ in 0..3 {
+        let reply = read_reply(agent().get(gw.url("/by-name")).call().unwrap());
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json()["target"], "/by-name");
+    }
+    // Looked up once at start (before the first request), not per request.
+    let log = gw.log_text();
+    let resolved = format!("upstream localhost:{} resolved to", up.port);
+    assert_eq!(log.matches(&resolved).count(), 1, "{log}");
+}
+
+#[test]
+fn upstream_name_that_does_not_resolve_is_a_bad_gateway_not_a_panic() {
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", "no-such-host.invalid:8000")
+        .start();
+    for _ in 0..3 {
+        let reply = read_reply(agent().get(gw.url("/anything")).call().unwrap());
+        let body = reply.assert_error(502, "BAD_GATEWAY");
+        assert_eq!(body["error"], "The upstream could not be reached");
+    }
+    // Our own routes are unaffected.
+    assert_eq!(
+        gw.post_audio(&gw.dev_key, r#"{"library":"audio.focus"}"#)
+            .status,
+        200
+    );
+    let log = gw.log_text();
+    assert!(
+        log.contains("no-such-host.invalid:8000 does not resolve"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
