@@ -370,7 +370,7 @@ impl ProxyHttp for AudioProxy {
         Ok(())
     }
 
-    /// Marks the connection as one that has served a request (see [`HeadTimeout`]).
+    /// Marks the connection as one that has served a request (see [`ClientConnections`]).
     fn persist_connection_context(
         &self,
         _session: &Session,
@@ -442,19 +442,24 @@ impl ProxyHttp for AudioProxy {
     }
 }
 
-/// Wraps the proxy to bound how long a new connection may take between bytes of its first
-/// request head (`limits.header_timeout_secs`) instead of Pingora's 60 s. Pingora reads a head
-/// under the keep-alive timeout, so a new connection gets the head timeout there; once a
-/// request is answered, `request_filter` has set the keep-alive timeout proper, which bounds
-/// the idle wait for the next request. A reused connection is recognised by the marker
-/// [`AudioProxy`] leaves in its connection context.
-pub struct HeadTimeout<A> {
+/// Wraps the proxy to set, per client connection, what Pingora leaves to the application:
+///
+/// - HTTP/1.1 pipelining (RFC 9112 §9.3.2): off by default in Pingora, which then answers the
+///   first of several pipelined requests and drops the rest. Turned on for the first request
+///   of a connection; Pingora carries it to every later one.
+/// - How long a new connection may take between bytes of its first request head
+///   (`limits.header_timeout_secs`) instead of Pingora's 60 s. Pingora reads a head under the
+///   keep-alive timeout, so a new connection gets the head timeout there; once a request is
+///   answered, `request_filter` has set the keep-alive timeout proper, which bounds the idle
+///   wait for the next request. A reused connection is recognised by the marker
+///   [`AudioProxy`] leaves in its connection context.
+pub struct ClientConnections<A> {
     pub app: Arc<A>,
-    pub timeout: Duration,
+    pub head_timeout: Duration,
 }
 
 #[async_trait]
-impl<A> pingora::apps::HttpServerApp for HeadTimeout<A>
+impl<A> pingora::apps::HttpServerApp for ClientConnections<A>
 where
     A: pingora::apps::HttpServerApp + Send + Sync + 'static,
 {
@@ -465,10 +470,12 @@ where
     ) -> Option<pingora::apps::ReusedHttpStream> {
         match session.take_connection_user_context() {
             Some(marker) => session.set_connection_user_context(Some(marker)),
-            None if session.get_keepalive().is_some() => {
-                session.set_keepalive(Some(self.timeout.as_secs().max(1)));
+            None => {
+                session.set_pipelining_enabled(true);
+                if session.get_keepalive().is_some() {
+                    session.set_keepalive(Some(self.head_timeout.as_secs().max(1)));
+                }
             }
-            None => {}
         }
         self.app.process_new_http(session, shutdown).await
     }

@@ -21,7 +21,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
-use crate::proxy::{AudioProxy, HeadTimeout};
+use crate::proxy::{AudioProxy, ClientConnections};
 use crate::shutdown::{Lifecycle, Signals};
 use crate::sign::Presigner;
 use crate::store::Invalidation;
@@ -292,9 +292,9 @@ pub fn run(config: Config) -> Result<(), String> {
     proxy.handle_init_modules();
     let mut proxy = Service::new(
         "audiolib proxy".to_string(),
-        HeadTimeout {
+        ClientConnections {
             app: Arc::new(proxy),
-            timeout: config.limits.header_timeout,
+            head_timeout: config.limits.header_timeout,
         },
     );
     proxy.add_tcp(&config.listen.to_string());

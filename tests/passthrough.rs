@@ -255,3 +255,39 @@ fn upstream_name_that_does_not_resolve_is_a_bad_gateway_not_a_panic() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+#[test]
+fn pipelined_requests_are_all_answered_in_order() {
+    let up = Upstream::start(false);
+    let gw = gateway_for(&up);
+    let body = r#"{"library":"audio.focus"}"#;
+    let mut requests = Vec::new();
+    for i in 0..100 {
+        let request = match i % 3 {
+            0 => "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+            1 => format!(
+                "POST /v1/audio HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                gw.dev_key,
+                body.len()
+            ),
+            _ => format!("GET /p/{i} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        };
+        requests.extend_from_slice(request.as_bytes());
+    }
+    let mut stream = gw.connect(Duration::from_secs(10));
+    // All 100 in one write, before reading any answer.
+    stream.write_all(&requests).unwrap();
+    let mut reader = BufReader::new(stream);
+    for i in 0..100 {
+        let reply = common::read_raw_reply(&mut reader)
+            .unwrap_or_else(|| panic!("connection closed before answer {i}"));
+        assert_eq!(reply.status, 200, "answer {i}");
+        let v = reply.json();
+        match i % 3 {
+            0 => assert_eq!(v["status"], "ok", "answer {i}"),
+            1 => assert_eq!(v["code"], 0, "answer {i}: {v}"),
+            _ => assert_eq!(v["target"], format!("/p/{i}"), "answer {i}"),
+        }
+    }
+}
