@@ -278,7 +278,10 @@ impl ProxyHttp for AudioProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if !self.lifecycle.is_draining() {
+        // Pingora decided whether this connection may be reused (the request's `Connection`
+        // header and version; never after a request with both Content-Length and
+        // Transfer-Encoding, RFC 9112 §6.1): only a reusable one gets our idle timeout.
+        if !self.lifecycle.is_draining() && session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.limits.keepalive.as_secs()));
         }
         if header_bytes(session.req_header()) > self.limits.max_header_bytes {

@@ -1,0 +1,101 @@
+//! The front door for real traffic (SPEC §7b, issue 9), on raw connections to the real binary:
+//! connection reuse, route spellings, request targets, request ids and forwarding headers.
+
+mod common;
+
+use std::io::{BufReader, Read, Write};
+use std::time::Duration;
+
+use common::{Gateway, Upstream, read_raw_reply};
+
+const BODY: &str = r#"{"library":"audio.focus"}"#;
+
+/// Sends `request` then a pipelined `GET /healthz`; returns the answers read until close.
+fn answers_on_one_connection(gw: &Gateway, request: &str) -> Vec<common::RawReply> {
+    let mut stream = gw.connect(Duration::from_secs(10));
+    stream.write_all(request.as_bytes()).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    std::iter::from_fn(|| read_raw_reply(&mut reader)).collect()
+}
+
+#[test]
+fn a_request_with_content_length_and_transfer_encoding_closes_its_connection() {
+    let up = Upstream::start(false);
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", up.address())
+        .start();
+    let chunked = format!("{:x}\r\n{BODY}\r\n0\r\n\r\n", BODY.len());
+    for (target, auth) in [
+        (
+            "/v1/audio",
+            format!("Authorization: Bearer {}\r\n", gw.dev_key),
+        ),
+        ("/elsewhere", String::new()),
+    ] {
+        let request = format!(
+            "POST {target} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 3\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{chunked}"
+        );
+        let answers = answers_on_one_connection(&gw, &request);
+        // The body was read whole (chunked wins, RFC 9112 §6.3), then the connection closed:
+        // the pipelined request behind it is never parsed from a possibly smuggled body.
+        assert_eq!(answers.len(), 1, "{target}: {answers:?}");
+        assert_eq!(answers[0].status, 200, "{target}: {answers:?}");
+        assert_eq!(answers[0].header("connection"), Some("close"), "{target}");
+    }
+    // Without the conflict the same connection serves the next request.
+    let request = format!(
+        "POST /v1/audio HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{chunked}",
+        gw.dev_key
+    );
+    let answers = answers_on_one_connection_until(&gw, &request, 2);
+    assert_eq!(answers[0].header("connection"), Some("keep-alive"));
+    assert_eq!(answers[1].json()["status"], "ok");
+}
+
+/// Like [`answers_on_one_connection`] but stops after `n` answers (a kept-alive connection
+/// does not close by itself).
+fn answers_on_one_connection_until(gw: &Gateway, request: &str, n: usize) -> Vec<common::RawReply> {
+    let mut stream = gw.connect(Duration::from_secs(10));
+    stream.write_all(request.as_bytes()).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    (0..n)
+        .map(|i| read_raw_reply(&mut reader).unwrap_or_else(|| panic!("no answer {i}")))
+        .collect()
+}
+
+#[test]
+fn http_1_0_without_keep_alive_is_closed_after_the_answer() {
+    let gw = Gateway::start();
+    let mut stream = gw.connect(Duration::from_secs(10));
+    stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    // read_to_string returns only once the gateway closes the connection.
+    stream.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_request_refused_before_its_body_is_read_closes_its_connection() {
+    let gw = Gateway::start();
+    let request = format!(
+        "POST /v1/audio HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alp_nope\r\n\
+         Content-Length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let answers = answers_on_one_connection(&gw, &request);
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0].status, 401);
+    assert_eq!(answers[0].header("connection"), Some("close"));
+}
