@@ -17,6 +17,7 @@
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`proxy`]: the Pingora glue for the public listener.
+//! - [`route`]: which route a request takes, however its path is spelled.
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
 //! - [`admin`]: the admin API on its own listener.
 //! - [`server`]: builds the app from the config and runs the services.
@@ -40,6 +41,7 @@ pub mod locks;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;
+pub mod route;
 pub mod server;
 pub mod shutdown;
 pub mod sign;

@@ -17,6 +17,7 @@ use crate::config::{CorsOrigins, Limits};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::quota::RateInfo;
+use crate::route::Route;
 use crate::shutdown::{InFlight, Lifecycle};
 use crate::upstream::UpstreamPeers;
 
@@ -27,8 +28,7 @@ const JSON: &str = "application/json";
 /// Per-request facts for routing and the access log.
 pub struct RequestCtx {
     started: Instant,
-    /// The metrics label of the route taken.
-    route: &'static str,
+    route: Route,
     _in_flight: InFlight,
     /// The error code answered, or `None` for success and passthrough.
     code: Option<&'static str>,
@@ -269,7 +269,7 @@ impl ProxyHttp for AudioProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
-            route: "passthrough",
+            route: Route::Passthrough,
             _in_flight: self.lifecycle.enter(),
             code: None,
             key_prefix: None,
@@ -285,23 +285,18 @@ impl ProxyHttp for AudioProxy {
             session.set_keepalive(Some(self.limits.keepalive.as_secs()));
         }
         if header_bytes(session.req_header()) > self.limits.max_header_bytes {
-            ctx.route = "rejected";
+            ctx.route = Route::Rejected;
             self.respond_error(session, ctx, ApiError::HeadersTooLarge, None)
                 .await?;
             return Ok(true);
         }
-        ctx.route = match session.req_header().uri.path() {
-            "/v1/audio" => "audio",
-            "/healthz" => "healthz",
-            "/readyz" => "readyz",
-            _ if self.upstream.is_some() => return Ok(false),
-            _ => "not_found",
-        };
+        ctx.route = Route::of(session.req_header().uri.path(), self.upstream.is_some());
         match ctx.route {
-            "audio" => self.audio(session, ctx).await?,
-            "healthz" => self.health(session, false).await?,
-            "readyz" => self.health(session, true).await?,
-            _ => {
+            Route::Passthrough => return Ok(false),
+            Route::Audio => self.audio(session, ctx).await?,
+            Route::Healthz => self.health(session, false).await?,
+            Route::Readyz => self.health(session, true).await?,
+            Route::NotFound | Route::Rejected => {
                 self.respond_error(session, ctx, ApiError::NotFound, None)
                     .await?
             }
@@ -424,7 +419,7 @@ impl ProxyHttp for AudioProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         self.metrics.observe_request(
-            ctx.route,
+            ctx.route.label(),
             status,
             ctx.code.unwrap_or("ok"),
             elapsed.as_secs_f64(),

@@ -99,3 +99,52 @@ fn a_request_refused_before_its_body_is_read_closes_its_connection() {
     assert_eq!(answers[0].status, 401);
     assert_eq!(answers[0].header("connection"), Some("close"));
 }
+
+/// One request on a fresh connection; its answer.
+fn exchange(gw: &Gateway, request: &[u8]) -> common::RawReply {
+    let mut stream = gw.connect(Duration::from_secs(10));
+    stream.write_all(request).unwrap();
+    read_raw_reply(&mut BufReader::new(stream)).expect("an answer")
+}
+
+fn audio_request(target: &str, key: &str) -> Vec<u8> {
+    format!(
+        "POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn every_spelling_of_the_audio_route_is_answered_by_the_gateway() {
+    let up = Upstream::start(false);
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", up.address())
+        .start();
+    for target in [
+        "/v1/audio",
+        "/v1/audio/",
+        "//v1/audio",
+        "/v1/%61udio",
+        "/v1/./audio",
+        "/x/../v1/audio",
+        "/v1/audio?x=1",
+    ] {
+        let reply = exchange(&gw, &audio_request(target, &gw.dev_key));
+        assert_eq!(reply.header("x-upstream"), None, "{target} was forwarded");
+        assert_eq!(reply.status, 200, "{target}");
+        assert_eq!(reply.json()["code"], 0, "{target}");
+        // A refusal is ours too, in the JSON shape.
+        let reply = exchange(&gw, &audio_request(target, "alp_nope"));
+        assert_eq!(reply.header("x-upstream"), None, "{target} was forwarded");
+        assert_eq!(reply.status, 401, "{target}");
+        assert_eq!(reply.json()["code"], "INVALID_KEY_FORMAT", "{target}");
+    }
+    // Near misses are not ours: they pass through exactly as sent.
+    for target in ["/v1/audios", "/v1/audio/x", "/v1%2Faudio"] {
+        let reply = exchange(&gw, &audio_request(target, "alp_nope"));
+        assert_eq!(reply.header("x-upstream"), Some("yes"), "{target}");
+        assert_eq!(reply.json()["target"], target);
+    }
+}
