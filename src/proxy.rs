@@ -17,7 +17,7 @@ use crate::config::{CorsOrigins, Limits};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::quota::RateInfo;
-use crate::route::Route;
+use crate::route::{Route, has_control_chars};
 use crate::shutdown::{InFlight, Lifecycle};
 use crate::upstream::UpstreamPeers;
 
@@ -287,6 +287,12 @@ impl ProxyHttp for AudioProxy {
         if header_bytes(session.req_header()) > self.limits.max_header_bytes {
             ctx.route = Route::Rejected;
             self.respond_error(session, ctx, ApiError::HeadersTooLarge, None)
+                .await?;
+            return Ok(true);
+        }
+        if has_control_chars(session.req_header().raw_path()) {
+            ctx.route = Route::Rejected;
+            self.respond_error(session, ctx, ApiError::BadRequest, None)
                 .await?;
             return Ok(true);
         }

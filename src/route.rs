@@ -107,9 +107,57 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Whether a request target holds a control character (below 0x20, or 0x7f), raw or
+/// percent-encoded. Both are refused: Pingora percent-encodes raw control bytes before any
+/// filter sees the target, so the two cannot be told apart here, and a decoded NUL, CR or LF
+/// in a path or query is how truncation and header injection reach an origin.
+pub fn has_control_chars(target: &[u8]) -> bool {
+    let control = |b: u8| b < 0x20 || b == 0x7f;
+    target.iter().enumerate().any(|(i, &b)| {
+        control(b)
+            || b == b'%'
+                && matches!(
+                    (target.get(i + 1).copied().and_then(hex), target.get(i + 2).copied().and_then(hex)),
+                    (Some(hi), Some(lo)) if control(hi * 16 + lo)
+                )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_raw_or_encoded() {
+        for target in [
+            &b"/a\0b"[..],
+            b"/a\rb",
+            b"/a\nb",
+            b"/a\tb",
+            b"/a\x1fb",
+            b"/a\x7fb",
+            b"/a?q=\x01",
+            b"/a%00b",
+            b"/a%0d%0Ab",
+            b"/a%1F",
+            b"/a%7f",
+            b"/a?q=x%0a",
+        ] {
+            assert!(has_control_chars(target), "{}", target.escape_ascii());
+        }
+        for target in [
+            &b"/a%20b"[..],
+            b"/a%2Fb",
+            b"/%",
+            b"/%0",
+            b"/%0g",
+            b"/a%80",
+            b"/\xc3\xbcber",
+            b"/a?q=%7E",
+        ] {
+            assert!(!has_control_chars(target), "{}", target.escape_ascii());
+        }
+    }
 
     #[test]
     fn normalisation() {

@@ -148,3 +148,46 @@ fn every_spelling_of_the_audio_route_is_answered_by_the_gateway() {
         assert_eq!(reply.json()["target"], target);
     }
 }
+
+#[test]
+fn request_targets_with_control_characters_are_refused_not_forwarded() {
+    let up = Upstream::start(false);
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", up.address())
+        .start();
+    let mut targets: Vec<Vec<u8>> = Vec::new();
+    for byte in [0x00u8, 0x01, 0x09, 0x0d, 0x1b, 0x1f, 0x7f] {
+        targets.push([&b"/p/a"[..], &[byte], b"b"].concat());
+        targets.push([&b"/p?q=a"[..], &[byte], b"b"].concat());
+        targets.push([&b"/v1/audio"[..], &[byte]].concat());
+    }
+    for encoded in ["%00", "%0a", "%0D", "%0d%0aX-Injected:%20yes", "%1F", "%7f"] {
+        targets.push(format!("/p/a{encoded}b").into_bytes());
+        targets.push(format!("/p?q={encoded}").into_bytes());
+    }
+    for target in &targets {
+        let request = [&b"GET "[..], target, b" HTTP/1.1\r\nHost: x\r\n\r\n"].concat();
+        let reply = exchange(&gw, &request);
+        let shown = target.escape_ascii().to_string();
+        assert_eq!(reply.header("x-upstream"), None, "{shown} was forwarded");
+        assert_eq!(reply.status, 400, "{shown}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/json"),
+            "{shown}"
+        );
+        assert_eq!(
+            reply.json(),
+            serde_json::json!({"error": "Malformed HTTP request", "code": "BAD_REQUEST"}),
+            "{shown}"
+        );
+    }
+    // A raw LF ends the request line early: Pingora's parser refuses it (400, no body)
+    // before any filter runs. Never forwarded either.
+    let reply = exchange(&gw, b"GET /p/a\nb HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!((reply.status, reply.header("x-upstream")), (400, None));
+    // Encoded characters that are not controls still pass.
+    let reply = exchange(&gw, b"GET /p/a%20b?q=%7E HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(reply.header("x-upstream"), Some("yes"));
+    assert_eq!(reply.json()["target"], "/p/a%20b?q=%7E");
+}
