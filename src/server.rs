@@ -18,7 +18,7 @@ use crate::api::Gateway;
 use crate::cache::KeyCache;
 use crate::catalog::CatalogHandle;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
 use crate::proxy::{AudioProxy, ClientConnections};
@@ -46,7 +46,10 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
     let store_metrics = StoreMetrics::new();
     store_metrics.register_in(&metrics);
     let backend: Arc<dyn Store> = match &config.redis_url {
-        Some(urls) => Arc::new(RedisStore::new(urls, config.store_timeout)?),
+        Some(urls) => Arc::new(
+            RedisStore::new(urls.expose(), config.store_timeout)
+                .map_err(|e| config::redact_passwords_in(&e, urls.expose()))?,
+        ),
         None => Arc::new(MemoryStore::new()),
     };
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(backend, store_metrics));
@@ -309,7 +312,7 @@ pub fn run(config: Config) -> Result<(), String> {
         AdminApi::new(
             app.keys.clone(),
             app.metrics.clone(),
-            config.admin_token.as_deref(),
+            config.admin_token.as_ref().map(config::Secret::expose),
         ),
     );
     admin.add_tcp(&config.admin_listen.to_string());

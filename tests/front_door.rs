@@ -191,3 +191,62 @@ fn request_targets_with_control_characters_are_refused_not_forwarded() {
     assert_eq!(reply.header("x-upstream"), Some("yes"));
     assert_eq!(reply.json()["target"], "/p/a%20b?q=%7E");
 }
+
+#[test]
+fn secrets_never_reach_the_log() {
+    const PASSWORD: &str = "RedisPw-0123456789-secret";
+    let redis = common::RedisServer::start_with(&[
+        "--user",
+        "gw",
+        "on",
+        &format!(">{PASSWORD}"),
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    let url = format!("redis://gw:{PASSWORD}@127.0.0.1:{}", redis.port);
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", url)
+        .env("RUST_LOG", "debug")
+        .start();
+    let (_, key) = gw.create_key("free", None);
+    assert_eq!(gw.post_audio(&key, BODY).status, 200);
+    let shown = format!(
+        "subscribed to key invalidations on redis://gw:***@127.0.0.1:{}",
+        redis.port
+    );
+    common::wait_until("the subscription line", Duration::from_secs(10), || {
+        gw.log_text().contains(&shown)
+    });
+    let log = gw.log_text();
+    for secret in [PASSWORD, common::ADMIN_TOKEN, "test-secret", &key] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}
+
+#[test]
+fn secrets_never_reach_start_up_errors() {
+    let (ok, _, err) = common::run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_audiolib"))
+            .arg("serve")
+            .env_clear()
+            .env(
+                "AUDIOLIB_REDIS_URL",
+                "http://gw:LeakedPw-secret@127.0.0.1:1",
+            )
+            .env("AUDIOLIB_ADMIN_TOKEN", "short-Token"),
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("'http://gw:***@127.0.0.1:1' is not a redis://"),
+        "{err}"
+    );
+    assert!(
+        err.contains("`admin_token` (AUDIOLIB_ADMIN_TOKEN)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("LeakedPw-secret") && !err.contains("short-Token"),
+        "{err}"
+    );
+}
