@@ -17,6 +17,7 @@
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`proxy`]: the Pingora glue for the public listener.
+//! - [`request_id`]: the `X-Request-Id` kept or generated for each request.
 //! - [`route`]: which route a request takes, however its path is spelled.
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
 //! - [`admin`]: the admin API on its own listener.
@@ -41,6 +42,7 @@ pub mod locks;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;
+pub mod request_id;
 pub mod route;
 pub mod server;
 pub mod shutdown;

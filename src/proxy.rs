@@ -17,6 +17,7 @@ use crate::config::{CorsOrigins, Limits};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::quota::RateInfo;
+use crate::request_id;
 use crate::route::{Route, has_control_chars};
 use crate::shutdown::{InFlight, Lifecycle};
 use crate::upstream::UpstreamPeers;
@@ -33,6 +34,8 @@ pub struct RequestCtx {
     /// The error code answered, or `None` for success and passthrough.
     code: Option<&'static str>,
     key_prefix: Option<String>,
+    /// Set in `request_filter`, before anything can be answered.
+    request_id: Option<HeaderValue>,
     /// Upstream peers tried for this request (each address at most once).
     upstream_tries: usize,
 }
@@ -91,8 +94,9 @@ impl AudioProxy {
         Ok(())
     }
 
-    async fn preflight(&self, session: &mut Session) -> Result<()> {
-        let mut resp = ResponseHeader::build(204, Some(8))?;
+    async fn preflight(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
+        let mut resp = ResponseHeader::build(204, Some(9))?;
+        add_request_id(ctx, &mut resp)?;
         self.add_cors(session.req_header(), &mut resp)?;
         resp.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, "POST, OPTIONS")?;
         resp.insert_header(
@@ -108,6 +112,7 @@ impl AudioProxy {
     async fn respond(
         &self,
         session: &mut Session,
+        ctx: &RequestCtx,
         status: u16,
         body: Bytes,
         error: Option<&ApiError>,
@@ -117,7 +122,8 @@ impl AudioProxy {
             session.set_keepalive(None);
         }
         // Static values: nothing is parsed or copied for them.
-        let mut resp = ResponseHeader::build(status, Some(10))?;
+        let mut resp = ResponseHeader::build(status, Some(11))?;
+        add_request_id(ctx, &mut resp)?;
         resp.insert_header(header::CONTENT_TYPE, HeaderValue::from_static(JSON))?;
         resp.insert_header(header::CONTENT_LENGTH, body.len())?;
         resp.insert_header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))?;
@@ -155,14 +161,14 @@ impl AudioProxy {
         rate: Option<&RateInfo>,
     ) -> Result<()> {
         ctx.code = Some(e.code());
-        self.respond(session, e.status(), e.body(), Some(&e), rate)
+        self.respond(session, ctx, e.status(), e.body(), Some(&e), rate)
             .await
     }
 
     async fn audio(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         let method = &session.req_header().method;
         if method == Method::OPTIONS {
-            return self.preflight(session).await;
+            return self.preflight(session, ctx).await;
         }
         if method != Method::POST {
             return self
@@ -191,7 +197,10 @@ impl AudioProxy {
         };
         let Outcome { result, rate } = self.gateway.audio(&key, &body).await;
         match result {
-            Ok(body) => self.respond(session, 200, body, None, rate.as_ref()).await,
+            Ok(body) => {
+                self.respond(session, ctx, 200, body, None, rate.as_ref())
+                    .await
+            }
             Err(e) => self.respond_error(session, ctx, e, rate.as_ref()).await,
         }
     }
@@ -230,7 +239,7 @@ impl AudioProxy {
         }
     }
 
-    async fn health(&self, session: &mut Session, ready: bool) -> Result<()> {
+    async fn health(&self, session: &mut Session, ctx: &RequestCtx, ready: bool) -> Result<()> {
         let (status, body) = if !ready {
             (200, Bytes::from_static(b"{\"status\":\"ok\"}"))
         } else {
@@ -247,8 +256,16 @@ impl AudioProxy {
                 Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
             )
         };
-        self.respond(session, status, body, None, None).await
+        self.respond(session, ctx, status, body, None, None).await
     }
+}
+
+/// Every answer carries the request's id (passthrough answers get ours, not the upstream's).
+fn add_request_id(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
+    if let Some(id) = &ctx.request_id {
+        resp.insert_header(request_id::HEADER, id.clone())?;
+    }
+    Ok(())
 }
 
 /// The size of the request head as sent: request line and `name: value\r\n` per header.
@@ -273,11 +290,13 @@ impl ProxyHttp for AudioProxy {
             _in_flight: self.lifecycle.enter(),
             code: None,
             key_prefix: None,
+            request_id: None,
             upstream_tries: 0,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.request_id = Some(request_id::of(&session.req_header().headers));
         // Pingora decided whether this connection may be reused (the request's `Connection`
         // header and version; never after a request with both Content-Length and
         // Transfer-Encoding, RFC 9112 §6.1): only a reusable one gets our idle timeout.
@@ -300,8 +319,8 @@ impl ProxyHttp for AudioProxy {
         match ctx.route {
             Route::Passthrough => return Ok(false),
             Route::Audio => self.audio(session, ctx).await?,
-            Route::Healthz => self.health(session, false).await?,
-            Route::Readyz => self.health(session, true).await?,
+            Route::Healthz => self.health(session, ctx, false).await?,
+            Route::Readyz => self.health(session, ctx, true).await?,
             Route::NotFound | Route::Rejected => {
                 self.respond_error(session, ctx, ApiError::NotFound, None)
                     .await?
@@ -349,8 +368,11 @@ impl ProxyHttp for AudioProxy {
         &self,
         _session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(id) = &ctx.request_id {
+            upstream_request.insert_header(request_id::HEADER, id.clone())?;
+        }
         if let Some(host) = self
             .upstream
             .as_ref()
@@ -364,9 +386,10 @@ impl ProxyHttp for AudioProxy {
     async fn response_filter(
         &self,
         session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        add_request_id(ctx, upstream_response)?;
         // A passthrough answer finishing during shutdown closes its connection.
         if self.lifecycle.is_draining() {
             session.set_keepalive(None);
@@ -434,12 +457,16 @@ impl ProxyHttp for AudioProxy {
             let req = session.req_header();
             log::info!(
                 target: "access",
-                "{} {} {} {} {}us key={}",
+                "{} {} {} {} {}us id={} key={}",
                 req.method,
                 req.uri.path(),
                 status,
                 ctx.code.unwrap_or("-"),
                 elapsed.as_micros(),
+                ctx.request_id
+                    .as_ref()
+                    .and_then(|id| id.to_str().ok())
+                    .unwrap_or("-"),
                 ctx.key_prefix.as_deref().unwrap_or("-"),
             );
         }

@@ -250,3 +250,88 @@ fn secrets_never_reach_start_up_errors() {
         "{err}"
     );
 }
+
+/// The values of `name` the python upstream reports having received.
+fn upstream_saw(report: &serde_json::Value, name: &str) -> Vec<String> {
+    report["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
+        .map(|h| h[1].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn is_generated(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[test]
+fn request_ids_are_kept_or_generated_answered_forwarded_and_logged() {
+    let up = Upstream::start(false);
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", up.address())
+        .start();
+    let get = |path: &str, id: Option<&str>| {
+        let mut req = common::agent().get(gw.url(path));
+        if let Some(id) = id {
+            req = req.header("X-Request-Id", id);
+        }
+        common::read_reply(req.call().unwrap())
+    };
+
+    // Kept, on our answers and on passthrough (to the upstream and back).
+    let reply = get("/p", Some("trace-01.A_b"));
+    assert_eq!(reply.header("x-request-id"), Some("trace-01.A_b"));
+    assert_eq!(
+        upstream_saw(&reply.json(), "x-request-id"),
+        ["trace-01.A_b"]
+    );
+    assert_eq!(
+        get("/healthz", Some("h-1")).header("x-request-id"),
+        Some("h-1")
+    );
+
+    // Replaced when not acceptable: the upstream sees the same new id as the client.
+    let too_long = "a".repeat(129);
+    for bad in ["has space", "a/b", too_long.as_str(), "ü"] {
+        let reply = get("/p", Some(bad));
+        let id = reply.header("x-request-id").unwrap().to_string();
+        assert!(is_generated(&id), "{bad:?} → {id}");
+        assert_eq!(upstream_saw(&reply.json(), "x-request-id"), [id]);
+    }
+    let max = "b".repeat(128);
+    assert_eq!(
+        get("/p", Some(&max)).header("x-request-id"),
+        Some(max.as_str())
+    );
+
+    // Generated on every kind of answer, each its own.
+    let a = get("/healthz", None)
+        .header("x-request-id")
+        .unwrap()
+        .to_string();
+    let b = get("/healthz", None)
+        .header("x-request-id")
+        .unwrap()
+        .to_string();
+    assert!(is_generated(&a) && is_generated(&b) && a != b);
+    let audio = gw.post_audio(&gw.dev_key, BODY);
+    assert!(is_generated(audio.header("x-request-id").unwrap()));
+    let refused = gw.post_audio("alp_nope", BODY);
+    assert!(is_generated(refused.header("x-request-id").unwrap()));
+    let bad_target = exchange(&gw, b"GET /p%00 HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(is_generated(bad_target.header("x-request-id").unwrap()));
+    drop(up);
+    let down = get("/p", Some("down-1"));
+    down.assert_error(502, "BAD_GATEWAY");
+    assert_eq!(down.header("x-request-id"), Some("down-1"));
+
+    // And in the access log.
+    common::wait_until("the access line", Duration::from_secs(5), || {
+        gw.log_text().contains("GET /p 502 BAD_GATEWAY")
+    });
+    let log = gw.log_text();
+    let line = log.lines().find(|l| l.contains("GET /p 502")).unwrap();
+    assert!(line.contains(" id=down-1 key=-"), "{line}");
+}
