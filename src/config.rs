@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::forwarding::Cidr;
 use crate::sign::{Credentials, MAX_TTL_SECS, S3Location};
 
 /// The file as written. Every field is optional: a missing one takes its default.
@@ -26,6 +27,7 @@ pub struct FileConfig {
     pub upstream_host: Option<String>,
     pub upstream_ca_file: Option<PathBuf>,
     pub cors_origins: Option<Vec<String>>,
+    pub trusted_proxies: Option<Vec<String>>,
     pub max_body_bytes: Option<usize>,
     pub default_plan: Option<String>,
     pub shutdown_grace_secs: Option<u64>,
@@ -148,6 +150,8 @@ pub struct Config {
     /// CA bundle for verifying a TLS upstream instead of the system roots.
     pub upstream_ca_file: Option<PathBuf>,
     pub cors: CorsOrigins,
+    /// Peers whose `X-Forwarded-*` headers are believed (and appended to).
+    pub trusted_proxies: Vec<Cidr>,
     pub max_body_bytes: usize,
     /// May hold a password: a [`Secret`]; logs show it through [`redact_url`].
     pub redis_url: Option<Secret>,
@@ -442,6 +446,21 @@ impl Config {
             CorsOrigins::List(cors)
         };
 
+        let trusted_proxies = match env.get("AUDIOLIB_TRUSTED_PROXIES") {
+            Some(raw) => raw.split(',').map(|s| s.trim().to_string()).collect(),
+            None => file.trusted_proxies.unwrap_or_default(),
+        };
+        let trusted_proxies = trusted_proxies
+            .iter()
+            .filter_map(|raw| match raw.parse::<Cidr>() {
+                Ok(cidr) => Some(cidr),
+                Err(e) => {
+                    p.add("trusted_proxies", Some("AUDIOLIB_TRUSTED_PROXIES"), e);
+                    None
+                }
+            })
+            .collect();
+
         let max_body_bytes = pick(
             p,
             env,
@@ -705,6 +724,7 @@ impl Config {
             upstream,
             upstream_ca_file,
             cors,
+            trusted_proxies,
             max_body_bytes,
             redis_url,
             failure_policy,

@@ -16,6 +16,7 @@
 //! - [`sign`]: SigV4 presigned S3 URLs.
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
+//! - [`forwarding`]: `X-Forwarded-For`/`-Proto` for the upstream, and `trusted_proxies`.
 //! - [`proxy`]: the Pingora glue for the public listener.
 //! - [`request_id`]: the `X-Request-Id` kept or generated for each request.
 //! - [`route`]: which route a request takes, however its path is spelled.
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod forwarding;
 pub mod keys;
 pub mod ledger;
 pub mod locks;

@@ -15,6 +15,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::api::{Gateway, Outcome};
 use crate::config::{CorsOrigins, Limits};
 use crate::error::ApiError;
+use crate::forwarding::{self, Cidr};
 use crate::metrics::Metrics;
 use crate::quota::RateInfo;
 use crate::request_id;
@@ -44,6 +45,7 @@ pub struct AudioProxy {
     gateway: Arc<Gateway>,
     cors: CorsOrigins,
     upstream: Option<Arc<UpstreamPeers>>,
+    trusted_proxies: Vec<Cidr>,
     limits: Limits,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
@@ -54,6 +56,7 @@ impl AudioProxy {
         gateway: Arc<Gateway>,
         cors: CorsOrigins,
         upstream: Option<Arc<UpstreamPeers>>,
+        trusted_proxies: Vec<Cidr>,
         limits: Limits,
         metrics: Arc<Metrics>,
         lifecycle: Arc<Lifecycle>,
@@ -62,6 +65,7 @@ impl AudioProxy {
             gateway,
             cors,
             upstream,
+            trusted_proxies,
             limits,
             metrics,
             lifecycle,
@@ -366,13 +370,19 @@ impl ProxyHttp for AudioProxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(id) = &ctx.request_id {
             upstream_request.insert_header(request_id::HEADER, id.clone())?;
         }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        forwarding::apply(upstream_request, peer, &self.trusted_proxies, https)?;
         if let Some(host) = self
             .upstream
             .as_ref()

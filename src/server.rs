@@ -286,6 +286,7 @@ pub fn run(config: Config) -> Result<(), String> {
             app.gateway.clone(),
             config.cors.clone(),
             upstream,
+            config.trusted_proxies.clone(),
             config.limits.clone(),
             app.metrics.clone(),
             lifecycle.clone(),

@@ -29,6 +29,7 @@ fn shipped_config_parses_to_exactly_this() {
         upstream: None,
         upstream_ca_file: None,
         cors: CorsOrigins::Any,
+        trusted_proxies: vec![],
         max_body_bytes: 16384,
         redis_url: None,
         failure_policy: FailurePolicy::FailOpen,
@@ -102,7 +103,12 @@ fn config_check_names_the_setting_and_the_problem() {
 
     /// (file text, environment, expected part of the message)
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 7] = [
+    let cases: [Case; 8] = [
+        (
+            "",
+            &[("AUDIOLIB_TRUSTED_PROXIES", "10.0.0.0/8, 10.0.0.0/33")],
+            "`trusted_proxies` (AUDIOLIB_TRUSTED_PROXIES): '10.0.0.0/33' is not an IP address or network like 10.0.0.0/8",
+        ),
         ("listen = 8080\n", &[], "gateway.toml:1:"),
         (
             "bogus = true\n",

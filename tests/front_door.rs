@@ -335,3 +335,56 @@ fn request_ids_are_kept_or_generated_answered_forwarded_and_logged() {
     let line = log.lines().find(|l| l.contains("GET /p 502")).unwrap();
     assert!(line.contains(" id=down-1 key=-"), "{line}");
 }
+
+/// What the upstream saw of the forwarding headers for one passthrough request.
+fn forwarded(gw: &Gateway, headers: &[(&str, &str)]) -> serde_json::Value {
+    let mut req = common::agent().get(gw.url("/fwd"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let report = common::read_reply(req.call().unwrap()).json();
+    serde_json::json!({
+        "for": upstream_saw(&report, "x-forwarded-for"),
+        "proto": upstream_saw(&report, "x-forwarded-proto"),
+        "host": upstream_saw(&report, "x-forwarded-host"),
+    })
+}
+
+#[test]
+fn forwarding_headers_are_set_and_trusted_only_from_trusted_proxies() {
+    let up = Upstream::start(false);
+    let forged = [
+        ("X-Forwarded-For", "1.2.3.4"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "app.example"),
+    ];
+    // Default: nobody is trusted; what the client sent is replaced.
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", up.address())
+        .start();
+    let ours = serde_json::json!({"for": ["127.0.0.1"], "proto": ["http"], "host": []});
+    assert_eq!(forwarded(&gw, &forged), ours);
+    assert_eq!(forwarded(&gw, &[]), ours);
+    drop(gw);
+
+    // Loopback trusted: the chain is appended to, the proto kept.
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", up.address())
+        .env("AUDIOLIB_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")
+        .start();
+    assert_eq!(
+        forwarded(&gw, &forged),
+        serde_json::json!({
+            "for": ["1.2.3.4, 127.0.0.1"], "proto": ["https"], "host": ["app.example"]
+        })
+    );
+    assert_eq!(forwarded(&gw, &[]), ours);
+    drop(gw);
+
+    // Trusting someone else does not trust us.
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", up.address())
+        .env("AUDIOLIB_TRUSTED_PROXIES", "10.0.0.0/8")
+        .start();
+    assert_eq!(forwarded(&gw, &forged), ours);
+}
