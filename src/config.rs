@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access_log::LogFormat;
 use crate::forwarding::Cidr;
 use crate::sign::{Credentials, MAX_TTL_SECS, S3Location};
 
@@ -40,6 +41,14 @@ pub struct FileConfig {
     pub limits: LimitsFile,
     #[serde(default)]
     pub key_cache: KeyCacheFile,
+    #[serde(default)]
+    pub log: LogFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +175,8 @@ pub struct Config {
     pub limits: Limits,
     pub key_cache: KeyCacheConfig,
     pub shutdown_grace: Duration,
+    /// Access log lines: `text` or `json`.
+    pub log_format: LogFormat,
 }
 
 /// A setting that must never reach a log, an error message or `Debug` output (the admin
@@ -711,6 +722,20 @@ impl Config {
             .unwrap_or(10),
         );
 
+        let log_format =
+            match pick(p, env, "AUDIOLIB_LOG_FORMAT", "log.format", file.log.format).as_deref() {
+                None | Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    p.add(
+                        "log.format",
+                        Some("AUDIOLIB_LOG_FORMAT"),
+                        format!("'{other}' is not one of text, json"),
+                    );
+                    LogFormat::Text
+                }
+            };
+
         if !p.0.is_empty() {
             return Err(std::mem::take(&mut p.0));
         }
@@ -743,6 +768,7 @@ impl Config {
             limits,
             key_cache,
             shutdown_grace,
+            log_format,
         })
     }
 

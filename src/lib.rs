@@ -16,6 +16,7 @@
 //! - [`sign`]: SigV4 presigned S3 URLs.
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
+//! - [`access_log`]: one line per request, written by its own thread (`text` or `json`).
 //! - [`forwarding`]: `X-Forwarded-For`/`-Proto` for the upstream, and `trusted_proxies`.
 //! - [`proxy`]: the Pingora glue for the public listener.
 //! - [`request_id`]: the `X-Request-Id` kept or generated for each request.
@@ -28,6 +29,7 @@
 //! - [`clock`]: injectable time.
 //! - [`locks`]: poison-tolerant std locks and a per-key map of shared entries.
 
+pub mod access_log;
 pub mod admin;
 pub mod api;
 pub mod auth;

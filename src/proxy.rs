@@ -2,7 +2,7 @@
 //! `request_filter`, and passes everything else through to the upstream unchanged.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -12,6 +12,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::access_log::{AccessLog, Entry};
 use crate::api::{Gateway, Outcome};
 use crate::config::{CorsOrigins, Limits};
 use crate::error::ApiError;
@@ -41,37 +42,21 @@ pub struct RequestCtx {
     upstream_tries: usize,
 }
 
+/// The public listener's application. Built field by field in `server::run`, the one place
+/// that wires it.
 pub struct AudioProxy {
-    gateway: Arc<Gateway>,
-    cors: CorsOrigins,
-    upstream: Option<Arc<UpstreamPeers>>,
-    trusted_proxies: Vec<Cidr>,
-    limits: Limits,
-    metrics: Arc<Metrics>,
-    lifecycle: Arc<Lifecycle>,
+    pub gateway: Arc<Gateway>,
+    pub cors: CorsOrigins,
+    /// `None`: other paths answer 404 NOT_FOUND.
+    pub upstream: Option<Arc<UpstreamPeers>>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Arc<AccessLog>,
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 impl AudioProxy {
-    pub fn new(
-        gateway: Arc<Gateway>,
-        cors: CorsOrigins,
-        upstream: Option<Arc<UpstreamPeers>>,
-        trusted_proxies: Vec<Cidr>,
-        limits: Limits,
-        metrics: Arc<Metrics>,
-        lifecycle: Arc<Lifecycle>,
-    ) -> Self {
-        Self {
-            gateway,
-            cors,
-            upstream,
-            trusted_proxies,
-            limits,
-            metrics,
-            lifecycle,
-        }
-    }
-
     /// The `Access-Control-Allow-Origin` value for this request, if its origin is allowed.
     fn allowed_origin(&self, req: &RequestHeader) -> Option<HeaderValue> {
         match &self.cors {
@@ -463,22 +448,19 @@ impl ProxyHttp for AudioProxy {
             ctx.code.unwrap_or("ok"),
             elapsed.as_secs_f64(),
         );
-        if log::log_enabled!(target: "access", log::Level::Info) {
+        if self.access_log.enabled() {
+            // Owned facts only: formatting and writing happen on the log thread.
             let req = session.req_header();
-            log::info!(
-                target: "access",
-                "{} {} {} {} {}us id={} key={}",
-                req.method,
-                req.uri.path(),
+            self.access_log.record(Entry {
+                at: SystemTime::now(),
+                method: req.method.clone(),
+                uri: req.uri.clone(),
                 status,
-                ctx.code.unwrap_or("-"),
-                elapsed.as_micros(),
-                ctx.request_id
-                    .as_ref()
-                    .and_then(|id| id.to_str().ok())
-                    .unwrap_or("-"),
-                ctx.key_prefix.as_deref().unwrap_or("-"),
-            );
+                code: ctx.code,
+                micros: elapsed.as_micros() as u64,
+                request_id: ctx.request_id.take(),
+                key_prefix: ctx.key_prefix.take(),
+            });
         }
     }
 }

@@ -13,6 +13,7 @@ use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::access_log::AccessLog;
 use crate::admin::AdminApi;
 use crate::api::Gateway;
 use crate::cache::KeyCache;
@@ -281,16 +282,19 @@ pub fn run(config: Config) -> Result<(), String> {
         server.add_service(background_service("upstream resolver", Resolver { peers }))
     });
 
+    let access_log = Arc::new(AccessLog::start(config.log_format)?);
+    app.metrics.register(access_log.dropped.clone());
     let mut proxy = pingora::proxy::HttpProxy::new(
-        AudioProxy::new(
-            app.gateway.clone(),
-            config.cors.clone(),
+        AudioProxy {
+            gateway: app.gateway.clone(),
+            cors: config.cors.clone(),
             upstream,
-            config.trusted_proxies.clone(),
-            config.limits.clone(),
-            app.metrics.clone(),
-            lifecycle.clone(),
-        ),
+            trusted_proxies: config.trusted_proxies.clone(),
+            limits: config.limits.clone(),
+            metrics: app.metrics.clone(),
+            access_log,
+            lifecycle: lifecycle.clone(),
+        },
         server.configuration.clone(),
     );
     proxy.handle_init_modules();

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use audiolib::access_log::LogFormat;
 use audiolib::config::{
     Config, CorsOrigins, FailurePolicy, KeyCacheConfig, Limits, Plan, read_file,
 };
@@ -77,6 +78,7 @@ fn shipped_config_parses_to_exactly_this() {
             negative_ttl: Duration::from_secs(5),
         },
         shutdown_grace: Duration::from_secs(10),
+        log_format: LogFormat::Text,
     };
     assert_eq!(config, expected);
 }
@@ -103,7 +105,12 @@ fn config_check_names_the_setting_and_the_problem() {
 
     /// (file text, environment, expected part of the message)
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 8] = [
+    let cases: [Case; 9] = [
+        (
+            "[log]\nformat = \"xml\"\n",
+            &[],
+            "`log.format` (AUDIOLIB_LOG_FORMAT): 'xml' is not one of text, json",
+        ),
         (
             "",
             &[("AUDIOLIB_TRUSTED_PROXIES", "10.0.0.0/8, 10.0.0.0/33")],

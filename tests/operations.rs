@@ -161,6 +161,7 @@ fn metrics_count_requests_cache_store_and_catalog() {
     );
     assert_eq!(value("audiolib_catalog_version"), 1.0);
     assert_eq!(value("audiolib_catalog_load_errors_total"), 0.0);
+    assert_eq!(value("audiolib_access_log_dropped_total"), 0.0);
     // Metrics never name a key.
     assert!(!text.contains(&key) && !text.contains(&key[..8]));
 }
@@ -179,6 +180,7 @@ fn access_log_has_one_line_per_request_and_never_the_key() {
     let log = gw.log_text();
     let lines: Vec<&str> = log.lines().filter(ours).collect();
     assert!(lines[0].contains("POST /v1/audio 200 - "), "{}", lines[0]);
+    assert!(lines[0].contains("us id="), "{}", lines[0]);
     assert!(
         lines[0].ends_with(&format!("key={}", &key[..8])),
         "{}",
@@ -246,4 +248,50 @@ fn slow_request_heads_are_cut_off_without_slowing_others() {
     );
     assert!(took < Duration::from_secs(5), "cut off after {took:?}");
     eprintln!("slow head cut off after {took:?}");
+}
+
+#[test]
+fn access_log_in_json_has_one_object_per_request_and_never_the_key() {
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_LOG_FORMAT", "json")
+        .start();
+    let (_, key) = gw.create_key("free", None);
+    assert_eq!(gw.post_audio(&key, BODY).status, 200);
+    gw.post_audio(&key, r#"{"library":"audio.nope"}"#);
+    read_reply(
+        agent()
+            .get(gw.url("/elsewhere?q=1"))
+            .header("X-Request-Id", "trace-7")
+            .call()
+            .unwrap(),
+    );
+    let ours = |v: &serde_json::Value| v["path"] != "/healthz";
+    let objects = || -> Vec<serde_json::Value> {
+        gw.log_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .filter(ours)
+            .collect()
+    };
+    wait_until("access lines", Duration::from_secs(5), || {
+        objects().len() >= 3
+    });
+    let lines = objects();
+    assert_eq!(lines[0]["method"], "POST");
+    assert_eq!(lines[0]["path"], "/v1/audio");
+    assert_eq!(lines[0]["status"], 200);
+    assert!(lines[0]["code"].is_null());
+    assert_eq!(lines[0]["key"], &key[..8]);
+    assert!(lines[0]["latency_us"].as_u64().is_some());
+    assert_eq!(lines[0]["request_id"].as_str().unwrap().len(), 32);
+    assert!(lines[0]["ts"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["code"], "LIBRARY_NOT_FOUND");
+    assert_eq!(lines[2]["path"], "/elsewhere");
+    assert_eq!(lines[2]["status"], 404);
+    assert_eq!(lines[2]["request_id"], "trace-7");
+    assert!(lines[2]["key"].is_null());
+    let log = gw.log_text();
+    assert!(!log.contains(&key), "the full key must never be logged");
+    assert!(!log.contains(" access]"), "no text lines in json mode");
 }
