@@ -1,6 +1,7 @@
 //! The Pingora glue: routes each request, answers `/v1/audio`, `/healthz` and `/readyz` from
 //! `request_filter`, and passes everything else through to the upstream unchanged.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -272,7 +273,10 @@ fn header_bytes(req: &RequestHeader) -> usize {
 impl ProxyHttp for AudioProxy {
     type CTX = RequestCtx;
 
+    /// Pingora calls this right after it has parsed a request head.
     fn new_ctx(&self) -> RequestCtx {
+        // Absent only when the proxy runs without `ClientConnections` (benches).
+        let _ = HEAD_READ.try_with(|read| read.set(true));
         RequestCtx {
             started: Instant::now(),
             route: Route::Passthrough,
@@ -465,20 +469,41 @@ impl ProxyHttp for AudioProxy {
     }
 }
 
+tokio::task_local! {
+    /// Whether the head of the request being served on this connection has been read: set by
+    /// [`AudioProxy::new_ctx`], read by the head deadline of [`ClientConnections`]. A task-local
+    /// because Pingora runs a connection's requests inside our `process_new_http` future and
+    /// offers no other way to hand per-connection state to the proxy's hooks.
+    static HEAD_READ: Cell<bool>;
+}
+
+/// Resolves when `deadline` has passed with the head still unread; never once it is read, so
+/// a request being served is not cut short.
+async fn head_deadline(deadline: Duration) {
+    pingora::time::sleep(deadline).await;
+    if HEAD_READ.with(Cell::get) {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Wraps the proxy to set, per client connection, what Pingora leaves to the application:
 ///
 /// - HTTP/1.1 pipelining (RFC 9112 §9.3.2): off by default in Pingora, which then answers the
 ///   first of several pipelined requests and drops the rest. Turned on for the first request
 ///   of a connection; Pingora carries it to every later one.
-/// - How long a new connection may take between bytes of its first request head
-///   (`limits.header_timeout_secs`) instead of Pingora's 60 s. Pingora reads a head under the
-///   keep-alive timeout, so a new connection gets the head timeout there; once a request is
-///   answered, `request_filter` has set the keep-alive timeout proper, which bounds the idle
-///   wait for the next request. A reused connection is recognised by the marker
-///   [`AudioProxy`] leaves in its connection context.
+/// - A deadline for the whole request head (`limits.header_timeout_secs`, total, not per
+///   read: Pingora's own timeout restarts on every byte, so a client dribbling a byte at a
+///   time would hold the connection forever). On a reused connection the deadline adds the
+///   keep-alive idle time before the next request. Past it, the connection is closed without
+///   an answer. Pingora reads a head under the keep-alive timeout, so a new connection also
+///   gets the head timeout there, between reads; once a request is answered,
+///   `request_filter` sets the keep-alive timeout proper. A reused connection is recognised
+///   by the marker [`AudioProxy`] leaves in its connection context.
 pub struct ClientConnections<A> {
     pub app: Arc<A>,
     pub head_timeout: Duration,
+    /// `limits.keepalive_secs`.
+    pub idle_timeout: Duration,
 }
 
 #[async_trait]
@@ -491,16 +516,32 @@ where
         mut session: pingora::protocols::http::ServerSession,
         shutdown: &pingora::server::ShutdownWatch,
     ) -> Option<pingora::apps::ReusedHttpStream> {
-        match session.take_connection_user_context() {
-            Some(marker) => session.set_connection_user_context(Some(marker)),
+        let deadline = match session.take_connection_user_context() {
+            Some(marker) => {
+                session.set_connection_user_context(Some(marker));
+                // The wait for the next request is idle time, then its head has its own bound.
+                self.idle_timeout + self.head_timeout
+            }
             None => {
                 session.set_pipelining_enabled(true);
                 if session.get_keepalive().is_some() {
                     session.set_keepalive(Some(self.head_timeout.as_secs().max(1)));
                 }
+                self.head_timeout
             }
-        }
-        self.app.process_new_http(session, shutdown).await
+        };
+        HEAD_READ
+            .scope(Cell::new(false), async {
+                tokio::select! {
+                    biased;
+                    reusable = self.app.process_new_http(session, shutdown) => reusable,
+                    () = head_deadline(deadline) => {
+                        log::debug!("request head not complete within {deadline:?}: closing");
+                        None
+                    }
+                }
+            })
+            .await
     }
 
     fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {

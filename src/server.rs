@@ -303,6 +303,7 @@ pub fn run(config: Config) -> Result<(), String> {
         ClientConnections {
             app: Arc::new(proxy),
             head_timeout: config.limits.header_timeout,
+            idle_timeout: config.limits.keepalive,
         },
     );
     proxy.add_tcp(&config.listen.to_string());

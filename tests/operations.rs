@@ -295,3 +295,81 @@ fn access_log_in_json_has_one_object_per_request_and_never_the_key() {
     assert!(!log.contains(&key), "the full key must never be logged");
     assert!(!log.contains(" access]"), "no text lines in json mode");
 }
+
+/// Writes `head` a byte every 50 ms (well inside the 1 s Pingora allows between reads) until
+/// the gateway closes the connection; returns how many bytes went out and what came back.
+fn dribble(mut slow: TcpStream, head: &[u8]) -> (usize, Vec<u8>) {
+    let mut reader = slow.try_clone().unwrap();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let closed = closed.clone();
+        std::thread::spawn(move || {
+            let mut answer = Vec::new();
+            let _ = reader.read_to_end(&mut answer);
+            closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            answer
+        })
+    };
+    let mut sent = 0;
+    for byte in head {
+        if closed.load(std::sync::atomic::Ordering::SeqCst) || slow.write_all(&[*byte]).is_err() {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = slow.shutdown(std::net::Shutdown::Write);
+    (sent, watcher.join().unwrap())
+}
+
+#[test]
+fn a_head_dribbled_byte_by_byte_is_cut_at_the_whole_head_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("gateway.toml");
+    std::fs::write(
+        &conf,
+        "[limits]\nheader_timeout_secs = 1\nkeepalive_secs = 1\n",
+    )
+    .unwrap();
+    let gw = Gateway::builder()
+        .arg("--config")
+        .arg(conf.to_str().unwrap())
+        .start();
+    // A head that would take 15 s to finish.
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(270)
+    );
+
+    // On a new connection.
+    let (sent, answer) = dribble(TcpStream::connect(gw.addr).unwrap(), head.as_bytes());
+    assert!(sent < head.len(), "the whole head was accepted");
+    assert!(
+        answer.is_empty(),
+        "no answer is owed: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    eprintln!("dribbled head cut after {sent} of {} bytes", head.len());
+
+    // On a kept-alive connection, after a first request was served.
+    let mut reused = TcpStream::connect(gw.addr).unwrap();
+    reused
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reader = std::io::BufReader::new(reused.try_clone().unwrap());
+    let first = common::read_raw_reply(&mut reader).expect("the first answer");
+    assert_eq!(first.status, 200);
+    let (sent, answer) = dribble(reused, head.as_bytes());
+    assert!(
+        sent < head.len(),
+        "the whole head was accepted on a reused connection"
+    );
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    eprintln!(
+        "dribbled second head cut after {sent} of {} bytes",
+        head.len()
+    );
+
+    // Others are served meanwhile and after.
+    assert_eq!(gw.post_audio(&gw.dev_key, BODY).status, 200);
+}
