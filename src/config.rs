@@ -86,6 +86,7 @@ pub struct LimitsFile {
     pub max_header_bytes: Option<usize>,
     pub body_timeout_secs: Option<u64>,
     pub keepalive_secs: Option<u64>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +136,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub body_timeout: Duration,
     pub keepalive: Duration,
+    /// Client connections served at once; more are closed when accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -684,7 +687,22 @@ impl Config {
             max_header_bytes: file.limits.max_header_bytes.unwrap_or(16 * 1024),
             body_timeout: secs(file.limits.body_timeout_secs, 10),
             keepalive: secs(file.limits.keepalive_secs, 60),
+            max_connections: pick(
+                p,
+                env,
+                "AUDIOLIB_MAX_CONNECTIONS",
+                "limits.max_connections",
+                file.limits.max_connections,
+            )
+            .unwrap_or(10_000),
         };
+        if !(1..=1_000_000).contains(&limits.max_connections) {
+            p.add(
+                "limits.max_connections",
+                Some("AUDIOLIB_MAX_CONNECTIONS"),
+                "must be between 1 and 1000000",
+            );
+        }
         for (name, value) in [
             ("limits.header_timeout_secs", limits.header_timeout),
             ("limits.body_timeout_secs", limits.body_timeout),

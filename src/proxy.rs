@@ -556,3 +556,69 @@ where
         self.app.http_cleanup().await
     }
 }
+
+/// Caps the client connections served at once (`limits.max_connections`): a connection over
+/// the cap is closed as soon as it is accepted, before anything is read or allocated for it,
+/// so a flood of idle connections cannot exhaust memory or file descriptors for the rest.
+pub struct ConnectionCap<A> {
+    pub app: Arc<A>,
+    pub max: usize,
+    /// Exact count for the cap; the gauge mirrors it for `/metrics`.
+    open: std::sync::atomic::AtomicUsize,
+    pub open_gauge: prometheus::IntGauge,
+    pub refused: prometheus::IntCounter,
+}
+
+impl<A> ConnectionCap<A> {
+    pub fn new(app: Arc<A>, max: usize) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            app,
+            max,
+            open: Default::default(),
+            open_gauge: prometheus::IntGauge::new(
+                "audiolib_connections_open",
+                "Client connections open on the public listener",
+            )?,
+            refused: prometheus::IntCounter::new(
+                "audiolib_connections_refused_total",
+                "Client connections closed at once because limits.max_connections were open",
+            )?,
+        })
+    }
+}
+
+/// Counts a connection until dropped.
+struct Open<'a>(&'a std::sync::atomic::AtomicUsize, &'a prometheus::IntGauge);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.1.dec();
+    }
+}
+
+#[async_trait]
+impl<A> pingora::apps::ServerApp for ConnectionCap<A>
+where
+    A: pingora::apps::ServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: pingora::protocols::Stream,
+        shutdown: &pingora::server::ShutdownWatch,
+    ) -> Option<pingora::protocols::Stream> {
+        use std::sync::atomic::Ordering;
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.refused.inc();
+            return None; // dropping the stream closes it
+        }
+        self.open_gauge.inc();
+        let _open = Open(&self.open, &self.open_gauge);
+        self.app.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await
+    }
+}

@@ -22,7 +22,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{self, Config};
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
-use crate::proxy::{AudioProxy, ClientConnections};
+use crate::proxy::{AudioProxy, ClientConnections, ConnectionCap};
 use crate::shutdown::{Lifecycle, Signals};
 use crate::sign::Presigner;
 use crate::store::Invalidation;
@@ -298,14 +298,18 @@ pub fn run(config: Config) -> Result<(), String> {
         server.configuration.clone(),
     );
     proxy.handle_init_modules();
-    let mut proxy = Service::new(
-        "audiolib proxy".to_string(),
-        ClientConnections {
+    let capped = ConnectionCap::new(
+        Arc::new(ClientConnections {
             app: Arc::new(proxy),
             head_timeout: config.limits.header_timeout,
             idle_timeout: config.limits.keepalive,
-        },
-    );
+        }),
+        config.limits.max_connections,
+    )
+    .map_err(|e| e.to_string())?;
+    app.metrics.register(capped.open_gauge.clone());
+    app.metrics.register(capped.refused.clone());
+    let mut proxy = Service::new("audiolib proxy".to_string(), capped);
     proxy.add_tcp(&config.listen.to_string());
     let proxy = server.add_service(proxy);
     proxy.add_dependency(&reloader);

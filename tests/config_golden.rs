@@ -70,6 +70,7 @@ fn shipped_config_parses_to_exactly_this() {
             max_header_bytes: 16384,
             body_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(60),
+            max_connections: 10_000,
         },
         key_cache: KeyCacheConfig {
             capacity: 100_000,
@@ -105,7 +106,12 @@ fn config_check_names_the_setting_and_the_problem() {
 
     /// (file text, environment, expected part of the message)
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 9] = [
+    let cases: [Case; 10] = [
+        (
+            "",
+            &[("AUDIOLIB_MAX_CONNECTIONS", "0")],
+            "`limits.max_connections` (AUDIOLIB_MAX_CONNECTIONS): must be between 1 and 1000000",
+        ),
         (
             "[log]\nformat = \"xml\"\n",
             &[],

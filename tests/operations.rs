@@ -373,3 +373,39 @@ fn a_head_dribbled_byte_by_byte_is_cut_at_the_whole_head_deadline() {
     // Others are served meanwhile and after.
     assert_eq!(gw.post_audio(&gw.dev_key, BODY).status, 200);
 }
+
+#[test]
+fn connections_over_the_cap_are_closed_at_once() {
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_MAX_CONNECTIONS", "2")
+        .start();
+    let open = || common::metric(&gw.metrics_text(), "audiolib_connections_open");
+    wait_until("start-up probes to close", Duration::from_secs(5), || {
+        open() == 0.0
+    });
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(gw.addr).unwrap())
+        .collect();
+    wait_until("two open connections", Duration::from_secs(5), || {
+        open() == 2.0
+    });
+
+    let mut third = gw.connect(Duration::from_secs(5));
+    let _ = third.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = third.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        common::metric(&gw.metrics_text(), "audiolib_connections_refused_total"),
+        1.0
+    );
+
+    // A slot freed is a slot served.
+    drop(idle);
+    wait_until(
+        "the idle connections to close",
+        Duration::from_secs(5),
+        || open() == 0.0,
+    );
+    assert_eq!(gw.post_audio(&gw.dev_key, BODY).status, 200);
+}
