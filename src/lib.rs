@@ -19,6 +19,8 @@
 //! - [`access_log`]: one line per request, written by its own thread (`text` or `json`).
 //! - [`forwarding`]: `X-Forwarded-For`/`-Proto` for the upstream, and `trusted_proxies`.
 //! - [`proxy`]: the Pingora glue for the public listener.
+//! - [`connection`]: per-connection policy around it: pipelining, head deadline and budget,
+//!   connection cap.
 //! - [`request_id`]: the `X-Request-Id` kept or generated for each request.
 //! - [`route`]: which route a request takes, however its path is spelled.
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
@@ -38,6 +40,7 @@ pub mod catalog;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod forwarding;
 pub mod keys;

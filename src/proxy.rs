@@ -1,9 +1,8 @@
 //! The Pingora glue: routes each request, answers `/v1/audio`, `/healthz` and `/readyz` from
 //! `request_filter`, and passes everything else through to the upstream unchanged.
 
-use std::cell::Cell;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -16,6 +15,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::access_log::{AccessLog, Entry};
 use crate::api::{Gateway, Outcome};
 use crate::config::{CorsOrigins, Limits};
+use crate::connection;
 use crate::error::ApiError;
 use crate::forwarding::{self, Cidr};
 use crate::metrics::Metrics;
@@ -276,7 +276,7 @@ impl ProxyHttp for AudioProxy {
     /// Pingora calls this right after it has parsed a request head.
     fn new_ctx(&self) -> RequestCtx {
         // Absent only when the proxy runs without `ClientConnections` (benches).
-        let _ = HEAD_READ.try_with(|read| read.set(true));
+        connection::head_read();
         RequestCtx {
             started: Instant::now(),
             route: Route::Passthrough,
@@ -396,7 +396,7 @@ impl ProxyHttp for AudioProxy {
         Ok(())
     }
 
-    /// Marks the connection as one that has served a request (see [`ClientConnections`]).
+    /// Marks the connection as one that has served a request (see [`connection::ClientConnections`]).
     fn persist_connection_context(
         &self,
         _session: &Session,
@@ -466,159 +466,5 @@ impl ProxyHttp for AudioProxy {
                 key_prefix: ctx.key_prefix.take(),
             });
         }
-    }
-}
-
-tokio::task_local! {
-    /// Whether the head of the request being served on this connection has been read: set by
-    /// [`AudioProxy::new_ctx`], read by the head deadline of [`ClientConnections`]. A task-local
-    /// because Pingora runs a connection's requests inside our `process_new_http` future and
-    /// offers no other way to hand per-connection state to the proxy's hooks.
-    static HEAD_READ: Cell<bool>;
-}
-
-/// Resolves when `deadline` has passed with the head still unread; never once it is read, so
-/// a request being served is not cut short.
-async fn head_deadline(deadline: Duration) {
-    pingora::time::sleep(deadline).await;
-    if HEAD_READ.with(Cell::get) {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Wraps the proxy to set, per client connection, what Pingora leaves to the application:
-///
-/// - HTTP/1.1 pipelining (RFC 9112 §9.3.2): off by default in Pingora, which then answers the
-///   first of several pipelined requests and drops the rest. Turned on for the first request
-///   of a connection; Pingora carries it to every later one.
-/// - A deadline for the whole request head (`limits.header_timeout_secs`, total, not per
-///   read: Pingora's own timeout restarts on every byte, so a client dribbling a byte at a
-///   time would hold the connection forever). On a reused connection the deadline adds the
-///   keep-alive idle time before the next request. Past it, the connection is closed without
-///   an answer. Pingora reads a head under the keep-alive timeout, so a new connection also
-///   gets the head timeout there, between reads; once a request is answered,
-///   `request_filter` sets the keep-alive timeout proper. A reused connection is recognised
-///   by the marker [`AudioProxy`] leaves in its connection context.
-pub struct ClientConnections<A> {
-    pub app: Arc<A>,
-    pub head_timeout: Duration,
-    /// `limits.keepalive_secs`.
-    pub idle_timeout: Duration,
-}
-
-#[async_trait]
-impl<A> pingora::apps::HttpServerApp for ClientConnections<A>
-where
-    A: pingora::apps::HttpServerApp + Send + Sync + 'static,
-{
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: pingora::protocols::http::ServerSession,
-        shutdown: &pingora::server::ShutdownWatch,
-    ) -> Option<pingora::apps::ReusedHttpStream> {
-        let deadline = match session.take_connection_user_context() {
-            Some(marker) => {
-                session.set_connection_user_context(Some(marker));
-                // The wait for the next request is idle time, then its head has its own bound.
-                self.idle_timeout + self.head_timeout
-            }
-            None => {
-                session.set_pipelining_enabled(true);
-                if session.get_keepalive().is_some() {
-                    session.set_keepalive(Some(self.head_timeout.as_secs().max(1)));
-                }
-                self.head_timeout
-            }
-        };
-        HEAD_READ
-            .scope(Cell::new(false), async {
-                tokio::select! {
-                    biased;
-                    reusable = self.app.process_new_http(session, shutdown) => reusable,
-                    () = head_deadline(deadline) => {
-                        log::debug!("request head not complete within {deadline:?}: closing");
-                        None
-                    }
-                }
-            })
-            .await
-    }
-
-    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
-        self.app.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&pingora::apps::HttpServerOptions> {
-        self.app.server_options()
-    }
-
-    async fn http_cleanup(&self) {
-        self.app.http_cleanup().await
-    }
-}
-
-/// Caps the client connections served at once (`limits.max_connections`): a connection over
-/// the cap is closed as soon as it is accepted, before anything is read or allocated for it,
-/// so a flood of idle connections cannot exhaust memory or file descriptors for the rest.
-pub struct ConnectionCap<A> {
-    pub app: Arc<A>,
-    pub max: usize,
-    /// Exact count for the cap; the gauge mirrors it for `/metrics`.
-    open: std::sync::atomic::AtomicUsize,
-    pub open_gauge: prometheus::IntGauge,
-    pub refused: prometheus::IntCounter,
-}
-
-impl<A> ConnectionCap<A> {
-    pub fn new(app: Arc<A>, max: usize) -> Result<Self, prometheus::Error> {
-        Ok(Self {
-            app,
-            max,
-            open: Default::default(),
-            open_gauge: prometheus::IntGauge::new(
-                "audiolib_connections_open",
-                "Client connections open on the public listener",
-            )?,
-            refused: prometheus::IntCounter::new(
-                "audiolib_connections_refused_total",
-                "Client connections closed at once because limits.max_connections were open",
-            )?,
-        })
-    }
-}
-
-/// Counts a connection until dropped.
-struct Open<'a>(&'a std::sync::atomic::AtomicUsize, &'a prometheus::IntGauge);
-
-impl Drop for Open<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        self.1.dec();
-    }
-}
-
-#[async_trait]
-impl<A> pingora::apps::ServerApp for ConnectionCap<A>
-where
-    A: pingora::apps::ServerApp + Send + Sync + 'static,
-{
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: pingora::protocols::Stream,
-        shutdown: &pingora::server::ShutdownWatch,
-    ) -> Option<pingora::protocols::Stream> {
-        use std::sync::atomic::Ordering;
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            self.refused.inc();
-            return None; // dropping the stream closes it
-        }
-        self.open_gauge.inc();
-        let _open = Open(&self.open, &self.open_gauge);
-        self.app.process_new(stream, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        self.app.cleanup().await
     }
 }

@@ -20,9 +20,10 @@ use crate::cache::KeyCache;
 use crate::catalog::CatalogHandle;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, Config};
+use crate::connection::{ClientConnections, ConnectionCap};
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
-use crate::proxy::{AudioProxy, ClientConnections, ConnectionCap};
+use crate::proxy::AudioProxy;
 use crate::shutdown::{Lifecycle, Signals};
 use crate::sign::Presigner;
 use crate::store::Invalidation;
@@ -305,6 +306,7 @@ pub fn run(config: Config) -> Result<(), String> {
             idle_timeout: config.limits.keepalive,
         }),
         config.limits.max_connections,
+        config.limits.max_header_bytes,
     )
     .map_err(|e| e.to_string())?;
     app.metrics.register(capped.open_gauge.clone());

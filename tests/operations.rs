@@ -409,3 +409,39 @@ fn connections_over_the_cap_are_closed_at_once() {
     );
     assert_eq!(gw.post_audio(&gw.dev_key, BODY).status, 200);
 }
+
+#[test]
+fn a_pending_head_is_never_buffered_past_max_header_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("gateway.toml");
+    std::fs::write(&conf, "[limits]\nmax_header_bytes = 2048\n").unwrap();
+    let gw = Gateway::builder()
+        .arg("--config")
+        .arg(conf.to_str().unwrap())
+        .start();
+    // 3 KiB of head that never ends: without the budget Pingora would keep buffering (up to
+    // 1 MiB) and wait for the rest; with it, the gateway answers 431 once 2 KiB are in.
+    let mut s = gw.connect(Duration::from_secs(20));
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    for _ in 0..3 {
+        let _ = s.write_all(format!("X-Pad: {}\r\n", "a".repeat(1014)).as_bytes());
+    }
+    let mut reader = std::io::BufReader::new(s);
+    let reply = common::read_raw_reply(&mut reader).expect("an answer");
+    assert_eq!(reply.status, 431);
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert_eq!(
+        reply.json(),
+        serde_json::json!({"error": "Request headers are too large", "code": "HEADERS_TOO_LARGE"})
+    );
+    // A head within the budget is served as usual.
+    let reply = read_reply(
+        agent()
+            .get(gw.url("/healthz"))
+            .header("X-Pad", "a".repeat(1500))
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(reply.status, 200);
+}
