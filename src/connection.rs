@@ -224,8 +224,8 @@ struct HeadBudget {
     too_large: Bytes,
 }
 
-/// Reads of a pending head go through a stack buffer of this size: heads are small, so the
-/// copy is cheaper than the unsafe code a limited read into the caller's buffer would need.
+/// A read that must be shorter than the caller's buffer goes through a stack buffer of this
+/// size: rare (only near the limit), and safe where limiting the caller's buffer is not.
 const HEAD_CHUNK: usize = 8 * 1024;
 
 impl AsyncRead for HeadBudget {
@@ -250,12 +250,18 @@ impl AsyncRead for HeadBudget {
                 "request head larger than limits.max_header_bytes",
             )));
         }
-        let mut chunk = [0u8; HEAD_CHUNK];
-        let want = room.min(buf.remaining()).min(HEAD_CHUNK);
-        let mut limited = ReadBuf::new(&mut chunk[..want]);
-        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
-        let n = limited.filled().len();
-        buf.put_slice(limited.filled());
+        let n = if room >= buf.remaining() {
+            // The common case (Pingora reads a head into 4 KiB at first): nothing to limit.
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            buf.filled().len() - before
+        } else {
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_CHUNK];
+            let mut limited = ReadBuf::uninit(&mut chunk[..room.min(HEAD_CHUNK)]);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
+            buf.put_slice(limited.filled());
+            limited.filled().len()
+        };
         let _ = HEAD.try_with(|h| h.buffered.set(buffered + n));
         Poll::Ready(Ok(()))
     }
