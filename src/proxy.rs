@@ -1,5 +1,6 @@
 //! The Pingora glue: routes each request, answers `/v1/audio`, `/healthz` and `/readyz` from
-//! `request_filter`, and passes everything else through to the upstream unchanged.
+//! `request_filter`, and passes everything else through to the upstream, adding only the
+//! request id and the forwarding headers. Connection-level policy is in [`crate::connection`].
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -275,7 +276,7 @@ impl ProxyHttp for AudioProxy {
 
     /// Pingora calls this right after it has parsed a request head.
     fn new_ctx(&self) -> RequestCtx {
-        // Absent only when the proxy runs without `ClientConnections` (benches).
+        // Ends this request's head deadline and head budget (see `connection`).
         connection::head_read();
         RequestCtx {
             started: Instant::now(),
