@@ -170,13 +170,28 @@ fn catalog_check(dir: PathBuf) -> Result<(), String> {
 
 fn config_check(file: PathBuf) -> Result<(), String> {
     let parsed = config::read_file(&file)?;
-    Config::build(parsed, &ProcessEnv).map_err(|problems| {
+    let config = Config::build(parsed, &ProcessEnv).map_err(|problems| {
         format!(
             "{}: invalid configuration:\n  {}",
             file.display(),
             problems.join("\n  ")
         )
     })?;
+    // A name that does not resolve here may resolve where the gateway runs: a warning, not an
+    // error (the gateway itself keeps trying and answers 502 meanwhile).
+    if let Some(up) = &config.upstream {
+        use std::net::ToSocketAddrs;
+        let found = up.address.to_socket_addrs().map(|mut a| a.next().is_some());
+        if !matches!(found, Ok(true)) {
+            let why = found
+                .err()
+                .map_or("no addresses".to_string(), |e| e.to_string());
+            eprintln!(
+                "warning: setting `upstream` (AUDIOLIB_UPSTREAM): '{}' does not resolve ({why})",
+                up.address
+            );
+        }
+    }
     println!("{}: ok", file.display());
     Ok(())
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access_log::LogFormat;
+use crate::forwarding::Cidr;
 use crate::sign::{Credentials, MAX_TTL_SECS, S3Location};
 
 /// The file as written. Every field is optional: a missing one takes its default.
@@ -18,7 +20,7 @@ use crate::sign::{Credentials, MAX_TTL_SECS, S3Location};
 pub struct FileConfig {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     pub threads: Option<usize>,
     pub catalog_dir: Option<PathBuf>,
     pub catalog_watch: Option<bool>,
@@ -26,6 +28,7 @@ pub struct FileConfig {
     pub upstream_host: Option<String>,
     pub upstream_ca_file: Option<PathBuf>,
     pub cors_origins: Option<Vec<String>>,
+    pub trusted_proxies: Option<Vec<String>>,
     pub max_body_bytes: Option<usize>,
     pub default_plan: Option<String>,
     pub shutdown_grace_secs: Option<u64>,
@@ -38,12 +41,20 @@ pub struct FileConfig {
     pub limits: LimitsFile,
     #[serde(default)]
     pub key_cache: KeyCacheFile,
+    #[serde(default)]
+    pub log: LogFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreFile {
-    pub redis_url: Option<String>,
+    pub redis_url: Option<Secret>,
     pub data_dir: Option<PathBuf>,
     pub failure: Option<String>,
     pub timeout_ms: Option<u64>,
@@ -58,8 +69,8 @@ pub struct S3File {
     pub path_style: Option<bool>,
     pub url_ttl_secs: Option<u64>,
     pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-    pub session_token: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +87,7 @@ pub struct LimitsFile {
     pub max_header_bytes: Option<usize>,
     pub body_timeout_secs: Option<u64>,
     pub keepalive_secs: Option<u64>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +137,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub body_timeout: Duration,
     pub keepalive: Duration,
+    /// Client connections served at once; more are closed when accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,7 +154,7 @@ pub struct KeyCacheConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     pub threads: usize,
     pub catalog_dir: PathBuf,
     /// Reload the catalog when its files change (SIGHUP always reloads).
@@ -149,8 +163,11 @@ pub struct Config {
     /// CA bundle for verifying a TLS upstream instead of the system roots.
     pub upstream_ca_file: Option<PathBuf>,
     pub cors: CorsOrigins,
+    /// Peers whose `X-Forwarded-*` headers are believed (and appended to).
+    pub trusted_proxies: Vec<Cidr>,
     pub max_body_bytes: usize,
-    pub redis_url: Option<String>,
+    /// May hold a password: a [`Secret`]; logs show it through [`redact_url`].
+    pub redis_url: Option<Secret>,
     /// Where the embedded store keeps its file (used when there is no Redis).
     pub data_dir: PathBuf,
     pub failure_policy: FailurePolicy,
@@ -164,6 +181,84 @@ pub struct Config {
     pub limits: Limits,
     pub key_cache: KeyCacheConfig,
     pub shutdown_grace: Duration,
+    /// Access log lines: `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+/// A setting that must never reach a log, an error message or `Debug` output (the admin
+/// token, the Redis URL with its password, the S3 secret): `Debug` prints `Secret(***)`, and
+/// the value is read only through [`Secret::expose`], so every use is visible in review.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+/// A URL (or a comma-separated list of them) with each password replaced by `***`, for logs
+/// and error messages: `redis://user:pw@host:6379/0` → `redis://user:***@host:6379/0`.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let Some((scheme, rest)) = url.split_once("://") else {
+                return url.to_string();
+            };
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(authority_end);
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                    let hidden = if userinfo.contains(':') { ":***" } else { "" };
+                    format!("{scheme}://{user}{hidden}@{host}{tail}")
+                }
+                None => url.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `text` with the password of every URL in `urls` replaced by `***`: for error messages from
+/// code that quotes a URL whole.
+pub fn redact_passwords_in(text: &str, urls: &str) -> String {
+    let mut text = text.to_string();
+    for url in urls.split(',') {
+        let password = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split(['/', '?', '#']).next())
+            .and_then(|authority| authority.rsplit_once('@'))
+            .and_then(|(userinfo, _)| userinfo.split_once(':'))
+            .map(|(_, password)| password);
+        if let Some(password) = password.filter(|p| !p.is_empty()) {
+            text = text.replace(password, "***");
+        }
+    }
+    text
 }
 
 /// Looks up an environment variable; tests pass a map instead of the process environment.
@@ -277,7 +372,7 @@ impl Config {
             "admin_token",
             file.admin_token,
         );
-        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+        if admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             p.add(
                 "admin_token",
                 Some("AUDIOLIB_ADMIN_TOKEN"),
@@ -368,6 +463,21 @@ impl Config {
             CorsOrigins::List(cors)
         };
 
+        let trusted_proxies = match env.get("AUDIOLIB_TRUSTED_PROXIES") {
+            Some(raw) => raw.split(',').map(|s| s.trim().to_string()).collect(),
+            None => file.trusted_proxies.unwrap_or_default(),
+        };
+        let trusted_proxies = trusted_proxies
+            .iter()
+            .filter_map(|raw| match raw.parse::<Cidr>() {
+                Ok(cidr) => Some(cidr),
+                Err(e) => {
+                    p.add("trusted_proxies", Some("AUDIOLIB_TRUSTED_PROXIES"), e);
+                    None
+                }
+            })
+            .collect();
+
         let max_body_bytes = pick(
             p,
             env,
@@ -392,13 +502,13 @@ impl Config {
             file.store.redis_url,
         );
         if let Some(url) = &redis_url {
-            for part in url.split(',') {
+            for part in url.expose().split(',') {
                 let part = part.trim();
                 if !(part.starts_with("redis://") || part.starts_with("rediss://")) {
                     p.add(
                         "store.redis_url",
                         Some("AUDIOLIB_REDIS_URL"),
-                        format!("'{part}' is not a redis:// or rediss:// URL"),
+                        format!("'{}' is not a redis:// or rediss:// URL", redact_url(part)),
                     );
                 }
             }
@@ -507,8 +617,12 @@ impl Config {
             );
         }
         let access = env.get("AWS_ACCESS_KEY_ID").or(s3.access_key_id);
-        let secret = env.get("AWS_SECRET_ACCESS_KEY").or(s3.secret_access_key);
-        let token = env.get("AWS_SESSION_TOKEN").or(s3.session_token);
+        let secret = env
+            .get("AWS_SECRET_ACCESS_KEY")
+            .or(s3.secret_access_key.map(Secret::into_inner));
+        let token = env
+            .get("AWS_SESSION_TOKEN")
+            .or(s3.session_token.map(Secret::into_inner));
         let credentials = match (access, secret) {
             (Some(access_key_id), Some(secret_access_key)) => Some(Credentials {
                 access_key_id,
@@ -584,7 +698,22 @@ impl Config {
             max_header_bytes: file.limits.max_header_bytes.unwrap_or(16 * 1024),
             body_timeout: secs(file.limits.body_timeout_secs, 10),
             keepalive: secs(file.limits.keepalive_secs, 60),
+            max_connections: pick(
+                p,
+                env,
+                "AUDIOLIB_MAX_CONNECTIONS",
+                "limits.max_connections",
+                file.limits.max_connections,
+            )
+            .unwrap_or(10_000),
         };
+        if !(1..=1_000_000).contains(&limits.max_connections) {
+            p.add(
+                "limits.max_connections",
+                Some("AUDIOLIB_MAX_CONNECTIONS"),
+                "must be between 1 and 1000000",
+            );
+        }
         for (name, value) in [
             ("limits.header_timeout_secs", limits.header_timeout),
             ("limits.body_timeout_secs", limits.body_timeout),
@@ -622,6 +751,20 @@ impl Config {
             .unwrap_or(10),
         );
 
+        let log_format =
+            match pick(p, env, "AUDIOLIB_LOG_FORMAT", "log.format", file.log.format).as_deref() {
+                None | Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    p.add(
+                        "log.format",
+                        Some("AUDIOLIB_LOG_FORMAT"),
+                        format!("'{other}' is not one of text, json"),
+                    );
+                    LogFormat::Text
+                }
+            };
+
         if !p.0.is_empty() {
             return Err(std::mem::take(&mut p.0));
         }
@@ -635,6 +778,7 @@ impl Config {
             upstream,
             upstream_ca_file,
             cors,
+            trusted_proxies,
             max_body_bytes,
             redis_url,
             data_dir,
@@ -654,6 +798,7 @@ impl Config {
             limits,
             key_cache,
             shutdown_grace,
+            log_format,
         })
     }
 
@@ -848,6 +993,65 @@ mod tests {
         assert_eq!(u.host_header.as_deref(), Some("h"));
         assert!(parse_upstream("cdn.example.com", None).is_err());
         assert!(parse_upstream("https://x/y", None).is_err());
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_and_errors() {
+        let c = build(
+            "",
+            &[
+                ("AUDIOLIB_ADMIN_TOKEN", "admin-token-0123456789-secret"),
+                (
+                    "AUDIOLIB_REDIS_URL",
+                    "redis://gw:RedisPw-secret@10.0.0.5:6379/0",
+                ),
+                ("AWS_ACCESS_KEY_ID", "AKID"),
+                ("AWS_SECRET_ACCESS_KEY", "s3-secret-value"),
+                ("AWS_SESSION_TOKEN", "session-token-value"),
+            ],
+        )
+        .unwrap();
+        let debug = format!("{c:?}");
+        for secret in [
+            "admin-token-0123456789-secret",
+            "RedisPw-secret",
+            "s3-secret-value",
+            "session-token-value",
+        ] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(debug.contains("AKID"), "the key id is not secret: {debug}");
+        let file: FileConfig = toml::from_str(
+            "admin_token = \"file-token-0123456789\"\n[store]\nredis_url = \"redis://:FilePw@h:1\"\n\
+             [s3]\nsecret_access_key = \"file-s3-secret\"\n",
+        )
+        .unwrap();
+        let debug = format!("{file:?}");
+        for secret in ["file-token-0123456789", "FilePw", "file-s3-secret"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        let errors = build("", &[("AUDIOLIB_REDIS_URL", "http://u:LeakedPw@h:1")]).unwrap_err();
+        assert!(errors[0].contains("'http://u:***@h:1'"), "{errors:?}");
+    }
+
+    #[test]
+    fn urls_are_redacted_for_logs() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+            ("rediss://user:p@ss@h:1", "rediss://user:***@h:1"),
+            ("redis://user@h:1", "redis://user@h:1"),
+            (
+                "redis://a:1@h:1,redis://b:2@h:2",
+                "redis://a:***@h:1,redis://b:***@h:2",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        assert_eq!(
+            redact_passwords_in("redis url 'redis://:pw9@h:1': bad", "redis://:pw9@h:1"),
+            "redis url 'redis://:***@h:1': bad"
+        );
     }
 
     #[test]

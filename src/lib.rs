@@ -17,7 +17,14 @@
 //! - [`sign`]: SigV4 presigned S3 URLs.
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
+//! - [`access_log`]: one line per request, written by its own thread (`text` or `json`).
+//! - [`forwarding`]: `X-Forwarded-For`/`-Proto` for the upstream, and `trusted_proxies`.
 //! - [`proxy`]: the Pingora glue for the public listener.
+//! - [`connection`]: per-connection policy around it: pipelining, head deadline and budget,
+//!   connection cap.
+//! - [`request_id`]: the `X-Request-Id` kept or generated for each request.
+//! - [`route`]: which route a request takes, however its path is spelled.
+//! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
 //! - [`admin`]: the admin API on its own listener.
 //! - [`server`]: builds the app from the config and runs the services.
 //! - [`shutdown`]: signals and draining in-flight requests.
@@ -25,6 +32,7 @@
 //! - [`clock`]: injectable time.
 //! - [`locks`]: poison-tolerant std locks and a per-key map of shared entries.
 
+pub mod access_log;
 pub mod admin;
 pub mod api;
 pub mod auth;
@@ -33,14 +41,19 @@ pub mod catalog;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod error;
+pub mod forwarding;
 pub mod keys;
 pub mod ledger;
 pub mod locks;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;
+pub mod request_id;
+pub mod route;
 pub mod server;
 pub mod shutdown;
 pub mod sign;
 pub mod store;
+pub mod upstream;

@@ -1,8 +1,9 @@
 //! The Pingora glue: routes each request, answers `/v1/audio`, `/healthz` and `/readyz` from
-//! `request_filter`, and passes everything else through to the upstream unchanged.
+//! `request_filter`, and passes everything else through to the upstream, adding only the
+//! request id and the forwarding headers. Connection-level policy is in [`crate::connection`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -12,12 +13,18 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::access_log::{AccessLog, Entry};
 use crate::api::{Gateway, Outcome};
-use crate::config::{CorsOrigins, Limits, Upstream};
+use crate::config::{CorsOrigins, Limits};
+use crate::connection;
 use crate::error::ApiError;
+use crate::forwarding::{self, Cidr};
 use crate::metrics::Metrics;
 use crate::quota::RateInfo;
+use crate::request_id;
+use crate::route::{Route, has_control_chars};
 use crate::shutdown::{InFlight, Lifecycle};
+use crate::upstream::UpstreamPeers;
 
 /// Headers a browser script may read from our answers.
 const EXPOSE_HEADERS: &str = "RateLimit, RateLimit-Policy, Retry-After";
@@ -26,42 +33,32 @@ const JSON: &str = "application/json";
 /// Per-request facts for routing and the access log.
 pub struct RequestCtx {
     started: Instant,
-    /// The metrics label of the route taken.
-    route: &'static str,
+    route: Route,
     _in_flight: InFlight,
     /// The error code answered, or `None` for success and passthrough.
     code: Option<&'static str>,
     key_prefix: Option<String>,
+    /// Set in `request_filter`, before anything can be answered.
+    request_id: Option<HeaderValue>,
+    /// Upstream peers tried for this request (each address at most once).
+    upstream_tries: usize,
 }
 
+/// The public listener's application. Built field by field in `server::run`, the one place
+/// that wires it.
 pub struct AudioProxy {
-    gateway: Arc<Gateway>,
-    cors: CorsOrigins,
-    upstream: Option<Upstream>,
-    limits: Limits,
-    metrics: Arc<Metrics>,
-    lifecycle: Arc<Lifecycle>,
+    pub gateway: Arc<Gateway>,
+    pub cors: CorsOrigins,
+    /// `None`: other paths answer 404 NOT_FOUND.
+    pub upstream: Option<Arc<UpstreamPeers>>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Arc<AccessLog>,
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 impl AudioProxy {
-    pub fn new(
-        gateway: Arc<Gateway>,
-        cors: CorsOrigins,
-        upstream: Option<Upstream>,
-        limits: Limits,
-        metrics: Arc<Metrics>,
-        lifecycle: Arc<Lifecycle>,
-    ) -> Self {
-        Self {
-            gateway,
-            cors,
-            upstream,
-            limits,
-            metrics,
-            lifecycle,
-        }
-    }
-
     /// The `Access-Control-Allow-Origin` value for this request, if its origin is allowed.
     fn allowed_origin(&self, req: &RequestHeader) -> Option<HeaderValue> {
         match &self.cors {
@@ -88,8 +85,9 @@ impl AudioProxy {
         Ok(())
     }
 
-    async fn preflight(&self, session: &mut Session) -> Result<()> {
-        let mut resp = ResponseHeader::build(204, Some(8))?;
+    async fn preflight(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
+        let mut resp = ResponseHeader::build(204, Some(9))?;
+        add_request_id(ctx, &mut resp)?;
         self.add_cors(session.req_header(), &mut resp)?;
         resp.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, "POST, OPTIONS")?;
         resp.insert_header(
@@ -105,6 +103,7 @@ impl AudioProxy {
     async fn respond(
         &self,
         session: &mut Session,
+        ctx: &RequestCtx,
         status: u16,
         body: Bytes,
         error: Option<&ApiError>,
@@ -114,7 +113,8 @@ impl AudioProxy {
             session.set_keepalive(None);
         }
         // Static values: nothing is parsed or copied for them.
-        let mut resp = ResponseHeader::build(status, Some(10))?;
+        let mut resp = ResponseHeader::build(status, Some(11))?;
+        add_request_id(ctx, &mut resp)?;
         resp.insert_header(header::CONTENT_TYPE, HeaderValue::from_static(JSON))?;
         resp.insert_header(header::CONTENT_LENGTH, body.len())?;
         resp.insert_header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))?;
@@ -152,14 +152,14 @@ impl AudioProxy {
         rate: Option<&RateInfo>,
     ) -> Result<()> {
         ctx.code = Some(e.code());
-        self.respond(session, e.status(), e.body(), Some(&e), rate)
+        self.respond(session, ctx, e.status(), e.body(), Some(&e), rate)
             .await
     }
 
     async fn audio(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         let method = &session.req_header().method;
         if method == Method::OPTIONS {
-            return self.preflight(session).await;
+            return self.preflight(session, ctx).await;
         }
         if method != Method::POST {
             return self
@@ -188,7 +188,10 @@ impl AudioProxy {
         };
         let Outcome { result, rate } = self.gateway.audio(&key, &body).await;
         match result {
-            Ok(body) => self.respond(session, 200, body, None, rate.as_ref()).await,
+            Ok(body) => {
+                self.respond(session, ctx, 200, body, None, rate.as_ref())
+                    .await
+            }
             Err(e) => self.respond_error(session, ctx, e, rate.as_ref()).await,
         }
     }
@@ -227,7 +230,7 @@ impl AudioProxy {
         }
     }
 
-    async fn health(&self, session: &mut Session, ready: bool) -> Result<()> {
+    async fn health(&self, session: &mut Session, ctx: &RequestCtx, ready: bool) -> Result<()> {
         let (status, body) = if !ready {
             (200, Bytes::from_static(b"{\"status\":\"ok\"}"))
         } else {
@@ -244,8 +247,16 @@ impl AudioProxy {
                 Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
             )
         };
-        self.respond(session, status, body, None, None).await
+        self.respond(session, ctx, status, body, None, None).await
     }
+}
+
+/// Every answer carries the request's id (passthrough answers get ours, not the upstream's).
+fn add_request_id(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
+    if let Some(id) = &ctx.request_id {
+        resp.insert_header(request_id::HEADER, id.clone())?;
+    }
+    Ok(())
 }
 
 /// The size of the request head as sent: request line and `name: value\r\n` per header.
@@ -263,38 +274,48 @@ fn header_bytes(req: &RequestHeader) -> usize {
 impl ProxyHttp for AudioProxy {
     type CTX = RequestCtx;
 
+    /// Pingora calls this right after it has parsed a request head.
     fn new_ctx(&self) -> RequestCtx {
+        // Ends this request's head deadline and head budget (see `connection`).
+        connection::head_read();
         RequestCtx {
             started: Instant::now(),
-            route: "passthrough",
+            route: Route::Passthrough,
             _in_flight: self.lifecycle.enter(),
             code: None,
             key_prefix: None,
+            request_id: None,
+            upstream_tries: 0,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if !self.lifecycle.is_draining() {
+        ctx.request_id = Some(request_id::of(&session.req_header().headers));
+        // Pingora decided whether this connection may be reused (the request's `Connection`
+        // header and version; never after a request with both Content-Length and
+        // Transfer-Encoding, RFC 9112 §6.1): only a reusable one gets our idle timeout.
+        if !self.lifecycle.is_draining() && session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.limits.keepalive.as_secs()));
         }
         if header_bytes(session.req_header()) > self.limits.max_header_bytes {
-            ctx.route = "rejected";
+            ctx.route = Route::Rejected;
             self.respond_error(session, ctx, ApiError::HeadersTooLarge, None)
                 .await?;
             return Ok(true);
         }
-        ctx.route = match session.req_header().uri.path() {
-            "/v1/audio" => "audio",
-            "/healthz" => "healthz",
-            "/readyz" => "readyz",
-            _ if self.upstream.is_some() => return Ok(false),
-            _ => "not_found",
-        };
+        if has_control_chars(session.req_header().raw_path()) {
+            ctx.route = Route::Rejected;
+            self.respond_error(session, ctx, ApiError::BadRequest, None)
+                .await?;
+            return Ok(true);
+        }
+        ctx.route = Route::of(session.req_header().uri.path(), self.upstream.is_some());
         match ctx.route {
-            "audio" => self.audio(session, ctx).await?,
-            "healthz" => self.health(session, false).await?,
-            "readyz" => self.health(session, true).await?,
-            _ => {
+            Route::Passthrough => return Ok(false),
+            Route::Audio => self.audio(session, ctx).await?,
+            Route::Healthz => self.health(session, ctx, false).await?,
+            Route::Readyz => self.health(session, ctx, true).await?,
+            Route::NotFound | Route::Rejected => {
                 self.respond_error(session, ctx, ApiError::NotFound, None)
                     .await?
             }
@@ -302,27 +323,61 @@ impl ProxyHttp for AudioProxy {
         Ok(true)
     }
 
+    /// Reads the resolver's snapshot: no lookup and no allocation beyond the peer itself.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let Some(up) = &self.upstream else {
             return Error::e_explain(ErrorType::InternalError, "no upstream configured");
         };
-        let mut peer = HttpPeer::new(up.address.as_str(), up.tls, up.sni.clone());
-        peer.options.connection_timeout = Some(Duration::from_secs(2));
-        peer.options.total_connection_timeout = Some(Duration::from_secs(5));
-        Ok(Box::new(peer))
+        ctx.upstream_tries += 1;
+        match up.next_peer() {
+            Some(peer) => Ok(Box::new(peer)),
+            // An upstream error, so `fail_to_proxy` answers 502 BAD_GATEWAY.
+            None => Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                "the upstream host name has not resolved",
+            )
+            .into_up()),
+        }
+    }
+
+    /// A connection that could not be made is tried on the next address, each at most once;
+    /// nothing has been sent yet, so any method may be retried.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let addresses = self.upstream.as_ref().map_or(0, |u| u.len());
+        e.set_retry(ctx.upstream_tries < addresses);
+        e
     }
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(host) = self.upstream.as_ref().and_then(|u| u.host_header.as_ref()) {
+        if let Some(id) = &ctx.request_id {
+            upstream_request.insert_header(request_id::HEADER, id.clone())?;
+        }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        forwarding::apply(upstream_request, peer, &self.trusted_proxies, https)?;
+        if let Some(host) = self
+            .upstream
+            .as_ref()
+            .and_then(|u| u.upstream().host_header.as_ref())
+        {
             upstream_request.insert_header(header::HOST, host.as_str())?;
         }
         Ok(())
@@ -331,9 +386,10 @@ impl ProxyHttp for AudioProxy {
     async fn response_filter(
         &self,
         session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        add_request_id(ctx, upstream_response)?;
         // A passthrough answer finishing during shutdown closes its connection.
         if self.lifecycle.is_draining() {
             session.set_keepalive(None);
@@ -341,7 +397,7 @@ impl ProxyHttp for AudioProxy {
         Ok(())
     }
 
-    /// Marks the connection as one that has served a request (see [`HeadTimeout`]).
+    /// Marks the connection as one that has served a request (see [`connection::ClientConnections`]).
     fn persist_connection_context(
         &self,
         _session: &Session,
@@ -392,67 +448,24 @@ impl ProxyHttp for AudioProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         self.metrics.observe_request(
-            ctx.route,
+            ctx.route.label(),
             status,
             ctx.code.unwrap_or("ok"),
             elapsed.as_secs_f64(),
         );
-        if log::log_enabled!(target: "access", log::Level::Info) {
+        if self.access_log.enabled() {
+            // Owned facts only: formatting and writing happen on the log thread.
             let req = session.req_header();
-            log::info!(
-                target: "access",
-                "{} {} {} {} {}us key={}",
-                req.method,
-                req.uri.path(),
+            self.access_log.record(Entry {
+                at: SystemTime::now(),
+                method: req.method.clone(),
+                uri: req.uri.clone(),
                 status,
-                ctx.code.unwrap_or("-"),
-                elapsed.as_micros(),
-                ctx.key_prefix.as_deref().unwrap_or("-"),
-            );
+                code: ctx.code,
+                micros: elapsed.as_micros() as u64,
+                request_id: ctx.request_id.take(),
+                key_prefix: ctx.key_prefix.take(),
+            });
         }
-    }
-}
-
-/// Wraps the proxy to bound how long a new connection may take between bytes of its first
-/// request head (`limits.header_timeout_secs`) instead of Pingora's 60 s. Pingora reads a head
-/// under the keep-alive timeout, so a new connection gets the head timeout there; once a
-/// request is answered, `request_filter` has set the keep-alive timeout proper, which bounds
-/// the idle wait for the next request. A reused connection is recognised by the marker
-/// [`AudioProxy`] leaves in its connection context.
-pub struct HeadTimeout<A> {
-    pub app: Arc<A>,
-    pub timeout: Duration,
-}
-
-#[async_trait]
-impl<A> pingora::apps::HttpServerApp for HeadTimeout<A>
-where
-    A: pingora::apps::HttpServerApp + Send + Sync + 'static,
-{
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: pingora::protocols::http::ServerSession,
-        shutdown: &pingora::server::ShutdownWatch,
-    ) -> Option<pingora::apps::ReusedHttpStream> {
-        match session.take_connection_user_context() {
-            Some(marker) => session.set_connection_user_context(Some(marker)),
-            None if session.get_keepalive().is_some() => {
-                session.set_keepalive(Some(self.timeout.as_secs().max(1)));
-            }
-            None => {}
-        }
-        self.app.process_new_http(session, shutdown).await
-    }
-
-    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
-        self.app.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&pingora::apps::HttpServerOptions> {
-        self.app.server_options()
-    }
-
-    async fn http_cleanup(&self) {
-        self.app.http_cleanup().await
     }
 }

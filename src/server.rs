@@ -13,15 +13,17 @@ use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::access_log::AccessLog;
 use crate::admin::AdminApi;
 use crate::api::Gateway;
 use crate::cache::KeyCache;
 use crate::catalog::CatalogHandle;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{self, Config};
+use crate::connection::{ClientConnections, ConnectionCap};
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
-use crate::proxy::{AudioProxy, HeadTimeout};
+use crate::proxy::AudioProxy;
 use crate::shutdown::{Lifecycle, Signals};
 use crate::sign::Presigner;
 use crate::store::Invalidation;
@@ -30,6 +32,7 @@ use crate::store::instrumented::Instrumented;
 use crate::store::lease::{LeaseBackend, Quota};
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
+use crate::upstream::{Resolver, UpstreamPeers};
 
 /// Everything a running gateway holds, built without starting any listener.
 pub struct App {
@@ -45,7 +48,10 @@ pub struct App {
 pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> {
     match &config.redis_url {
         Some(urls) => {
-            let redis = Arc::new(RedisStore::new(urls, config.store_timeout)?);
+            let redis = Arc::new(
+                RedisStore::new(urls.expose(), config.store_timeout)
+                    .map_err(|e| config::redact_passwords_in(&e, urls.expose()))?,
+            );
             build_app_with(config, redis.clone(), redis, clock)
         }
         None => {
@@ -289,35 +295,54 @@ pub fn run(config: Config) -> Result<(), String> {
         },
     ));
 
+    // The upstream's addresses are looked up before the proxy accepts, then kept fresh.
+    let upstream = config.upstream.clone().map(UpstreamPeers::new);
+    let resolver = upstream.clone().map(|peers| {
+        server.add_service(background_service("upstream resolver", Resolver { peers }))
+    });
+
+    let access_log = Arc::new(AccessLog::start(config.log_format)?);
+    app.metrics.register(access_log.dropped.clone());
     let mut proxy = pingora::proxy::HttpProxy::new(
-        AudioProxy::new(
-            app.gateway.clone(),
-            config.cors.clone(),
-            config.upstream.clone(),
-            config.limits.clone(),
-            app.metrics.clone(),
-            lifecycle.clone(),
-        ),
+        AudioProxy {
+            gateway: app.gateway.clone(),
+            cors: config.cors.clone(),
+            upstream,
+            trusted_proxies: config.trusted_proxies.clone(),
+            limits: config.limits.clone(),
+            metrics: app.metrics.clone(),
+            access_log,
+            lifecycle: lifecycle.clone(),
+        },
         server.configuration.clone(),
     );
     proxy.handle_init_modules();
-    let mut proxy = Service::new(
-        "audiolib proxy".to_string(),
-        HeadTimeout {
+    let capped = ConnectionCap::new(
+        Arc::new(ClientConnections {
             app: Arc::new(proxy),
-            timeout: config.limits.header_timeout,
-        },
-    );
+            head_timeout: config.limits.header_timeout,
+            idle_timeout: config.limits.keepalive,
+        }),
+        config.limits.max_connections,
+        config.limits.max_header_bytes,
+    )
+    .map_err(|e| e.to_string())?;
+    app.metrics.register(capped.open_gauge.clone());
+    app.metrics.register(capped.refused.clone());
+    let mut proxy = Service::new("audiolib proxy".to_string(), capped);
     proxy.add_tcp(&config.listen.to_string());
     let proxy = server.add_service(proxy);
     proxy.add_dependency(&reloader);
+    if let Some(resolver) = &resolver {
+        proxy.add_dependency(resolver);
+    }
 
     let mut admin = Service::new(
         "admin".to_string(),
         AdminApi::new(
             app.keys.clone(),
             app.metrics.clone(),
-            config.admin_token.as_deref(),
+            config.admin_token.as_ref().map(config::Secret::expose),
         ),
     );
     admin.add_tcp(&config.admin_listen.to_string());

@@ -462,10 +462,13 @@ fn row_12_presign_failure_refunds_the_unit() {
 #[test]
 fn other_routes_without_an_upstream_are_not_found() {
     let gw = Gateway::start();
-    for path in ["/", "/v1/audio/", "/v2/audio", "/index.html?x=1"] {
+    for path in ["/", "/v1/audios", "/v2/audio", "/index.html?x=1"] {
         let reply = read_reply(agent().get(gw.url(path)).call().unwrap());
         reply.assert_error(404, "NOT_FOUND");
     }
+    // With a trailing slash it is still the audio route (SPEC §7b), so GET is refused as such.
+    let reply = read_reply(agent().get(gw.url("/v1/audio/")).call().unwrap());
+    reply.assert_error(405, "METHOD_NOT_ALLOWED");
     let health = read_reply(agent().get(gw.url("/healthz")).call().unwrap());
     assert_eq!(
         (health.status, health.json()["status"].clone()),

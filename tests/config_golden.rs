@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use audiolib::access_log::LogFormat;
 use audiolib::config::{
     Config, CorsOrigins, FailurePolicy, KeyCacheConfig, Limits, Plan, read_file,
 };
@@ -29,6 +30,7 @@ fn shipped_config_parses_to_exactly_this() {
         upstream: None,
         upstream_ca_file: None,
         cors: CorsOrigins::Any,
+        trusted_proxies: vec![],
         max_body_bytes: 16384,
         redis_url: None,
         data_dir: PathBuf::from("data"),
@@ -69,6 +71,7 @@ fn shipped_config_parses_to_exactly_this() {
             max_header_bytes: 16384,
             body_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(60),
+            max_connections: 10_000,
         },
         key_cache: KeyCacheConfig {
             capacity: 100_000,
@@ -77,6 +80,7 @@ fn shipped_config_parses_to_exactly_this() {
             negative_ttl: Duration::from_secs(5),
         },
         shutdown_grace: Duration::from_secs(10),
+        log_format: LogFormat::Text,
     };
     assert_eq!(config, expected);
 }
@@ -103,7 +107,22 @@ fn config_check_names_the_setting_and_the_problem() {
 
     /// (file text, environment, expected part of the message)
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 7] = [
+    let cases: [Case; 10] = [
+        (
+            "",
+            &[("AUDIOLIB_MAX_CONNECTIONS", "0")],
+            "`limits.max_connections` (AUDIOLIB_MAX_CONNECTIONS): must be between 1 and 1000000",
+        ),
+        (
+            "[log]\nformat = \"xml\"\n",
+            &[],
+            "`log.format` (AUDIOLIB_LOG_FORMAT): 'xml' is not one of text, json",
+        ),
+        (
+            "",
+            &[("AUDIOLIB_TRUSTED_PROXIES", "10.0.0.0/8, 10.0.0.0/33")],
+            "`trusted_proxies` (AUDIOLIB_TRUSTED_PROXIES): '10.0.0.0/33' is not an IP address or network like 10.0.0.0/8",
+        ),
         ("listen = 8080\n", &[], "gateway.toml:1:"),
         (
             "bogus = true\n",
@@ -141,4 +160,18 @@ fn config_check_names_the_setting_and_the_problem() {
         assert!(!ok, "accepted {text:?} {env:?}");
         assert!(out.contains(needle), "{text:?} {env:?}: {out}");
     }
+}
+
+#[test]
+fn config_check_warns_about_an_upstream_name_that_does_not_resolve() {
+    let (ok, out) = check("", &[("AUDIOLIB_UPSTREAM", "no-such-host.invalid:443")]);
+    assert!(ok, "a warning, not an error: {out}");
+    assert!(
+        out.contains(
+            "warning: setting `upstream` (AUDIOLIB_UPSTREAM): 'no-such-host.invalid:443' does not resolve"
+        ),
+        "{out}"
+    );
+    let (ok, out) = check("", &[("AUDIOLIB_UPSTREAM", "localhost:443")]);
+    assert!(ok && !out.contains("warning"), "{out}");
 }

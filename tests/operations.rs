@@ -161,6 +161,7 @@ fn metrics_count_requests_cache_store_and_catalog() {
     );
     assert_eq!(value("audiolib_catalog_version"), 1.0);
     assert_eq!(value("audiolib_catalog_load_errors_total"), 0.0);
+    assert_eq!(value("audiolib_access_log_dropped_total"), 0.0);
     // Metrics never name a key.
     assert!(!text.contains(&key) && !text.contains(&key[..8]));
 }
@@ -179,6 +180,7 @@ fn access_log_has_one_line_per_request_and_never_the_key() {
     let log = gw.log_text();
     let lines: Vec<&str> = log.lines().filter(ours).collect();
     assert!(lines[0].contains("POST /v1/audio 200 - "), "{}", lines[0]);
+    assert!(lines[0].contains("us id="), "{}", lines[0]);
     assert!(
         lines[0].ends_with(&format!("key={}", &key[..8])),
         "{}",
@@ -246,4 +248,200 @@ fn slow_request_heads_are_cut_off_without_slowing_others() {
     );
     assert!(took < Duration::from_secs(5), "cut off after {took:?}");
     eprintln!("slow head cut off after {took:?}");
+}
+
+#[test]
+fn access_log_in_json_has_one_object_per_request_and_never_the_key() {
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_LOG_FORMAT", "json")
+        .start();
+    let (_, key) = gw.create_key("free", None);
+    assert_eq!(gw.post_audio(&key, BODY).status, 200);
+    gw.post_audio(&key, r#"{"library":"audio.nope"}"#);
+    read_reply(
+        agent()
+            .get(gw.url("/elsewhere?q=1"))
+            .header("X-Request-Id", "trace-7")
+            .call()
+            .unwrap(),
+    );
+    let ours = |v: &serde_json::Value| v["path"] != "/healthz";
+    let objects = || -> Vec<serde_json::Value> {
+        gw.log_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .filter(ours)
+            .collect()
+    };
+    wait_until("access lines", Duration::from_secs(5), || {
+        objects().len() >= 3
+    });
+    let lines = objects();
+    assert_eq!(lines[0]["method"], "POST");
+    assert_eq!(lines[0]["path"], "/v1/audio");
+    assert_eq!(lines[0]["status"], 200);
+    assert!(lines[0]["code"].is_null());
+    assert_eq!(lines[0]["key"], &key[..8]);
+    assert!(lines[0]["latency_us"].as_u64().is_some());
+    assert_eq!(lines[0]["request_id"].as_str().unwrap().len(), 32);
+    assert!(lines[0]["ts"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["code"], "LIBRARY_NOT_FOUND");
+    assert_eq!(lines[2]["path"], "/elsewhere");
+    assert_eq!(lines[2]["status"], 404);
+    assert_eq!(lines[2]["request_id"], "trace-7");
+    assert!(lines[2]["key"].is_null());
+    let log = gw.log_text();
+    assert!(!log.contains(&key), "the full key must never be logged");
+    assert!(!log.contains(" access]"), "no text lines in json mode");
+}
+
+/// Writes `head` a byte every 50 ms (well inside the 1 s Pingora allows between reads) until
+/// the gateway closes the connection; returns how many bytes went out and what came back.
+fn dribble(mut slow: TcpStream, head: &[u8]) -> (usize, Vec<u8>) {
+    let mut reader = slow.try_clone().unwrap();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let closed = closed.clone();
+        std::thread::spawn(move || {
+            let mut answer = Vec::new();
+            let _ = reader.read_to_end(&mut answer);
+            closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            answer
+        })
+    };
+    let mut sent = 0;
+    for byte in head {
+        if closed.load(std::sync::atomic::Ordering::SeqCst) || slow.write_all(&[*byte]).is_err() {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = slow.shutdown(std::net::Shutdown::Write);
+    (sent, watcher.join().unwrap())
+}
+
+#[test]
+fn a_head_dribbled_byte_by_byte_is_cut_at_the_whole_head_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("gateway.toml");
+    std::fs::write(
+        &conf,
+        "[limits]\nheader_timeout_secs = 1\nkeepalive_secs = 1\n",
+    )
+    .unwrap();
+    let gw = Gateway::builder()
+        .arg("--config")
+        .arg(conf.to_str().unwrap())
+        .start();
+    // A head that would take 15 s to finish.
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(270)
+    );
+
+    // On a new connection.
+    let (sent, answer) = dribble(TcpStream::connect(gw.addr).unwrap(), head.as_bytes());
+    assert!(sent < head.len(), "the whole head was accepted");
+    assert!(
+        answer.is_empty(),
+        "no answer is owed: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    eprintln!("dribbled head cut after {sent} of {} bytes", head.len());
+
+    // On a kept-alive connection, after a first request was served.
+    let mut reused = TcpStream::connect(gw.addr).unwrap();
+    reused
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reader = std::io::BufReader::new(reused.try_clone().unwrap());
+    let first = common::read_raw_reply(&mut reader).expect("the first answer");
+    assert_eq!(first.status, 200);
+    let (sent, answer) = dribble(reused, head.as_bytes());
+    assert!(
+        sent < head.len(),
+        "the whole head was accepted on a reused connection"
+    );
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    eprintln!(
+        "dribbled second head cut after {sent} of {} bytes",
+        head.len()
+    );
+
+    // Others are served meanwhile and after.
+    assert_eq!(gw.post_audio(&gw.dev_key, BODY).status, 200);
+}
+
+#[test]
+fn connections_over_the_cap_are_closed_at_once() {
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_MAX_CONNECTIONS", "2")
+        .start();
+    let open = || common::metric(&gw.metrics_text(), "audiolib_connections_open");
+    wait_until("start-up probes to close", Duration::from_secs(5), || {
+        open() == 0.0
+    });
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(gw.addr).unwrap())
+        .collect();
+    wait_until("two open connections", Duration::from_secs(5), || {
+        open() == 2.0
+    });
+
+    let mut third = gw.connect(Duration::from_secs(5));
+    let _ = third.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = third.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        common::metric(&gw.metrics_text(), "audiolib_connections_refused_total"),
+        1.0
+    );
+
+    // A slot freed is a slot served.
+    drop(idle);
+    wait_until(
+        "the idle connections to close",
+        Duration::from_secs(5),
+        || open() == 0.0,
+    );
+    assert_eq!(gw.post_audio(&gw.dev_key, BODY).status, 200);
+}
+
+#[test]
+fn a_pending_head_is_never_buffered_past_max_header_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("gateway.toml");
+    std::fs::write(&conf, "[limits]\nmax_header_bytes = 2048\n").unwrap();
+    let gw = Gateway::builder()
+        .arg("--config")
+        .arg(conf.to_str().unwrap())
+        .start();
+    // 3 KiB of head that never ends: without the budget Pingora would keep buffering (up to
+    // 1 MiB) and wait for the rest; with it, the gateway answers 431 once 2 KiB are in.
+    let mut s = gw.connect(Duration::from_secs(20));
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    for _ in 0..3 {
+        let _ = s.write_all(format!("X-Pad: {}\r\n", "a".repeat(1014)).as_bytes());
+    }
+    let mut reader = std::io::BufReader::new(s);
+    let reply = common::read_raw_reply(&mut reader).expect("an answer");
+    assert_eq!(reply.status, 431);
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert_eq!(
+        reply.json(),
+        serde_json::json!({"error": "Request headers are too large", "code": "HEADERS_TOO_LARGE"})
+    );
+    // A head within the budget is served as usual.
+    let reply = read_reply(
+        agent()
+            .get(gw.url("/healthz"))
+            .header("X-Pad", "a".repeat(1500))
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(reply.status, 200);
 }

@@ -214,3 +214,80 @@ fn upstream_down_is_a_quick_bad_gateway() {
         200
     );
 }
+
+#[test]
+fn upstream_given_by_host_name_is_resolved_off_the_request_path() {
+    let up = Upstream::start(false);
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", format!("localhost:{}", up.port))
+        .start();
+    for _ in 0..3 {
+        let reply = read_reply(agent().get(gw.url("/by-name")).call().unwrap());
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json()["target"], "/by-name");
+    }
+    // Looked up once at start (before the first request), not per request.
+    let log = gw.log_text();
+    let resolved = format!("upstream localhost:{} resolved to", up.port);
+    assert_eq!(log.matches(&resolved).count(), 1, "{log}");
+}
+
+#[test]
+fn upstream_name_that_does_not_resolve_is_a_bad_gateway_not_a_panic() {
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_UPSTREAM", "no-such-host.invalid:8000")
+        .start();
+    for _ in 0..3 {
+        let reply = read_reply(agent().get(gw.url("/anything")).call().unwrap());
+        let body = reply.assert_error(502, "BAD_GATEWAY");
+        assert_eq!(body["error"], "The upstream could not be reached");
+    }
+    // Our own routes are unaffected.
+    assert_eq!(
+        gw.post_audio(&gw.dev_key, r#"{"library":"audio.focus"}"#)
+            .status,
+        200
+    );
+    let log = gw.log_text();
+    assert!(
+        log.contains("no-such-host.invalid:8000 does not resolve"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn pipelined_requests_are_all_answered_in_order() {
+    let up = Upstream::start(false);
+    let gw = gateway_for(&up);
+    let body = r#"{"library":"audio.focus"}"#;
+    let mut requests = Vec::new();
+    for i in 0..100 {
+        let request = match i % 3 {
+            0 => "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+            1 => format!(
+                "POST /v1/audio HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                gw.dev_key,
+                body.len()
+            ),
+            _ => format!("GET /p/{i} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        };
+        requests.extend_from_slice(request.as_bytes());
+    }
+    let mut stream = gw.connect(Duration::from_secs(10));
+    // All 100 in one write, before reading any answer.
+    stream.write_all(&requests).unwrap();
+    let mut reader = BufReader::new(stream);
+    for i in 0..100 {
+        let reply = common::read_raw_reply(&mut reader)
+            .unwrap_or_else(|| panic!("connection closed before answer {i}"));
+        assert_eq!(reply.status, 200, "answer {i}");
+        let v = reply.json();
+        match i % 3 {
+            0 => assert_eq!(v["status"], "ok", "answer {i}"),
+            1 => assert_eq!(v["code"], 0, "answer {i}: {v}"),
+            _ => assert_eq!(v["target"], format!("/p/{i}"), "answer {i}"),
+        }
+    }
+}

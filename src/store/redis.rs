@@ -500,7 +500,10 @@ impl RedisStore {
                 .await;
                 match subscribed {
                     Ok(pubsub) => {
-                        log::info!("subscribed to key invalidations on {url}");
+                        log::info!(
+                            "subscribed to key invalidations on {}",
+                            crate::config::redact_url(url)
+                        );
                         let _ = sink.send(Invalidation::All);
                         let mut messages = pubsub.into_on_message();
                         while let Some(msg) = messages.next().await {

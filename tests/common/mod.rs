@@ -825,3 +825,70 @@ impl Gateway {
             .unwrap()
     }
 }
+
+/// One HTTP/1.1 response read off a raw connection.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    /// Header names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Reads the next response (Content-Length or chunked body); `None` when the connection
+/// closed before a status line.
+pub fn read_raw_reply(reader: &mut impl BufRead) -> Option<RawReply> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let status = line.split_whitespace().nth(1)?.parse().ok()?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).ok()?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (name, value) = l.split_once(':')?;
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+    }
+    let mut reply = RawReply {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if let Some(n) = reply.header("content-length") {
+        let mut body = vec![0; n.parse().ok()?];
+        reader.read_exact(&mut body).ok()?;
+        reply.body = body;
+    } else if reply.header("transfer-encoding") == Some("chunked") {
+        loop {
+            line.clear();
+            reader.read_line(&mut line).ok()?;
+            let size = usize::from_str_radix(line.trim(), 16).ok()?;
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).ok()?;
+            if size == 0 {
+                break;
+            }
+            reply.body.extend_from_slice(&chunk[..size]);
+        }
+    }
+    Some(reply)
+}
