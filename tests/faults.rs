@@ -409,8 +409,13 @@ fn a_frozen_node_reports_late_without_over_admission() {
         assert_eq!(call(&a, &key).0, 200);
     }
     a.signal("STOP");
-    // Held by the frozen node: retry later; once it is silent: spent.
-    let b_ok = calls_until(&b, &key, 429, "QUOTA_EXCEEDED");
+    // Held by the frozen node: an honest refusal says retry in a second, not next month…
+    let mut b_ok = calls_until(&b, &key, 429, "RATE_LIMITED");
+    let held = b.post_audio(&key, BODY);
+    held.assert_error(429, "RATE_LIMITED");
+    assert_eq!(held.header("retry-after"), Some("1"));
+    // …and once the frozen node is silent at the store, its units count as spent.
+    b_ok += calls_until(&b, &key, 429, "QUOTA_EXCEEDED");
     wait_until_a_node_is_silent(&redis, &id);
     assert_a_fresh_node_gets_nothing(&redis, &key);
     a.signal("CONT");
