@@ -45,7 +45,11 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
     let store_metrics = StoreMetrics::new();
     store_metrics.register_in(&metrics);
     let backend: Arc<dyn Store> = match &config.redis_url {
-        Some(urls) => Arc::new(RedisStore::new(urls, config.store_timeout)?),
+        Some(urls) => Arc::new(RedisStore::with_wait(
+            urls,
+            config.store_timeout,
+            config.redis_wait,
+        )?),
         None => Arc::new(SqliteStore::open(&config.data_dir)?),
     };
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(backend, store_metrics));

@@ -31,6 +31,7 @@ fn shipped_config_parses_to_exactly_this() {
         cors: CorsOrigins::Any,
         max_body_bytes: 16384,
         redis_url: None,
+        redis_wait: None,
         data_dir: PathBuf::from("data"),
         failure_policy: FailurePolicy::FailOpen,
         store_timeout: Duration::from_millis(50),
