@@ -764,9 +764,11 @@ pub(crate) async fn report_persistence<C: ConnectionLike + Send>(
     .await;
     match answers {
         Ok((aof, save)) => {
-            let aof_off = aof.get("appendonly").is_some_and(|v| v == "no");
-            let save_off = save.get("save").is_some_and(|v| v.trim().is_empty());
-            if aof_off && save_off {
+            let aof = aof.get("appendonly").map_or("", String::as_str);
+            let save = save.get("save").map_or("", String::as_str);
+            if aof != "no" || !save.trim().is_empty() {
+                log::debug!("Redis at {server} persists (appendonly {aof}, save \"{save}\")");
+            } else {
                 log::warn!(
                     "Redis at {server} persists nothing (appendonly no, save \"\"): a restart loses every API key and quota count; enable AOF (appendonly yes, appendfsync everysec or always)"
                 );
