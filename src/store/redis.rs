@@ -158,12 +158,6 @@ impl Wait {
             ),
         )))
     }
-
-    /// Sends `WAIT` alone (after writes made on the same connection).
-    async fn confirm(&self, c: &mut Conn) -> redis::RedisResult<()> {
-        let acked: u32 = self.cmd().query_async(c).await?;
-        self.check(acked)
-    }
 }
 
 /// Runs a script, followed by `WAIT` in the same pipeline when `wait` is set. Pipelines do not
@@ -805,16 +799,27 @@ impl Store for RedisStore {
         let id = r.id.clone();
         let created = unix(r.created_at);
         let wait = self.wait;
-        // The record first, the digest index last: a key is usable only once complete. Created
-        // (201) only once the replicas have it, when WAIT is on.
+        // The record first, the digest index last: a key is usable only once complete.
         self.call_patiently(|mut c| async move {
-            let _: () = c.hset_multiple(record_key(&id), &fields).await?;
-            let _: () = c.zadd(KEY_LIST, &id, created).await?;
-            let _: () = c.set(digest_key(&r.digest), &id).await?;
-            match wait {
-                Some(wait) => wait.confirm(&mut c).await,
-                None => Ok(()),
-            }
+            let Some(wait) = wait else {
+                let _: () = c.hset_multiple(record_key(&id), &fields).await?;
+                let _: () = c.zadd(KEY_LIST, &id, created).await?;
+                return c.set(digest_key(&r.digest), &id).await;
+            };
+            // Created (201) only once the replicas have it. One pipeline, so WAIT runs on the
+            // connection that wrote: on a new one (after a reconnect) it would wait for
+            // nothing and confirm writes no replica has.
+            let (acked,): (u32,) = redis::pipe()
+                .hset_multiple(record_key(&id), &fields)
+                .ignore()
+                .zadd(KEY_LIST, &id, created)
+                .ignore()
+                .set(digest_key(&r.digest), &id)
+                .ignore()
+                .add_command(wait.cmd())
+                .query_async(&mut c)
+                .await?;
+            wait.check(acked)
         })
         .await
     }
