@@ -529,3 +529,99 @@ fn redis_that_persists_nothing_is_warned_about_once() {
         "{log}"
     );
 }
+
+#[test]
+fn a_forced_failover_is_followed_through_readonly_and_the_subscription_moves() {
+    // `SENTINEL FAILOVER`: the old master stays up and is demoted, so nothing breaks a
+    // connection. Writes to it answer READONLY and its subscription goes silent.
+    let master = RedisServer::start();
+    let replica = replica_of(master.port);
+    let sentinels = Sentinels::start(1, 1, master.port);
+    sentinels.wait_ready(replica.port);
+    let a = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", sentinels.url())
+        .env("AUDIOLIB_STORE_FAILURE", "fail_closed")
+        .start();
+    let b = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", sentinels.url())
+        .env("AUDIOLIB_STORE_FAILURE", "fail_closed")
+        .start();
+    let (id, key) = a.create_key("free", Some(Some(50)));
+    let mut served = 0;
+    for _ in 0..5 {
+        assert_eq!(a.post_audio(&key, BODY).status, 200);
+        assert_eq!(b.post_audio(&key, BODY).status, 200);
+        served += 2;
+    }
+
+    let failover = redis_cli(sentinels.ports[0], &["SENTINEL", "FAILOVER", MASTER]).unwrap();
+    assert_eq!(failover.trim(), "OK");
+    wait_until("the replica promoted", Duration::from_secs(30), || {
+        sentinels.master_port() == Some(replica.port)
+    });
+    wait_until("the old master demoted", Duration::from_secs(30), || {
+        redis_cli(master.port, &["INFO", "replication"])
+            .is_some_and(|i| i.contains("role:slave") && i.contains("master_link_status:up"))
+    });
+    // The first writes after the switch may meet READONLY (503); then both nodes use the new
+    // master.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut refused = 0;
+    while served < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "served {served}, refused {refused}"
+        );
+        for gw in [&a, &b] {
+            let reply = gw.post_audio(&key, BODY);
+            match reply.status {
+                200 => served += 1,
+                _ => {
+                    reply.assert_error(503, "SERVICE_UNAVAILABLE");
+                    refused += 1;
+                }
+            }
+            if served == 50 {
+                break;
+            }
+        }
+    }
+    eprintln!("forced failover: {refused} calls refused while the nodes moved");
+    // Nothing more. A node whose first store call since the switch meets the demoted master
+    // (READONLY) answers that call 503; once both nodes have reported, the refusal says the
+    // month is used up.
+    for gw in [&a, &b] {
+        wait_until("QUOTA_EXCEEDED", Duration::from_secs(10), || {
+            let reply = gw.post_audio(&key, BODY);
+            let body = reply.json();
+            match reply.status {
+                503 => assert_eq!(body["code"], "SERVICE_UNAVAILABLE"),
+                429 => {}
+                _ => panic!("over the limit: {body}"),
+            }
+            body["code"] == "QUOTA_EXCEEDED"
+        });
+    }
+    wait_until("usage on the new master", Duration::from_secs(20), || {
+        stored_usage(replica.port, &id) == Some(50)
+    });
+    for gw in [&a, &b] {
+        wait_until("the subscription moved", Duration::from_secs(20), || {
+            gw.log_text().contains(&format!(
+                "subscribed to key invalidations on redis://127.0.0.1:{}/",
+                replica.port
+            ))
+        });
+    }
+    // B caches a key made on the new master; revoked through A, B refuses it within a second.
+    let (id2, key2) = a.create_key("free", None);
+    assert_eq!(b.post_audio(&key2, BODY).status, 200);
+    assert_eq!(
+        a.admin("DELETE", &format!("/admin/keys/{id2}"), None)
+            .status,
+        200
+    );
+    wait_until("the revocation on B", Duration::from_secs(1), || {
+        b.post_audio(&key2, BODY).status == 401
+    });
+}
