@@ -684,7 +684,8 @@ impl RedisStore {
                         let _ = sink.send(Invalidation::All);
                         let mut messages = pubsub.into_on_message();
                         // With Sentinel, a master that was demoted but still runs keeps the
-                        // subscription open and silent: the sentinels are asked every second.
+                        // subscription open (and may lag or be cut off from the new master):
+                        // the sentinels are asked every second, to stay on the master.
                         let mut check = tokio::time::interval(Duration::from_secs(1));
                         check.tick().await;
                         loop {
