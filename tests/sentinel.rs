@@ -481,6 +481,46 @@ fn without_a_replica_wait_fails_quota_operations_closed() {
     });
 }
 
+#[test]
+fn wait_without_any_replica_is_warned_about_and_refuses_every_write() {
+    let lone = RedisServer::start();
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", lone.url())
+        .env("AUDIOLIB_STORE_FAILURE", "fail_closed")
+        .env("AUDIOLIB_REDIS_WAIT_REPLICAS", "1")
+        .env("AUDIOLIB_REDIS_WAIT_TIMEOUT_MS", "100")
+        .start();
+    let warning = format!(
+        "Redis at redis://127.0.0.1:{} has 0 connected replicas but store.redis_wait_replicas is \
+         1: quota operations and key writes fail until enough replicas connect",
+        lone.port
+    );
+    wait_until("the replica warning", Duration::from_secs(20), || {
+        gw.log_text().contains(&warning)
+    });
+    gw.admin(
+        "POST",
+        "/admin/keys",
+        Some(json!({"name": "x", "plan": "free"})),
+    )
+    .assert_error(503, "SERVICE_UNAVAILABLE");
+    // A key made by a node without WAIT is found (reads need no replica) but never served.
+    let plain = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", lone.url())
+        .start();
+    assert!(!plain.log_text().contains("connected replicas"));
+    let (id, key) = plain.create_key("free", Some(Some(10)));
+    for _ in 0..5 {
+        let reply = gw.post_audio(&key, BODY);
+        reply.assert_error(503, "SERVICE_UNAVAILABLE");
+        assert_eq!(reply.header("retry-after"), Some("1"));
+    }
+    // The lease operations the master applied without a replica stay parked on `gw`: the
+    // units they were granted are held, never served, and nothing is counted.
+    assert_eq!(stored_usage(lone.port, &id), Some(0));
+    assert_eq!(plain.post_audio(&key, BODY).status, 200);
+}
+
 /// The gateway's log once the persistence check has answered (debug level for this module).
 fn persistence_log(redis: &RedisServer, needle: &str) -> String {
     let gw = Gateway::builder()

@@ -331,7 +331,7 @@ impl RedisStore {
     pub fn with_wait(urls: &str, timeout: Duration, wait: Option<Wait>) -> Result<Self, String> {
         let sentinel = match urls.trim() {
             url if url.starts_with(sentinel::SCHEME) => {
-                Some(SentinelMaster::new(SentinelUrl::parse(url)?, timeout))
+                Some(SentinelMaster::new(SentinelUrl::parse(url)?, timeout, wait))
             }
             _ => None,
         };
@@ -448,11 +448,12 @@ impl RedisStore {
         };
         let label = redact(&self.pubsub_urls[0]);
         let timeout = self.timeout;
+        let wait = self.wait;
         self.io.handle().spawn(async move {
             let mut unchecked = seeds;
             loop {
                 let done = if let Some(mut conn) = single.clone() {
-                    report_persistence(&mut conn, &label).await
+                    report_durability(&mut conn, &label, wait).await
                 } else if let Some(sentinel) = &sentinel {
                     // Connecting to a new master checks it.
                     sentinel.connection().await.is_ok()
@@ -466,7 +467,7 @@ impl RedisStore {
                                 .await
                                 .ok()?
                                 .ok()?;
-                            report_persistence(&mut conn, &redact(&url))
+                            report_durability(&mut conn, &redact(&url), None)
                                 .await
                                 .then_some(())
                         }
@@ -738,12 +739,14 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// Logs one warning if the server behind `conn` persists nothing (no AOF, no RDB snapshots);
-/// at debug level if it will not say (`CONFIG` renamed away or not permitted). False when it
-/// could not be reached, to try again later.
-pub(crate) async fn report_persistence<C: ConnectionLike + Send>(
+/// Logs one warning if the server behind `conn` persists nothing (no AOF, no RDB snapshots),
+/// at debug level if it will not say (`CONFIG` renamed away or not permitted); and one if it
+/// has fewer connected replicas than `wait` needs (every write would fail until they connect).
+/// False when it could not be reached, to try again later.
+pub(crate) async fn report_durability<C: ConnectionLike + Send>(
     conn: &mut C,
     server: &str,
+    wait: Option<Wait>,
 ) -> bool {
     let get = |name: &'static str| {
         let mut cmd = redis::cmd("CONFIG");
@@ -768,16 +771,39 @@ pub(crate) async fn report_persistence<C: ConnectionLike + Send>(
                     "Redis at {server} persists nothing (appendonly no, save \"\"): a restart loses every API key and quota count; enable AOF (appendonly yes, appendfsync everysec or always)"
                 );
             }
-            true
         }
-        Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => false,
-        Err(e) => {
-            log::debug!(
-                "cannot tell whether Redis at {server} persists anything: CONFIG GET refused ({e})"
-            );
-            true
-        }
+        Err(e) if unreachable(&e) => return false,
+        Err(e) => log::debug!(
+            "cannot tell whether Redis at {server} persists anything: CONFIG GET refused ({e})"
+        ),
     }
+    let Some(wait) = wait else {
+        return true;
+    };
+    let info: redis::RedisResult<String> = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(conn)
+        .await;
+    match info {
+        Ok(info) => {
+            let replicas: Option<u32> = info
+                .lines()
+                .find_map(|l| l.strip_prefix("connected_slaves:"))
+                .and_then(|n| n.trim().parse().ok());
+            if let Some(replicas) = replicas.filter(|&n| n < wait.replicas) {
+                log::warn!(
+                    "Redis at {server} has {replicas} connected replicas but store.redis_wait_replicas is {}: quota operations and key writes fail until enough replicas connect",
+                    wait.replicas
+                );
+            }
+            true
+        }
+        Err(e) => !unreachable(&e),
+    }
+}
+
+fn unreachable(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped()
 }
 
 #[async_trait]

@@ -171,16 +171,19 @@ pub struct SentinelMaster {
     suspect: AtomicBool,
     /// The sentinel that answered last, asked first next time.
     first: AtomicUsize,
+    /// For the check of every new master (enough replicas for it?).
+    wait: Option<super::Wait>,
 }
 
 impl SentinelMaster {
-    pub fn new(url: SentinelUrl, timeout: Duration) -> Arc<Self> {
+    pub fn new(url: SentinelUrl, timeout: Duration, wait: Option<super::Wait>) -> Arc<Self> {
         Arc::new(Self {
             url,
             timeout,
             current: AsyncMutex::new(None),
             suspect: AtomicBool::new(false),
             first: AtomicUsize::new(0),
+            wait,
         })
     }
 
@@ -275,8 +278,8 @@ impl SentinelMaster {
             "redis master '{}' is {shown} (named by sentinel)",
             self.url.master
         );
-        let mut check = conn.clone();
-        tokio::spawn(async move { super::report_persistence(&mut check, &shown).await });
+        let (mut check, wait) = (conn.clone(), self.wait);
+        tokio::spawn(async move { super::report_durability(&mut check, &shown, wait).await });
         *current = Some((addr, conn.clone()));
         Ok(conn)
     }
