@@ -482,6 +482,58 @@ fn without_a_replica_wait_fails_quota_operations_closed() {
 }
 
 #[test]
+fn the_masters_password_comes_from_the_url() {
+    let master = RedisServer::start();
+    let sentinels = Sentinels::start(1, 1, master.port);
+    // Set once everything is up (the harness polls with a plain PING): the master wants
+    // `p@ss`, and the sentinel authenticates to it.
+    for (port, args) in [
+        (master.port, &["CONFIG", "SET", "requirepass", "p@ss"][..]),
+        (
+            sentinels.ports[0],
+            &["SENTINEL", "SET", MASTER, "auth-pass", "p@ss"][..],
+        ),
+    ] {
+        assert_eq!(
+            redis_cli(port, &args).map(|r| r.trim().to_string()),
+            Some("OK".into())
+        );
+    }
+    let with = |userinfo: &str| {
+        Gateway::builder()
+            .env(
+                "AUDIOLIB_REDIS_URL",
+                format!(
+                    "redis+sentinel://{userinfo}127.0.0.1:{}/{MASTER}",
+                    sentinels.ports[0]
+                ),
+            )
+            .env("AUDIOLIB_REDIS_WAIT_REPLICAS", "0")
+            .start()
+    };
+    let ready = |gw: &Gateway| read_reply(agent().get(gw.url("/readyz")).call().unwrap()).status;
+    let gw = with(":p%40ss@");
+    wait_until("ready with the password", Duration::from_secs(20), || {
+        ready(&gw) == 200
+    });
+    let (_, key) = gw.create_key("free", Some(Some(5)));
+    assert_eq!(gw.post_audio(&key, BODY).status, 200);
+    // Each readiness probe connects afresh (no master connection yet) and fails on AUTH.
+    for userinfo in [":nope@", ""] {
+        let gw = with(userinfo);
+        for _ in 0..3 {
+            assert_eq!(ready(&gw), 503, "{userinfo:?}");
+        }
+        gw.admin(
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "x", "plan": "free"})),
+        )
+        .assert_error(503, "SERVICE_UNAVAILABLE");
+    }
+}
+
+#[test]
 fn wait_without_any_replica_is_warned_about_and_refuses_every_write() {
     let lone = RedisServer::start();
     let gw = Gateway::builder()
