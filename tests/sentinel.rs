@@ -495,7 +495,7 @@ fn the_masters_password_comes_from_the_url() {
         ),
     ] {
         assert_eq!(
-            redis_cli(port, &args).map(|r| r.trim().to_string()),
+            redis_cli(port, args).map(|r| r.trim().to_string()),
             Some("OK".into())
         );
     }
