@@ -7,7 +7,8 @@
 //! - [`error`]: the error table of the API; every status, code and message.
 //! - [`auth`]: the `Authorization` header, key format, key minting and digests.
 //! - [`store`]: the storage trait for keys and quota; embedded and Redis implementations, and
-//!   the quota leases that let Redis nodes serve most calls without a round trip.
+//!   the quota leases that let Redis nodes serve most calls without a round trip; Redis
+//!   Sentinel and `WAIT` in [`store::redis::sentinel`] and [`store::redis`].
 //! - [`cache`]: the per-node key cache in front of the store.
 //! - [`keys`]: key management, the operations behind the admin API.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.
