@@ -179,6 +179,17 @@ struct Tally {
 
 #[test]
 fn sentinel_failover_under_wait_loses_nothing_and_over_admits_nothing() {
+    failover_under_load("fail_closed");
+}
+
+/// The default policy: during the failover a node may serve one block per key on a local
+/// count; with one node that never goes over the limit, and the count is written back.
+#[test]
+fn sentinel_failover_under_fail_open_writes_local_counts_back_exactly() {
+    failover_under_load("fail_open");
+}
+
+fn failover_under_load(policy: &str) {
     const LIMIT: u64 = 300;
     // Two replicas: after the failover the new master still has one to confirm WAIT 1.
     let mut master = RedisServer::start();
@@ -191,7 +202,7 @@ fn sentinel_failover_under_wait_loses_nothing_and_over_admits_nothing() {
 
     let gw = Gateway::builder()
         .env("AUDIOLIB_REDIS_URL", sentinels.url())
-        .env("AUDIOLIB_STORE_FAILURE", "fail_closed")
+        .env("AUDIOLIB_STORE_FAILURE", policy)
         .env("AUDIOLIB_REDIS_WAIT_REPLICAS", "1")
         // The harness's store timeout is 1 s on these shared cores; WAIT gets half of it.
         .env("AUDIOLIB_REDIS_WAIT_TIMEOUT_MS", "500")
@@ -317,7 +328,7 @@ fn sentinel_failover_under_wait_loses_nothing_and_over_admits_nothing() {
         failed += t.unavailable;
     }
     eprintln!(
-        "failover: replica promoted {promoted_after:?} after the SIGKILL; {failed} calls answered \
+        "failover ({policy}): replica promoted {promoted_after:?} after the SIGKILL; {failed} calls answered \
          503, from {:?} to {:?} after the kill",
         window.map(|w| w.0),
         window.map(|w| w.1)
