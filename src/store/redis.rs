@@ -307,7 +307,7 @@ pub struct RedisStore {
     /// The master of a Sentinel deployment, looked up again after failures.
     sentinel: Option<Arc<SentinelMaster>>,
     /// The node the invalidation subscription uses (any node of a cluster will do: cluster
-    /// pub/sub reaches every node). Unused with Sentinel: it subscribes on the master.
+    /// pub/sub reaches every node). Empty with Sentinel: it subscribes on the master.
     pubsub_urls: Vec<String>,
     wait: Option<Wait>,
     timeout: Duration,
@@ -335,7 +335,10 @@ impl RedisStore {
             }
             _ => None,
         };
-        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
+        let urls: Vec<String> = match sentinel {
+            Some(_) => Vec::new(),
+            None => urls.split(',').map(|u| u.trim().to_string()).collect(),
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("redis-io")
@@ -446,7 +449,10 @@ impl RedisStore {
             Some(_) => self.pubsub_urls.clone(),
             None => Vec::new(),
         };
-        let label = redact(&self.pubsub_urls[0]);
+        let label = self
+            .pubsub_urls
+            .first()
+            .map_or(String::new(), |u| redact(u));
         let timeout = self.timeout;
         let wait = self.wait;
         self.io.handle().spawn(async move {
