@@ -13,6 +13,8 @@ use serde::Deserialize;
 use crate::access_log::LogFormat;
 use crate::forwarding::Cidr;
 use crate::sign::{Credentials, MAX_TTL_SECS, S3Location};
+use crate::store::redis::Wait;
+use crate::store::redis::sentinel::{self, SentinelUrl};
 
 /// The file as written. Every field is optional: a missing one takes its default.
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +60,8 @@ pub struct StoreFile {
     pub data_dir: Option<PathBuf>,
     pub failure: Option<String>,
     pub timeout_ms: Option<u64>,
+    pub redis_wait_replicas: Option<u32>,
+    pub redis_wait_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +172,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// May hold a password: a [`Secret`]; logs show it through [`redact_url`].
     pub redis_url: Option<Secret>,
+    /// `WAIT` for this many replicas after every Redis write (SPEC §4a.6); `None` for 0.
+    pub redis_wait: Option<Wait>,
     /// Where the embedded store keeps its file (used when there is no Redis).
     pub data_dir: PathBuf,
     pub failure_policy: FailurePolicy,
@@ -501,18 +507,16 @@ impl Config {
             "store.redis_url",
             file.store.redis_url,
         );
-        if let Some(url) = &redis_url {
-            for part in url.expose().split(',') {
-                let part = part.trim();
-                if !(part.starts_with("redis://") || part.starts_with("rediss://")) {
-                    p.add(
-                        "store.redis_url",
-                        Some("AUDIOLIB_REDIS_URL"),
-                        format!("'{}' is not a redis:// or rediss:// URL", redact_url(part)),
-                    );
+        let redis_kind = redis_url
+            .as_ref()
+            .map(|url| match check_redis_url(url.expose()) {
+                Ok(kind) => kind,
+                Err(e) => {
+                    let e = redact_passwords_in(&e, url.expose());
+                    p.add("store.redis_url", Some("AUDIOLIB_REDIS_URL"), e);
+                    RedisKind::Single
                 }
-            }
-        }
+            });
         let data_dir = pick(
             p,
             env,
@@ -559,6 +563,50 @@ impl Config {
                 "must be between 1 and 10000",
             );
         }
+
+        // Sentinel is there for failover, which loses unconfirmed writes: WAIT for one
+        // replica by default there, not elsewhere.
+        let wait_replicas = pick(
+            p,
+            env,
+            "AUDIOLIB_REDIS_WAIT_REPLICAS",
+            "store.redis_wait_replicas",
+            file.store.redis_wait_replicas,
+        )
+        .unwrap_or(u32::from(redis_kind == Some(RedisKind::Sentinel)));
+        let wait_timeout = Duration::from_millis(
+            pick(
+                p,
+                env,
+                "AUDIOLIB_REDIS_WAIT_TIMEOUT_MS",
+                "store.redis_wait_timeout_ms",
+                file.store.redis_wait_timeout_ms,
+            )
+            .unwrap_or(store_timeout.as_millis() as u64 / 2),
+        );
+        if wait_replicas > 0 {
+            if redis_kind == Some(RedisKind::Cluster) {
+                p.add(
+                    "store.redis_wait_replicas",
+                    Some("AUDIOLIB_REDIS_WAIT_REPLICAS"),
+                    "WAIT is not supported on Redis Cluster; set it to 0",
+                );
+            }
+            if wait_timeout.is_zero() || wait_timeout >= store_timeout {
+                p.add(
+                    "store.redis_wait_timeout_ms",
+                    Some("AUDIOLIB_REDIS_WAIT_TIMEOUT_MS"),
+                    format!(
+                        "must be at least 1 and below store.timeout_ms ({} ms), or the call gives up before WAIT answers",
+                        store_timeout.as_millis()
+                    ),
+                );
+            }
+        }
+        let redis_wait = (redis_kind.is_some() && wait_replicas > 0).then_some(Wait {
+            replicas: wait_replicas,
+            timeout: wait_timeout,
+        });
 
         let s3 = file.s3;
         let region = pick(p, env, "AUDIOLIB_S3_REGION", "s3.region", s3.region)
@@ -781,6 +829,7 @@ impl Config {
             trusted_proxies,
             max_body_bytes,
             redis_url,
+            redis_wait,
             data_dir,
             failure_policy,
             store_timeout,
@@ -813,6 +862,35 @@ impl Config {
         };
         Config::build(file, env)
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RedisKind {
+    Single,
+    Cluster,
+    Sentinel,
+}
+
+/// One `redis://` or `rediss://` URL, a comma list of them (cluster seeds), or one
+/// `redis+sentinel://` URL (its grammar in [`SentinelUrl`]).
+fn check_redis_url(url: &str) -> Result<RedisKind, String> {
+    let url = url.trim();
+    if url.starts_with(sentinel::SCHEME) {
+        return SentinelUrl::parse(url).map(|_| RedisKind::Sentinel);
+    }
+    let parts: Vec<&str> = url.split(',').map(str::trim).collect();
+    for part in &parts {
+        if !(part.starts_with("redis://") || part.starts_with("rediss://")) {
+            return Err(format!(
+                "'{part}' is not a redis://, rediss:// or redis+sentinel:// URL"
+            ));
+        }
+    }
+    Ok(if parts.len() == 1 {
+        RedisKind::Single
+    } else {
+        RedisKind::Cluster
+    })
 }
 
 /// `http[s]://host[:port]` → (scheme, authority without the scheme's default port).
@@ -1052,6 +1130,117 @@ mod tests {
             redact_passwords_in("redis url 'redis://:pw9@h:1': bad", "redis://:pw9@h:1"),
             "redis url 'redis://:***@h:1': bad"
         );
+    }
+
+    #[test]
+    fn redis_urls_and_wait() {
+        let wait = |replicas, ms| {
+            Some(Wait {
+                replicas,
+                timeout: Duration::from_millis(ms),
+            })
+        };
+        let sentinel = "redis+sentinel://:pw@h1:26379,h2:26379/mymaster/2";
+        for (url, env, expected) in [
+            ("redis://h:6379/0", vec![], None),
+            ("redis://h:1,rediss://h:2", vec![], None),
+            (sentinel, vec![], wait(1, 25)),
+            (sentinel, vec![("AUDIOLIB_REDIS_WAIT_REPLICAS", "0")], None),
+            (
+                "redis://h",
+                vec![
+                    ("AUDIOLIB_REDIS_WAIT_REPLICAS", "2"),
+                    ("AUDIOLIB_STORE_TIMEOUT_MS", "1000"),
+                ],
+                wait(2, 500),
+            ),
+            (
+                sentinel,
+                vec![("AUDIOLIB_REDIS_WAIT_TIMEOUT_MS", "40")],
+                wait(1, 40),
+            ),
+        ] {
+            let mut env = env;
+            env.push(("AUDIOLIB_REDIS_URL", url));
+            let c = build("", &env).unwrap_or_else(|e| panic!("{url} {env:?}: {e:?}"));
+            assert_eq!(c.redis_url.as_ref().map(Secret::expose), Some(url));
+            assert_eq!(c.redis_wait, expected, "{url} {env:?}");
+        }
+        // Without Redis the setting has nothing to act on.
+        let c = build("[store]\nredis_wait_replicas = 1\n", &[]).unwrap();
+        assert_eq!(c.redis_wait, None);
+
+        let env_url = "`store.redis_url` (AUDIOLIB_REDIS_URL): ";
+        for (env, problem) in [
+            (
+                vec![("AUDIOLIB_REDIS_URL", "http://h:6379")],
+                format!("{env_url}'http://h:6379' is not a redis://, rediss:// or redis+sentinel:// URL"),
+            ),
+            (
+                vec![("AUDIOLIB_REDIS_URL", "redis://a,tcp://b")],
+                format!("{env_url}'tcp://b' is not a redis://, rediss:// or redis+sentinel:// URL"),
+            ),
+            (
+                vec![("AUDIOLIB_REDIS_URL", "redis+sentinel://h1:26379")],
+                format!(
+                    "{env_url}'redis+sentinel://h1:26379' is not a sentinel URL \
+                     (redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/master-name[/db]): \
+                     the master name is missing"
+                ),
+            ),
+            (
+                vec![("AUDIOLIB_REDIS_URL", "redis+sentinel://h1:x/m")],
+                format!(
+                    "{env_url}'redis+sentinel://h1:x/m' is not a sentinel URL \
+                     (redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/master-name[/db]): \
+                     'x' in 'h1:x' is not a port"
+                ),
+            ),
+            (
+                vec![
+                    ("AUDIOLIB_REDIS_URL", "redis://a,redis://b"),
+                    ("AUDIOLIB_REDIS_WAIT_REPLICAS", "1"),
+                ],
+                "setting `store.redis_wait_replicas` (AUDIOLIB_REDIS_WAIT_REPLICAS): WAIT is not \
+                 supported on Redis Cluster; set it to 0"
+                    .to_string(),
+            ),
+            (
+                vec![
+                    ("AUDIOLIB_REDIS_URL", sentinel),
+                    ("AUDIOLIB_REDIS_WAIT_TIMEOUT_MS", "50"),
+                ],
+                "setting `store.redis_wait_timeout_ms` (AUDIOLIB_REDIS_WAIT_TIMEOUT_MS): must be at \
+                 least 1 and below store.timeout_ms (50 ms), or the call gives up before WAIT answers"
+                    .to_string(),
+            ),
+            (
+                vec![
+                    ("AUDIOLIB_REDIS_URL", sentinel),
+                    ("AUDIOLIB_REDIS_WAIT_TIMEOUT_MS", "0"),
+                ],
+                "setting `store.redis_wait_timeout_ms` (AUDIOLIB_REDIS_WAIT_TIMEOUT_MS): must be at \
+                 least 1 and below store.timeout_ms (50 ms), or the call gives up before WAIT answers"
+                    .to_string(),
+            ),
+            (
+                vec![
+                    ("AUDIOLIB_REDIS_URL", sentinel),
+                    ("AUDIOLIB_REDIS_WAIT_REPLICAS", "-1"),
+                ],
+                "setting `store.redis_wait_replicas` (AUDIOLIB_REDIS_WAIT_REPLICAS): cannot parse \
+                 '-1': invalid digit found in string"
+                    .to_string(),
+            ),
+        ] {
+            let errors = build("", &env).unwrap_err();
+            let problem = if problem.starts_with("setting") {
+                problem
+            } else {
+                format!("setting {problem}")
+            };
+            assert_eq!(errors, vec![problem], "{env:?}");
+        }
     }
 
     #[test]

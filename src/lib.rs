@@ -6,9 +6,10 @@
 //! - [`config`]: the TOML file and environment, validated into one [`config::Config`].
 //! - [`error`]: the error table of the API; every status, code and message.
 //! - [`auth`]: the `Authorization` header, key format, key minting and digests.
-//! - [`store`]: the storage trait for keys and quota; the embedded durable store (SQLite) and
-//!   the Redis one, and the quota leases through which both count: most calls need no round
-//!   trip, leases are fenced, and the outage policy is bounded (SPEC §4a).
+//! - [`store`]: the storage traits for keys and quota; the embedded durable store (SQLite) and
+//!   the Redis one (Sentinel and `WAIT` in [`store::redis::sentinel`]), and the quota leases
+//!   through which both count: most calls need no round trip, leases are fenced, and the
+//!   outage policy is bounded (SPEC §4a).
 //! - [`cache`]: the per-node key cache in front of the store.
 //! - [`keys`]: key management, the operations behind the admin API.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.

@@ -49,7 +49,7 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
     match &config.redis_url {
         Some(urls) => {
             let redis = Arc::new(
-                RedisStore::new(urls.expose(), config.store_timeout)
+                RedisStore::with_wait(urls.expose(), config.store_timeout, config.redis_wait)
                     .map_err(|e| config::redact_passwords_in(&e, urls.expose()))?,
             );
             build_app_with(config, redis.clone(), redis, clock)

@@ -33,6 +33,7 @@ fn shipped_config_parses_to_exactly_this() {
         trusted_proxies: vec![],
         max_body_bytes: 16384,
         redis_url: None,
+        redis_wait: None,
         data_dir: PathBuf::from("data"),
         failure_policy: FailurePolicy::FailOpen,
         store_timeout: Duration::from_millis(50),

@@ -15,6 +15,11 @@
 //! All I/O runs on a dedicated one-thread runtime that owns the connections, so callers on any
 //! Pingora runtime share them. Every call is bounded by a short timeout and guarded by a
 //! circuit breaker: a dead Redis costs milliseconds, then nothing.
+//!
+//! High availability (SPEC §4a.6): a `redis+sentinel://` URL connects to the master the
+//! sentinels name and follows it after a failover ([`sentinel`]); with [`Wait`] set, every
+//! lease operation and key write is followed by `WAIT` on the same connection and counts as
+//! failed unless enough replicas acknowledged it, so no unit is used before a replica has it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,13 +31,19 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{
+    AsyncCommands, Cmd, FromRedisValue, Pipeline, RedisFuture, Script, ScriptInvocation, Value,
+};
 use tokio::sync::{OnceCell, mpsc};
+
+use self::sentinel::{SentinelMaster, SentinelUrl};
 
 use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
 use super::{Invalidation, KeyRecord, KeyStatus, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
 use crate::quota::Period;
+
+pub mod sentinel;
 
 /// Counters outlive their month by this much, for late reads and reconciliation.
 pub const USAGE_GRACE_SECS: i64 = 7 * 86_400;
@@ -115,6 +126,63 @@ for i = 1, #ARGV, 2 do
 end
 return redis.call('HGETALL', KEYS[1])
 ";
+
+/// `WAIT replicas timeout` after every lease operation and key write (SPEC §4a.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// Replicas that must acknowledge a write before it counts as done (at least 1).
+    pub replicas: u32,
+    /// How long Redis waits for them; shorter than the call's own bound.
+    pub timeout: Duration,
+}
+
+impl Wait {
+    fn cmd(&self) -> Cmd {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(self.replicas).arg(self.timeout.as_millis() as u64);
+        cmd
+    }
+
+    /// An answer not confirmed by enough replicas is an error: the caller treats it as lost
+    /// (a lease operation stays parked and is replayed, which its sequence number makes exact).
+    fn check(&self, acked: u32) -> redis::RedisResult<()> {
+        if acked >= self.replicas {
+            return Ok(());
+        }
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "write not confirmed by the replicas",
+            format!(
+                "WAIT: {acked} of {} replicas acknowledged within {:?}",
+                self.replicas, self.timeout
+            ),
+        )))
+    }
+}
+
+/// Runs a script, followed by `WAIT` in the same pipeline when `wait` is set. Pipelines do not
+/// load scripts: on `NOSCRIPT` the script is loaded and the pipeline sent again (the script
+/// did not run, so nothing happens twice).
+async fn invoke<T: FromRedisValue>(
+    c: &mut Conn,
+    inv: &ScriptInvocation<'_>,
+    wait: Option<Wait>,
+) -> redis::RedisResult<T> {
+    let Some(wait) = wait else {
+        return inv.invoke_async(c).await;
+    };
+    let mut pipe = redis::pipe();
+    pipe.invoke_script(inv).add_command(wait.cmd());
+    let (value, acked): (T, u32) = match pipe.query_async(c).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            inv.load_async(c).await?;
+            pipe.query_async(c).await?
+        }
+        other => other?,
+    };
+    wait.check(acked)?;
+    Ok(value)
+}
 
 fn record_key(id: &str) -> String {
     format!("audiolib:{{{id}}}:key")
@@ -236,9 +304,12 @@ pub struct RedisStore {
     io: Io,
     single: Option<ConnectionManager>,
     cluster: Option<(ClusterClient, Arc<OnceCell<ClusterConnection>>)>,
+    /// The master of a Sentinel deployment, looked up again after failures.
+    sentinel: Option<Arc<SentinelMaster>>,
     /// The node the invalidation subscription uses (any node of a cluster will do: cluster
-    /// pub/sub reaches every node).
+    /// pub/sub reaches every node). Empty with Sentinel: it subscribes on the master.
     pubsub_urls: Vec<String>,
+    wait: Option<Wait>,
     timeout: Duration,
     breaker: Breaker,
     /// This process's name in the lease hashes.
@@ -249,9 +320,24 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Connects lazily: the gateway starts even while Redis is down. `urls` is one URL for a
-    /// single node, several for Redis Cluster seed nodes.
+    /// single node, several for Redis Cluster seed nodes, or one `redis+sentinel://` URL.
     pub fn new(urls: &str, timeout: Duration) -> Result<Self, String> {
-        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
+        Self::with_wait(urls, timeout, None)
+    }
+
+    /// As [`Self::new`], confirming every write on replicas with `WAIT` when `wait` is set
+    /// (one node or Sentinel; a cluster would need it per shard, which is not supported).
+    pub fn with_wait(urls: &str, timeout: Duration, wait: Option<Wait>) -> Result<Self, String> {
+        let sentinel = match urls.trim() {
+            url if url.starts_with(sentinel::SCHEME) => {
+                Some(SentinelMaster::new(SentinelUrl::parse(url)?, timeout, wait))
+            }
+            _ => None,
+        };
+        let urls: Vec<String> = match sentinel {
+            Some(_) => Vec::new(),
+            None => urls.split(',').map(|u| u.trim().to_string()).collect(),
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("redis-io")
@@ -259,7 +345,9 @@ impl RedisStore {
             .build()
             .map_err(|e| format!("redis runtime: {e}"))?;
         let io = Io(Some(runtime));
-        let (single, cluster) = if urls.len() == 1 {
+        let (single, cluster) = if sentinel.is_some() {
+            (None, None)
+        } else if urls.len() == 1 {
             let client = redis::Client::open(urls[0].as_str())
                 .map_err(|e| format!("redis url '{}': {e}", urls[0]))?;
             let config = ConnectionManagerConfig::new()
@@ -274,6 +362,9 @@ impl RedisStore {
                 .map_err(|e| format!("redis connection: {e}"))?;
             (Some(manager), None)
         } else {
+            if wait.is_some() {
+                return Err("WAIT for replicas is not supported on Redis Cluster".into());
+            }
             let client = ClusterClient::builder(urls.clone())
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
@@ -282,24 +373,48 @@ impl RedisStore {
                 .map_err(|e| format!("redis cluster: {e}"))?;
             (None, Some((client, Arc::new(OnceCell::new()))))
         };
-        Ok(Self {
+        let store = Self {
             io,
             single,
             cluster,
+            sentinel,
             pubsub_urls: urls,
+            wait,
             timeout,
             breaker: Breaker::new(),
             node: crate::auth::new_id("node"),
             lease: Script::new(LEASE),
             update: Script::new(UPDATE),
-        })
+        };
+        store.check_persistence();
+        Ok(store)
     }
 
     async fn conn(&self) -> Result<Conn, redis::RedisError> {
         if let Some(m) = &self.single {
             return Ok(Conn::Single(m.clone()));
         }
-        let (client, cell) = self.cluster.as_ref().expect("single or cluster");
+        if let Some(sentinel) = &self.sentinel {
+            if let Some(conn) = sentinel.cached() {
+                return Ok(Conn::Single(conn));
+            }
+            let sentinel = sentinel.clone();
+            // Looked up and connected on the I/O runtime so the connection's tasks live there.
+            return self
+                .io
+                .handle()
+                .spawn(async move { sentinel.connection().await })
+                .await
+                .map_err(|e| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "sentinel connect task",
+                        e.to_string(),
+                    ))
+                })?
+                .map(Conn::Single);
+        }
+        let (client, cell) = self.cluster.as_ref().expect("single, sentinel or cluster");
         let conn = cell
             .get_or_try_init(|| {
                 let client = client.clone();
@@ -320,6 +435,60 @@ impl RedisStore {
             })
             .await?;
         Ok(Conn::Cluster(conn.clone()))
+    }
+
+    /// Warns once, when Redis first answers, if it persists nothing (SPEC §4a.6): a restart
+    /// of such a server forgets every key and count. With Sentinel every new master is
+    /// checked when it is first connected to; on a cluster, every seed node.
+    fn check_persistence(&self) {
+        let single = self.single.clone();
+        let sentinel = self.sentinel.clone();
+        let seeds = match self.cluster {
+            Some(_) => self.pubsub_urls.clone(),
+            None => Vec::new(),
+        };
+        let label = self
+            .pubsub_urls
+            .first()
+            .map_or(String::new(), |u| crate::config::redact_url(u));
+        let timeout = self.timeout;
+        let wait = self.wait;
+        self.io.handle().spawn(async move {
+            let mut unchecked = seeds;
+            loop {
+                let done = if let Some(mut conn) = single.clone() {
+                    report_durability(&mut conn, &label, wait).await
+                } else if let Some(sentinel) = &sentinel {
+                    // Connecting to a new master checks it.
+                    sentinel.connection().await.is_ok()
+                } else {
+                    let mut left = Vec::new();
+                    for url in unchecked {
+                        let checked = async {
+                            let client = redis::Client::open(url.as_str()).ok()?;
+                            let connect = client.get_multiplexed_async_connection();
+                            let mut conn = tokio::time::timeout(timeout * 4, connect)
+                                .await
+                                .ok()?
+                                .ok()?;
+                            report_durability(&mut conn, &crate::config::redact_url(&url), None)
+                                .await
+                                .then_some(())
+                        }
+                        .await;
+                        if checked.is_none() {
+                            left.push(url);
+                        }
+                    }
+                    unchecked = left;
+                    unchecked.is_empty()
+                };
+                if done {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
 
     /// Runs a request-path operation under the breaker and the short timeout.
@@ -360,13 +529,23 @@ impl RedisStore {
                 Ok(v)
             }
             Ok(Err(e)) => {
-                self.breaker.failure();
+                self.failed();
                 Err(StoreError(format!("redis: {e}")))
             }
             Err(_) => {
-                self.breaker.failure();
+                self.failed();
                 Err(StoreError(format!("redis: no answer within {timeout:?}")))
             }
+        }
+    }
+
+    /// A call failed: the breaker counts it, and with Sentinel the next call asks the
+    /// sentinels first (a failover explains a dead connection, `READONLY` and a `WAIT` that
+    /// no replica answers alike; one lookup per failure, bounded by the breaker).
+    fn failed(&self) {
+        self.breaker.failure();
+        if let Some(sentinel) = &self.sentinel {
+            sentinel.suspect();
         }
     }
 
@@ -381,15 +560,15 @@ impl RedisStore {
         let script = &self.lease;
         let node = &self.node;
         let op = &op;
+        let wait = self.wait;
         if !self.breaker.allows() {
             return Err(StoreError("redis circuit open".into()));
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let (grant, used, held, live_others): (u64, u64, i64, u64) = self
             .call_within(left, |mut c| async move {
-                script
-                    .key(usage_key(key_id, op.period))
-                    .key(lease_key(key_id, op.period))
+                let mut inv = script.key(usage_key(key_id, op.period));
+                inv.key(lease_key(key_id, op.period))
                     .arg(node)
                     .arg(op.seq)
                     .arg(op.consumed)
@@ -398,9 +577,8 @@ impl RedisStore {
                     .arg(op.want)
                     .arg(op.limit.map(|l| l.to_string()).unwrap_or_default())
                     .arg(expire_at(op.period))
-                    .arg(STALE_AFTER.as_secs())
-                    .invoke_async(&mut c)
-                    .await
+                    .arg(STALE_AFTER.as_secs());
+                invoke(&mut c, &inv, wait).await
             })
             .await?;
         Ok(LeaseAnswer {
@@ -473,8 +651,10 @@ impl RedisStore {
 
     /// Listens on the invalidation channel for as long as the store lives, reconnecting after
     /// failures; every (re)subscription first sends `All`, since changes may have been missed.
+    /// With Sentinel it subscribes on the master and moves when the sentinels name another.
     fn listen(&self, sink: mpsc::UnboundedSender<Invalidation>) {
         let urls = self.pubsub_urls.clone();
+        let sentinel = self.sentinel.clone();
         let timeout = self.timeout;
         self.io.handle().spawn(async move {
             let mut next = 0usize;
@@ -482,8 +662,21 @@ impl RedisStore {
                 if sink.is_closed() {
                     return;
                 }
-                let url = &urls[next % urls.len()];
-                next += 1;
+                let (url, master) = match &sentinel {
+                    Some(sentinel) => match sentinel.master_addr().await {
+                        Ok(addr) => (sentinel.url().master_url(&addr), Some(addr)),
+                        Err(e) => {
+                            log::debug!("invalidation subscription: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                    None => {
+                        next += 1;
+                        (urls[(next - 1) % urls.len()].clone(), None)
+                    }
+                };
+                let shown = crate::config::redact_url(&url);
                 let subscribed = async {
                     let client = redis::Client::open(url.as_str())?;
                     let mut pubsub = tokio::time::timeout(timeout * 4, client.get_async_pubsub())
@@ -500,30 +693,115 @@ impl RedisStore {
                 .await;
                 match subscribed {
                     Ok(pubsub) => {
-                        log::info!(
-                            "subscribed to key invalidations on {}",
-                            crate::config::redact_url(url)
-                        );
+                        log::info!("subscribed to key invalidations on {shown}");
                         let _ = sink.send(Invalidation::All);
                         let mut messages = pubsub.into_on_message();
-                        while let Some(msg) = messages.next().await {
-                            let payload: String = msg.get_payload().unwrap_or_default();
-                            let event = match KeyDigest::parse_hex(&payload) {
-                                Some(d) => Invalidation::Key(d),
-                                None => Invalidation::All,
-                            };
-                            if sink.send(event).is_err() {
-                                return;
+                        // With Sentinel, a master that was demoted but still runs keeps the
+                        // subscription open (and may lag or be cut off from the new master):
+                        // the sentinels are asked every second, to stay on the master.
+                        let mut check = tokio::time::interval(Duration::from_secs(1));
+                        check.tick().await;
+                        loop {
+                            tokio::select! {
+                                msg = messages.next() => {
+                                    let Some(msg) = msg else {
+                                        log::warn!("key invalidation subscription lost; reconnecting");
+                                        break;
+                                    };
+                                    let payload: String = msg.get_payload().unwrap_or_default();
+                                    let event = match KeyDigest::parse_hex(&payload) {
+                                        Some(d) => Invalidation::Key(d),
+                                        None => Invalidation::All,
+                                    };
+                                    if sink.send(event).is_err() {
+                                        return;
+                                    }
+                                }
+                                _ = check.tick(), if master.is_some() => {
+                                    let sentinel = sentinel.as_ref().expect("master from sentinel");
+                                    if let Ok(now) = sentinel.master_addr().await
+                                        && Some(&now) != master.as_ref()
+                                    {
+                                        log::info!("redis master moved; moving the key invalidation subscription");
+                                        break;
+                                    }
+                                }
                             }
                         }
-                        log::warn!("key invalidation subscription lost; reconnecting");
                     }
-                    Err(e) => log::debug!("invalidation subscription to {url} failed: {e}"),
+                    Err(e) => log::debug!("invalidation subscription to {shown} failed: {e}"),
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
     }
+}
+
+/// Logs one warning if the server behind `conn` persists nothing (no AOF, no RDB snapshots),
+/// at debug level if it will not say (`CONFIG` renamed away or not permitted); and one if it
+/// has fewer connected replicas than `wait` needs (every write would fail until they connect).
+/// False when it could not be reached, to try again later.
+pub(crate) async fn report_durability<C: ConnectionLike + Send>(
+    conn: &mut C,
+    server: &str,
+    wait: Option<Wait>,
+) -> bool {
+    let get = |name: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        cmd
+    };
+    let answers: redis::RedisResult<(HashMap<String, String>, HashMap<String, String>)> = async {
+        Ok((
+            get("appendonly").query_async(conn).await?,
+            get("save").query_async(conn).await?,
+        ))
+    }
+    .await;
+    match answers {
+        Ok((aof, save)) => {
+            let aof = aof.get("appendonly").map_or("", String::as_str);
+            let save = save.get("save").map_or("", String::as_str);
+            if aof != "no" || !save.trim().is_empty() {
+                log::debug!("Redis at {server} persists (appendonly {aof}, save \"{save}\")");
+            } else {
+                log::warn!(
+                    "Redis at {server} persists nothing (appendonly no, save \"\"): a restart loses every API key and quota count; enable AOF (appendonly yes, appendfsync everysec or always)"
+                );
+            }
+        }
+        Err(e) if unreachable(&e) => return false,
+        Err(e) => log::debug!(
+            "cannot tell whether Redis at {server} persists anything: CONFIG GET refused ({e})"
+        ),
+    }
+    let Some(wait) = wait else {
+        return true;
+    };
+    let info: redis::RedisResult<String> = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(conn)
+        .await;
+    match info {
+        Ok(info) => {
+            let replicas: Option<u32> = info
+                .lines()
+                .find_map(|l| l.strip_prefix("connected_slaves:"))
+                .and_then(|n| n.trim().parse().ok());
+            if let Some(replicas) = replicas.filter(|&n| n < wait.replicas) {
+                log::warn!(
+                    "Redis at {server} has {replicas} connected replicas but store.redis_wait_replicas is {}: quota operations and key writes fail until enough replicas connect",
+                    wait.replicas
+                );
+            }
+            true
+        }
+        Err(e) => !unreachable(&e),
+    }
+}
+
+fn unreachable(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped()
 }
 
 #[async_trait]
@@ -545,11 +823,28 @@ impl Store for RedisStore {
         ];
         let id = r.id.clone();
         let created = unix(r.created_at);
+        let wait = self.wait;
         // The record first, the digest index last: a key is usable only once complete.
         self.call_patiently(|mut c| async move {
-            let _: () = c.hset_multiple(record_key(&id), &fields).await?;
-            let _: () = c.zadd(KEY_LIST, &id, created).await?;
-            c.set(digest_key(&r.digest), &id).await
+            let Some(wait) = wait else {
+                let _: () = c.hset_multiple(record_key(&id), &fields).await?;
+                let _: () = c.zadd(KEY_LIST, &id, created).await?;
+                return c.set(digest_key(&r.digest), &id).await;
+            };
+            // Created (201) only once the replicas have it. One pipeline, so WAIT runs on the
+            // connection that wrote: on a new one (after a reconnect) it would wait for
+            // nothing and confirm writes no replica has.
+            let (acked,): (u32,) = redis::pipe()
+                .hset_multiple(record_key(&id), &fields)
+                .ignore()
+                .zadd(KEY_LIST, &id, created)
+                .ignore()
+                .set(digest_key(&r.digest), &id)
+                .ignore()
+                .add_command(wait.cmd())
+                .query_async(&mut c)
+                .await?;
+            wait.check(acked)
         })
         .await
     }
@@ -613,13 +908,14 @@ impl Store for RedisStore {
             args.extend(["status".into(), Self::status_str(status).into()]);
         }
         let script = &self.update;
+        let wait = self.wait;
         let fields: Option<HashMap<String, String>> = self
             .call_patiently(|mut c| async move {
                 let mut inv = script.key(record_key(id));
                 for a in &args {
                     inv.arg(a);
                 }
-                inv.invoke_async(&mut c).await
+                invoke(&mut c, &inv, wait).await
             })
             .await?;
         match fields {

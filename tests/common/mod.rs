@@ -21,6 +21,17 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
+/// A free port for a Redis Cluster node: `redis-server` refuses a cluster port above 55,535
+/// (its bus port is the port + 10,000), and that bus port must be free too.
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Polls `check` until it holds or `limit` passes.
 pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -643,9 +654,13 @@ impl RedisServer {
     }
 
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_on(free_port(), extra)
+    }
+
+    pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
         let mut server = RedisServer {
             child: None,
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -730,12 +745,10 @@ impl RedisCluster {
     pub fn start() -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-node-timeout",
-                    "2000",
-                ])
+                RedisServer::start_on(
+                    free_cluster_port(),
+                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+                )
             })
             .collect();
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
