@@ -9,6 +9,8 @@ Targets (all on 127.0.0.1, 2 server threads each unless --threads):
   redis-limited  the gateway on Redis, a free-plan key with a huge limit
   redis-unlimited the gateway on Redis, an unlimited key
   redis-10k      the gateway on Redis, 10,000 distinct keys in rotation
+  redis-wait     the gateway on a Redis with one replica and WAIT 1 (every lease operation
+                 confirmed on the replica before its units are used), a huge-limit key
   pingora-proxy  examples/plain_proxy in front of a small upstream (passthrough ceiling)
   passthrough    the gateway proxying the same upstream
 
@@ -194,6 +196,15 @@ def main():
                      "--save", "", "--appendonly", "no"])
         wait_port(redis_port)
         redis_url = f"redis://127.0.0.1:{redis_port}"
+        # A master with one replica, for the WAIT path.
+        wait_master, wait_replica = free_port(), free_port()
+        procs.start(["redis-server", "--port", str(wait_master), "--bind", "127.0.0.1",
+                     "--save", "", "--appendonly", "no"])
+        procs.start(["redis-server", "--port", str(wait_replica), "--bind", "127.0.0.1",
+                     "--save", "", "--appendonly", "no",
+                     "--replicaof", "127.0.0.1", str(wait_master)])
+        wait_port(wait_master)
+        wait_port(wait_replica)
 
         # A small upstream for passthrough, and nginx as the fixed-answer ceiling.
         up_port, nginx_port = free_port(), free_port()
@@ -239,6 +250,19 @@ http {{
         for p in (fixed_port, proxy_port):
             wait_port(p)
 
+        wai, wai_port, wai_admin = start_gateway(
+            procs, work, "redis-wait", args.threads,
+            {"AUDIOLIB_REDIS_URL": f"redis://127.0.0.1:{wait_master}",
+             "AUDIOLIB_REDIS_WAIT_REPLICAS": "1"})
+        waited = None
+        deadline = time.time() + 30
+        while waited is None:
+            try:
+                waited = create_keys(wai_admin, 1, "free", 10**12)
+            except SystemExit:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)  # the replica is still syncing
         limited = create_keys(red_admin, 1, "free", 10**12)
         unlimited = create_keys(red_admin, 1, "unlimited")
         t = time.time()
@@ -252,6 +276,7 @@ http {{
             "redis-limited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "limited", limited)),
             "redis-unlimited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "unlimited", unlimited)),
             "redis-10k": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "many", many)),
+            "redis-wait": (f"http://127.0.0.1:{wai_port}/v1/audio", wrk_script(work, "wait", waited)),
             "pingora-proxy": (f"http://127.0.0.1:{proxy_port}/static/x", wrk_script(work, "proxy", [key], "GET", "")),
             "passthrough": (f"http://127.0.0.1:{pas_port}/static/x", wrk_script(work, "pass", [key], "GET", "")),
         }
@@ -287,6 +312,8 @@ http {{
                   f"{ratio(name, 'nginx'):>7} {ratio(name, base):>8}")
         if "baseline" in med and "embedded" in med:
             print(f"embedded / baseline: {ratio('embedded', 'baseline')}")
+        if "redis-wait" in med and "redis-limited" in med:
+            print(f"redis-wait / redis-limited: {ratio('redis-wait', 'redis-limited')}")
         non2xx = {n: sum(x["non2xx"] for x in rs) for n, rs in results.items()}
         print(f"non-2xx answers: {non2xx}")
         print(f"gateway RSS: idle {idle_rss / 1024:.1f} MiB (embedded store, after start); peak "

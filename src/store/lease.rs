@@ -294,6 +294,35 @@ impl LeaseBook {
         {
             return Ok(Reservation::Denied { used });
         }
+        if lease.units > 0 && lease.confirmed(now) {
+            let used = lease.take_unit(now);
+            if lease.parked.is_none() && lease.units < lease.want(0) / 4 {
+                // Running low: top the block up now, without the lock, so the calls behind
+                // this one keep being served from what is left instead of waiting for the
+                // store (on the embedded store, for an fsync). Only this call waits for it.
+                let op = lease.next_op(lease.want(0), now);
+                lease.parked = Some(op.clone());
+                drop(leases);
+                let sent = Instant::now();
+                let result = run(op.clone(), sent + timeout).await;
+                let mut leases = entry.leases.lock().await;
+                // Applied once: a replay of the same operation may have answered first.
+                if let Some(lease) = leases.find(period)
+                    && lease.parked.as_ref() == Some(&op)
+                {
+                    match result {
+                        Ok(answer) => {
+                            lease.parked = None;
+                            lease.apply(&op, answer, sent);
+                        }
+                        Err(_) => {
+                            entry.failures.fetch_add(1, Ordering::Release);
+                        }
+                    }
+                }
+            }
+            return Ok(Reservation::Granted { used });
+        }
         for _ in 0..2 {
             if lease.units > 0 && lease.confirmed(Instant::now()) {
                 return Ok(Reservation::Granted {
