@@ -4,8 +4,8 @@ Targets (all on 127.0.0.1, 2 server threads each unless --threads):
   nginx          nginx answering the gateway's JSON with `return 200` (ceiling)
   pingora-fixed  examples/fixed_body: Pingora answering a fixed body from request_filter (ceiling)
   embedded       the gateway, embedded durable store (SQLite in a temp dir), one free-plan key
-  baseline       with --baseline BIN: another build of the gateway (an earlier release) on its
-                 embedded store, one key: the before/after comparison of a change
+  NAME           with --baseline NAME=BIN (repeatable): another build of the gateway (an
+                 earlier release) on its embedded store, one key: before/after comparisons
   redis-limited  the gateway on Redis, a free-plan key with a huge limit
   redis-unlimited the gateway on Redis, an unlimited key
   redis-10k      the gateway on Redis, 10,000 distinct keys in rotation
@@ -184,7 +184,8 @@ def main():
     ap.add_argument("--wrk-threads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="server threads / nginx workers")
     ap.add_argument("--only", help="comma list of targets")
-    ap.add_argument("--baseline", help="another audiolib binary to measure beside this one")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="NAME=BIN: another audiolib binary to measure beside this one")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="audiolib-bench-")
@@ -280,14 +281,16 @@ http {{
             "pingora-proxy": (f"http://127.0.0.1:{proxy_port}/static/x", wrk_script(work, "proxy", [key], "GET", "")),
             "passthrough": (f"http://127.0.0.1:{pas_port}/static/x", wrk_script(work, "pass", [key], "GET", "")),
         }
-        if args.baseline:
-            base, base_port, base_admin = start_gateway(procs, work, "baseline", args.threads, {},
-                                                        binary=args.baseline)
+        for spec in args.baseline:
+            name, _, binary = spec.partition("=")
+            _, base_port, base_admin = start_gateway(procs, work, name, args.threads,
+                                                     {"AUDIOLIB_DATA_DIR": os.path.join(work, name)},
+                                                     binary=binary)
             base_key = create_keys(base_admin, 1, "free", 10**12)[0]
-            targets["baseline"] = (f"http://127.0.0.1:{base_port}/v1/audio",
-                                   wrk_script(work, "baseline", [base_key]))
+            targets[name] = (f"http://127.0.0.1:{base_port}/v1/audio",
+                             wrk_script(work, name, [base_key]))
         if args.only:
-            keep = args.only.split(",")
+            keep = args.only.split(",") + [spec.partition("=")[0] for spec in args.baseline]
             targets = {k: v for k, v in targets.items() if k in keep}
         results = {name: [] for name in targets}
         for r in range(args.rounds):
@@ -310,8 +313,10 @@ http {{
             base = "pingora-proxy" if name == "passthrough" else "pingora-fixed"
             print(f"{name:16} {m['rps']:>10.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} "
                   f"{ratio(name, 'nginx'):>7} {ratio(name, base):>8}")
-        if "baseline" in med and "embedded" in med:
-            print(f"embedded / baseline: {ratio('embedded', 'baseline')}")
+        for spec in args.baseline:
+            name = spec.partition("=")[0]
+            if name in med and "embedded" in med:
+                print(f"embedded / {name}: {ratio('embedded', name)}")
         if "redis-wait" in med and "redis-limited" in med:
             print(f"redis-wait / redis-limited: {ratio('redis-wait', 'redis-limited')}")
         non2xx = {n: sum(x["non2xx"] for x in rs) for n, rs in results.items()}

@@ -296,7 +296,7 @@ impl LeaseBook {
         }
         if lease.units > 0 && lease.confirmed(now) {
             let used = lease.take_unit(now);
-            if lease.parked.is_none() && lease.units < lease.want(0) / 4 {
+            if lease.parked.is_none() && lease.units < lease.want(0) / 2 {
                 // Running low: top the block up now, without the lock, so the calls behind
                 // this one keep being served from what is left instead of waiting for the
                 // store (on the embedded store, for an fsync). Only this call waits for it.

@@ -260,7 +260,16 @@ impl Db {
         conn.busy_timeout(CALL_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Checkpoints run from the upkeep on a connection of their own, never inside a
+        // commit that a waiting call depends on.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(conn)
+    }
+
+    /// Copies the write-ahead log into the database without blocking writers (PASSIVE).
+    fn checkpoint(path: &Path) -> rusqlite::Result<()> {
+        let conn = Self::open(path)?;
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
     }
 
     /// Applies `ops` of `node` in one transaction: one fsync for a whole sync tick.
@@ -620,6 +629,10 @@ impl LeaseBackend for SqliteStore {
         let node = self.node.clone();
         if let Err(e) = self.call(move |db| db.reap_dead(&node)).await {
             log::warn!("embedded store: looking for dead processes failed: {e}");
+        }
+        let path = self.path.clone();
+        if let Err(e) = self.call(move |_| Db::checkpoint(&path)).await {
+            log::warn!("embedded store: checkpoint failed: {e}");
         }
     }
 }
