@@ -5,8 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use rand::Rng;
@@ -15,6 +14,7 @@ use rand::distr::weighted::WeightedIndex;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::error::ApiError;
 use crate::metrics::CatalogMetrics;
 use crate::sign::encode_key;
 
@@ -339,27 +339,38 @@ pub fn load_dir(dir: &Path, version: u64) -> Result<Catalog, CatalogError> {
     Ok(Catalog { libraries, version })
 }
 
+/// Seconds a client is told to wait while the first catalog load runs: a million tracks take
+/// about two seconds.
+const LOADING_RETRY_AFTER_SECS: u64 = 1;
+
 /// The live catalog: the current snapshot and the directory it is reloaded from.
 pub struct CatalogHandle {
     dir: PathBuf,
     current: ArcSwap<Catalog>,
-    versions: AtomicU64,
+    /// Held for a whole load so two loads never build the same version. A std Mutex: loads
+    /// are blocking work, run on a thread of their own, with no `.await` under the lock.
+    loading: Mutex<()>,
     pub metrics: CatalogMetrics,
 }
 
 impl CatalogHandle {
-    /// Loads `dir` once; start-up fails if the catalog is bad.
+    /// A handle with nothing loaded yet: version 0, no library. The server listens at once
+    /// and loads in the background; until the first [`Self::reload`] succeeds `/readyz`
+    /// answers 503 and `/v1/audio` 503 SERVICE_UNAVAILABLE ([`Self::check_loaded`]).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            current: ArcSwap::from_pointee(Catalog::default()),
+            loading: Mutex::new(()),
+            metrics: CatalogMetrics::new(),
+        }
+    }
+
+    /// Loads `dir` once, before returning (tools, tests and benches).
     pub fn load(dir: impl Into<PathBuf>) -> Result<Self, CatalogError> {
-        let dir = dir.into();
-        let catalog = load_dir(&dir, 1)?;
-        let metrics = CatalogMetrics::new();
-        metrics.version.set(1);
-        Ok(Self {
-            dir,
-            current: ArcSwap::from_pointee(catalog),
-            versions: AtomicU64::new(1),
-            metrics,
-        })
+        let handle = Self::new(dir);
+        handle.reload()?;
+        Ok(handle)
     }
 
     /// The current snapshot: a lock-free read, cheap enough for every request.
@@ -367,28 +378,52 @@ impl CatalogHandle {
         self.current.load()
     }
 
-    /// Rebuilds the snapshot from disk. On error the old snapshot stays and the error is
+    /// Whether a first load has succeeded.
+    pub fn is_loaded(&self) -> bool {
+        self.current.load().version > 0
+    }
+
+    /// The answer for `/v1/audio` while nothing is loaded yet: every library would otherwise
+    /// look unknown (LIBRARY_NOT_FOUND), which is a lie a client might act on.
+    pub fn check_loaded(&self) -> Result<(), ApiError> {
+        if self.is_loaded() {
+            Ok(())
+        } else {
+            Err(ApiError::ServiceUnavailable {
+                retry_after: LOADING_RETRY_AFTER_SECS,
+            })
+        }
+    }
+
+    /// Builds a new snapshot from disk and swaps it in; requests keep reading the old one
+    /// until then. Blocking and CPU-bound (seconds for a million tracks): the server runs it on
+    /// a thread that serves no request. On error the old snapshot stays and the error is
     /// logged with the file and line.
     pub fn reload(&self) -> Result<u64, CatalogError> {
-        let version = self.versions.load(Ordering::Relaxed) + 1;
+        let _one_at_a_time = crate::locks::lock(&self.loading);
+        let old = self.current.load().version;
+        let version = old + 1;
+        let started = std::time::Instant::now();
         match load_dir(&self.dir, version) {
             Ok(catalog) => {
                 let libraries = catalog.libraries.len();
+                let tracks: usize = catalog.libraries.values().map(|l| l.tracks.len()).sum();
                 self.current.store(Arc::new(catalog));
-                self.versions.store(version, Ordering::Relaxed);
                 self.metrics.version.set(version as i64);
                 log::info!(
-                    "catalog reloaded from {}: version {version}, {libraries} libraries",
-                    self.dir.display()
+                    "catalog loaded from {}: version {version}, {libraries} libraries, {tracks} tracks in {} ms",
+                    self.dir.display(),
+                    started.elapsed().as_millis()
                 );
                 Ok(version)
             }
             Err(e) => {
                 self.metrics.load_errors.inc();
-                log::error!(
-                    "catalog reload failed, keeping version {}: {e}",
-                    version - 1
-                );
+                if old == 0 {
+                    log::error!("catalog load failed: {e}");
+                } else {
+                    log::error!("catalog reload failed, keeping version {old}: {e}");
+                }
                 Err(e)
             }
         }
@@ -613,6 +648,19 @@ active = false
             ratio < 1_000.0,
             "200,000 tracks took {big_time:?}, {ratio:.0}× the {small_time:?} of 2,000"
         );
+    }
+
+    #[test]
+    fn nothing_is_served_before_the_first_load() {
+        let handle = CatalogHandle::new(concat!(env!("CARGO_MANIFEST_DIR"), "/catalog"));
+        assert!(!handle.is_loaded());
+        let e = handle.check_loaded().unwrap_err();
+        assert_eq!((e.status(), e.code()), (503, "SERVICE_UNAVAILABLE"));
+        assert_eq!(e.retry_after(), Some(1));
+        assert_eq!(handle.reload(), Ok(1));
+        assert_eq!(handle.check_loaded(), Ok(()));
+        assert_eq!(handle.reload(), Ok(2));
+        assert_eq!(handle.snapshot().version, 2);
     }
 
     #[test]

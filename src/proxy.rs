@@ -186,6 +186,9 @@ impl AudioProxy {
                     .await;
             }
         };
+        if let Err(e) = self.gateway.catalog().check_loaded() {
+            return self.respond_error(session, ctx, e, None).await;
+        }
         let Outcome { result, rate } = self.gateway.audio(&key, &body).await;
         match result {
             Ok(body) => self.respond(session, 200, body, None, rate.as_ref()).await,
