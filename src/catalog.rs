@@ -9,8 +9,6 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use rand::Rng;
-use rand::distr::Distribution;
-use rand::distr::weighted::WeightedIndex;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -18,20 +16,37 @@ use crate::error::ApiError;
 use crate::metrics::CatalogMetrics;
 use crate::sign::encode_key;
 
-/// One playable track, kept only in the forms a response needs: a catalog may hold a million
-/// of them, so the plain title and key are decoded on demand instead of stored twice.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Track {
+mod alias;
+use alias::AliasTable;
+
+/// One playable track as a request sees it: the forms a response needs, borrowed from the
+/// library's storage. The plain title and key are decoded on demand, never stored twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Track<'a> {
     /// The title as a JSON string literal, quotes included, ready for the response body.
-    pub title_json: Box<str>,
+    pub title_json: Text<'a>,
     /// The object key percent-encoded once, as S3 and botocore expect it in a URL path.
-    pub encoded_key: Box<str>,
+    pub encoded_key: Text<'a>,
     pub duration_sec: u32,
     pub weight: u32,
     pub active: bool,
 }
 
-impl Track {
+/// A string borrowed from a library's storage. A type of its own rather than `&str` so that
+/// callers written when tracks owned their strings (`presign(&track.encoded_key, …)` in `api`)
+/// read the same and stay lint-clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Text<'a>(&'a str);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl Track<'_> {
     /// The title as written in the file (decoded from [`Self::title_json`]; not for the hot path).
     pub fn title(&self) -> String {
         serde_json::from_str(&self.title_json).unwrap_or_default()
@@ -45,34 +60,74 @@ impl Track {
     }
 }
 
-/// One library: its active tracks and how to draw from them.
+/// How a track is stored: 24 bytes, its strings in the library's shared text. A catalog may
+/// hold a million tracks; one allocation per library instead of two per track saves memory,
+/// and a drawn track's two strings sit side by side (one cache miss, not two).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Where `title_json` starts in [`Library::text`]; `encoded_key` follows it.
+    start: u32,
+    title_len: u32,
+    key_len: u32,
+    duration_sec: u32,
+    weight: u32,
+    active: bool,
+}
+
+/// One library: its tracks and how to draw from them.
 #[derive(Debug)]
 pub struct Library {
     pub display_name: Option<String>,
     /// Every track in the file, active or not, in file order.
-    pub tracks: Vec<Track>,
-    /// Indexes into `tracks` of the active ones (`u32`: half the memory of `usize`).
-    active: Vec<u32>,
-    /// Present only when weights differ, so the common case is a plain uniform draw. It holds
-    /// the cumulative weights and draws by binary search: O(log n) per request.
-    weights: Option<WeightedIndex<u32>>,
+    entries: Vec<Entry>,
+    /// Every track's JSON title and encoded key, back to back.
+    text: String,
+    /// Indexes of the active tracks; `None` when all are (the common case: a draw reads one
+    /// array less).
+    active: Option<Vec<u32>>,
+    /// An alias table over the active tracks when their weights differ: O(1) draws.
+    weights: Option<AliasTable>,
 }
 
 impl Library {
-    /// Draws an active track: uniform, or weighted where weights are given.
-    pub fn choose<R: Rng + ?Sized>(&self, rng: &mut R) -> Option<&Track> {
-        if self.active.is_empty() {
+    /// Draws an active track: uniform, or weighted where weights are given. O(1) either way.
+    pub fn choose<R: Rng + ?Sized>(&self, rng: &mut R) -> Option<Track<'_>> {
+        let count = self.active_count();
+        if count == 0 {
             return None;
         }
         let i = match &self.weights {
-            Some(w) => w.sample(rng),
-            None => rng.random_range(0..self.active.len()),
+            Some(table) => table.sample(rng),
+            None => rng.random_range(0..count),
         };
-        Some(&self.tracks[self.active[i] as usize])
+        let index = match &self.active {
+            Some(active) => active[i] as usize,
+            None => i,
+        };
+        Some(self.track(index))
+    }
+
+    /// The track at `index` in file order. Panics past [`Self::track_count`].
+    pub fn track(&self, index: usize) -> Track<'_> {
+        let e = self.entries[index];
+        let start = e.start as usize;
+        let middle = start + e.title_len as usize;
+        Track {
+            title_json: Text(&self.text[start..middle]),
+            encoded_key: Text(&self.text[middle..middle + e.key_len as usize]),
+            duration_sec: e.duration_sec,
+            weight: e.weight,
+            active: e.active,
+        }
+    }
+
+    /// Tracks in the file, active or not.
+    pub fn track_count(&self) -> usize {
+        self.entries.len()
     }
 
     pub fn active_count(&self) -> usize {
-        self.active.len()
+        self.active.as_ref().map_or(self.entries.len(), Vec::len)
     }
 }
 
@@ -233,7 +288,8 @@ pub fn parse_library(file: &Path, text: &str) -> Result<Library, CatalogError> {
     let mut lines = LineCounter::new(text);
     let starts = piece_starts(text);
     let mut display_name = None;
-    let mut tracks = Vec::new();
+    let mut entries = Vec::new();
+    let mut strings = String::new();
     for (i, &start) in starts.iter().enumerate() {
         let end = starts.get(i + 1).copied().unwrap_or(text.len());
         let piece: LibraryFile = toml::from_str(&text[start..end]).map_err(|e| {
@@ -242,36 +298,45 @@ pub fn parse_library(file: &Path, text: &str) -> Result<Library, CatalogError> {
         })?;
         if i == 0 {
             display_name = piece.name;
-            tracks.reserve(piece.track.len() * starts.len());
+            entries.reserve(piece.track.len() * starts.len());
         }
         for spanned in piece.track {
             let line = Some(lines.line_of(start + spanned.span().start));
-            tracks.push(track(spanned.into_inner()).map_err(|m| err(line, m.into()))?);
+            let entry = add_track(&mut strings, spanned.into_inner());
+            entries.push(entry.map_err(|m| err(line, m.into()))?);
         }
     }
-    tracks.shrink_to_fit();
-    let active: Vec<u32> = (0..tracks.len() as u32)
-        .filter(|&i| tracks[i as usize].active)
+    entries.shrink_to_fit();
+    strings.shrink_to_fit();
+    let all_active = entries.iter().all(|e| e.active);
+    let active: Vec<u32> = (0..entries.len() as u32)
+        .filter(|&i| entries[i as usize].active)
         .collect();
-    let weighted = active.iter().any(|&i| tracks[i as usize].weight != 1);
-    let weights = if weighted {
-        Some(
-            WeightedIndex::new(active.iter().map(|&i| tracks[i as usize].weight))
-                .map_err(|e| err(None, format!("weights: {e}")))?,
-        )
+    let weights = if active.iter().any(|&i| entries[i as usize].weight != 1) {
+        let weights: Vec<u32> = active.iter().map(|&i| entries[i as usize].weight).collect();
+        Some(AliasTable::new(&weights).ok_or_else(|| {
+            err(
+                None,
+                format!(
+                    "the weights of active tracks add up to more than {}",
+                    u32::MAX
+                ),
+            )
+        })?)
     } else {
         None
     };
     Ok(Library {
         display_name,
-        tracks,
-        active,
+        entries,
+        text: strings,
+        active: (!all_active).then_some(active),
         weights,
     })
 }
 
-/// Validates one track and prepares what responses need.
-fn track(t: TrackFile) -> Result<Track, &'static str> {
+/// Validates one track and appends what responses need to `strings`.
+fn add_track(strings: &mut String, t: TrackFile) -> Result<Entry, &'static str> {
     if t.title.trim().is_empty() {
         return Err("track title is empty");
     }
@@ -284,12 +349,17 @@ fn track(t: TrackFile) -> Result<Track, &'static str> {
     if t.weight == 0 {
         return Err("weight must be at least 1 (set active = false to hide a track)");
     }
-    Ok(Track {
-        // Serialising a string cannot fail.
-        title_json: serde_json::to_string(&t.title)
-            .unwrap_or_default()
-            .into_boxed_str(),
-        encoded_key: encode_key(&t.key).into_boxed_str(),
+    const TOO_BIG: &str = "the library's titles and keys exceed 4 GiB";
+    let start = u32::try_from(strings.len()).map_err(|_| TOO_BIG)?;
+    // Serialising a string cannot fail.
+    strings.push_str(&serde_json::to_string(&t.title).unwrap_or_default());
+    let title_len = strings.len() as u32 - start;
+    strings.push_str(&encode_key(&t.key));
+    let end = u32::try_from(strings.len()).map_err(|_| TOO_BIG)?;
+    Ok(Entry {
+        start,
+        title_len,
+        key_len: end - start - title_len,
         duration_sec: t.duration_sec,
         weight: t.weight,
         active: t.active,
@@ -407,7 +477,7 @@ impl CatalogHandle {
         match load_dir(&self.dir, version) {
             Ok(catalog) => {
                 let libraries = catalog.libraries.len();
-                let tracks: usize = catalog.libraries.values().map(|l| l.tracks.len()).sum();
+                let tracks: usize = catalog.libraries.values().map(Library::track_count).sum();
                 self.current.store(Arc::new(catalog));
                 self.metrics.version.set(version as i64);
                 log::info!(
@@ -463,10 +533,15 @@ active = false
         .unwrap();
         assert_eq!(lib.display_name.as_deref(), Some("Test"));
         assert_eq!(lib.active_count(), 1);
-        assert_eq!(&*lib.tracks[0].encoded_key, "dir/a%20b%2B%C3%A9.mp3");
-        assert_eq!(lib.tracks[0].key(), "dir/a b+é.mp3");
-        assert_eq!(&*lib.tracks[0].title_json, "\"A\"");
-        assert!(lib.tracks[0].active && lib.tracks[0].weight == 1);
+        let a = lib.track(0);
+        assert_eq!(&*a.encoded_key, "dir/a%20b%2B%C3%A9.mp3");
+        assert_eq!(a.key(), "dir/a b+é.mp3");
+        assert_eq!(&*a.title_json, "\"A\"");
+        assert!(a.active && a.weight == 1);
+        assert_eq!(
+            (lib.track(1).title(), lib.track(1).active),
+            ("B".into(), false)
+        );
         let mut rng = StdRng::seed_from_u64(1);
         assert_eq!(lib.choose(&mut rng).unwrap().title(), "A");
     }
@@ -556,6 +631,15 @@ active = false
             seen.insert(lib.choose(&mut rng).unwrap().title());
         }
         assert_eq!(seen.len(), 5);
+        // With an inactive track among them, draws go through the index of active ones.
+        let text =
+            text + "[[track]]\ntitle = \"Off\"\nkey = \"off\"\nduration_sec = 5\nactive = false\n";
+        let lib = parse(&text).unwrap();
+        seen.clear();
+        for _ in 0..500 {
+            seen.insert(lib.choose(&mut rng).unwrap().title());
+        }
+        assert_eq!((seen.len(), seen.contains("Off")), (5, false));
     }
 
     /// `n` tracks as `scripts/catalog_gen.py` writes them, weighted when asked.
@@ -580,9 +664,9 @@ active = false
         assert_eq!(piece_starts(&text).len(), 4);
         let lib = parse(&text).unwrap();
         assert_eq!(lib.display_name.as_deref(), Some("Scale"));
-        assert_eq!(lib.tracks.len(), n);
+        assert_eq!(lib.track_count(), n);
         assert_eq!(lib.active_count(), n);
-        for (i, t) in lib.tracks.iter().enumerate() {
+        for (i, t) in (0..n).map(|i| (i, lib.track(i))) {
             assert_eq!(t.title(), format!("Track {i} – Süd"));
             assert_eq!(t.duration_sec, 30 + (i % 600) as u32);
         }
@@ -619,9 +703,9 @@ active = false
         text += &synthetic(PIECE_TRACKS, false).replace("name = \"Scale\"\n", "");
         assert_eq!(piece_starts(&text).len(), 3);
         let lib = parse(&text).unwrap();
-        assert_eq!(lib.tracks.len(), 2 * PIECE_TRACKS + 1);
+        assert_eq!(lib.track_count(), 2 * PIECE_TRACKS + 1);
         assert_eq!(
-            lib.tracks[PIECE_TRACKS].title(),
+            lib.track(PIECE_TRACKS).title(),
             "Tricky\n[[track]]\ntitle = 'x'"
         );
     }
