@@ -481,7 +481,8 @@ impl CatalogHandle {
                 self.current.store(Arc::new(catalog));
                 self.metrics.version.set(version as i64);
                 log::info!(
-                    "catalog loaded from {}: version {version}, {libraries} libraries, {tracks} tracks in {} ms",
+                    "catalog {} from {}: version {version}, {libraries} libraries, {tracks} tracks in {} ms",
+                    if old == 0 { "loaded" } else { "reloaded" },
                     self.dir.display(),
                     started.elapsed().as_millis()
                 );

@@ -41,9 +41,11 @@ fn success_returns_a_track_with_a_signed_url() {
     assert!(url.starts_with("http://127.0.0.1:9/media/focus/"), "{url}");
     assert!(url.contains("X-Amz-Signature="), "{url}");
     // The development key is on the free plan: rate-limit fields are present.
+    // The window is the current UTC month, 28 to 31 days.
+    let window = audiolib::quota::Period::containing(std::time::SystemTime::now()).window_secs();
     assert_eq!(
         reply.header("ratelimit-policy"),
-        Some("\"monthly\";q=1000;w=2592000")
+        Some(format!("\"monthly\";q=1000;w={window}").as_str())
     );
     assert!(
         reply
