@@ -12,15 +12,10 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use audiolib::api::Gateway;
-use audiolib::cache::KeyCache;
-use audiolib::catalog::CatalogHandle;
 use audiolib::clock::SystemClock;
-use audiolib::config::{Config, FailurePolicy, FileConfig};
-use audiolib::keys::{CreateKey, KeyService};
-use audiolib::sign::Presigner;
-use audiolib::store::Store;
-use audiolib::store::memory::MemoryStore;
+use audiolib::config::{Config, FileConfig};
+use audiolib::keys::CreateKey;
+use audiolib::server::build_app;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
@@ -54,7 +49,7 @@ fn catalog_dir() -> tempfile::TempDir {
     dir
 }
 
-fn config(catalog: &std::path::Path) -> Config {
+fn config(catalog: &std::path::Path, data: &std::path::Path) -> Config {
     let env: BTreeMap<&str, &str> = [
         ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
         (
@@ -63,6 +58,8 @@ fn config(catalog: &std::path::Path) -> Config {
         ),
         ("AUDIOLIB_S3_BUCKET", "audiolib-media"),
         ("AUDIOLIB_CATALOG_DIR", catalog.to_str().unwrap()),
+        // Where an embedded store that persists keeps its file, away from the checkout.
+        ("AUDIOLIB_DATA_DIR", data.to_str().unwrap()),
     ]
     .into_iter()
     .collect();
@@ -71,9 +68,23 @@ fn config(catalog: &std::path::Path) -> Config {
 
 fn scale(c: &mut Criterion) {
     let dir = catalog_dir();
-    let config = config(dir.path());
-    let catalog = Arc::new(CatalogHandle::load(&config.catalog_dir).unwrap());
-
+    let data = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), data.path());
+    // The app as the server wires it; its catalog is loaded at once rather than after a
+    // listener opens.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let app = build_app(&config, Arc::new(SystemClock)).unwrap();
+    app.catalog.reload().unwrap();
+    let gateway = app.gateway.clone();
+    let (_, secret) = runtime
+        .block_on(app.keys.create(CreateKey {
+            name: "bench".into(),
+            plan: Some("unlimited".into()),
+            ..Default::default()
+        }))
+        .unwrap();
     let mut rng = rand::rng();
     for kind in KINDS {
         let mut g = c.benchmark_group(format!("track_choice_{kind}"));
@@ -81,7 +92,7 @@ fn scale(c: &mut Criterion) {
             let name = library(kind, n);
             g.bench_with_input(BenchmarkId::from_parameter(n), &name, |b, name| {
                 b.iter(|| {
-                    let snap = catalog.snapshot();
+                    let snap = app.catalog.snapshot();
                     snap.libraries[name.as_str()]
                         .choose(&mut rng)
                         .unwrap()
@@ -92,38 +103,6 @@ fn scale(c: &mut Criterion) {
         g.finish();
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let cache = Arc::new(KeyCache::new(store.clone(), &config.key_cache));
-    let keys = KeyService::new(
-        store.clone(),
-        cache.clone(),
-        config.plans.clone(),
-        config.default_plan.clone(),
-        Arc::new(SystemClock),
-    );
-    let (_, secret) = runtime
-        .block_on(keys.create(CreateKey {
-            name: "bench".into(),
-            plan: Some("unlimited".into()),
-            monthly_limit: None,
-        }))
-        .unwrap();
-    let gateway = Arc::new(Gateway::new(
-        cache,
-        store,
-        catalog.clone(),
-        Presigner::new(
-            config.s3.clone(),
-            config.credentials.clone(),
-            config.url_ttl,
-        ),
-        Arc::new(SystemClock),
-        FailurePolicy::FailOpen,
-        config.max_body_bytes,
-    ));
     let header = format!("Bearer {secret}");
     for kind in KINDS {
         let mut g = c.benchmark_group(format!("whole_request_{kind}"));
