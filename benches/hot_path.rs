@@ -161,6 +161,8 @@ fn store_and_cache(c: &mut Criterion) {
 
     // The app as the server wires it, over the same store.
     let app = build_app_with(&config, store.clone(), store, Arc::new(SystemClock)).unwrap();
+    // The server loads the catalog once its listeners are up; here, at once.
+    app.catalog.reload().unwrap();
     let (_, secret) = runtime
         .block_on(app.keys.create(CreateKey {
             name: "bench".into(),

@@ -160,7 +160,7 @@ fn catalog_check(dir: PathBuf) -> Result<(), String> {
     for (name, lib) in names {
         println!(
             "{name}: {} tracks, {} active",
-            lib.tracks.len(),
+            lib.track_count(),
             lib.active_count()
         );
     }

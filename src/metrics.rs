@@ -198,7 +198,7 @@ impl CatalogMetrics {
         Self {
             version: IntGauge::new(
                 "audiolib_catalog_version",
-                "Version of the catalog snapshot in use (1 at start, +1 per reload)",
+                "Version of the catalog snapshot in use (0 until the first load ends, +1 per load)",
             )
             .expect("static metric definition"),
             load_errors: IntCounter::new(

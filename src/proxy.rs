@@ -186,6 +186,10 @@ impl AudioProxy {
                     .await;
             }
         };
+        // While the first catalog load runs, 503 with Retry-After rather than a false 404.
+        if let Err(e) = self.gateway.catalog().check_loaded() {
+            return self.respond_error(session, ctx, e, None).await;
+        }
         let Outcome { result, rate } = self.gateway.audio(&key, &body).await;
         match result {
             Ok(body) => {

@@ -17,7 +17,7 @@ use crate::access_log::AccessLog;
 use crate::admin::AdminApi;
 use crate::api::Gateway;
 use crate::cache::KeyCache;
-use crate::catalog::CatalogHandle;
+use crate::catalog::{CatalogError, CatalogHandle};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, Config};
 use crate::connection::{ClientConnections, ConnectionCap};
@@ -43,8 +43,8 @@ pub struct App {
     pub cache: Arc<KeyCache>,
 }
 
-/// Builds the app with the store the config names; fails on a bad catalog or a store that
-/// cannot be opened.
+/// Builds the app with the store the config names; fails on a store that cannot be opened.
+/// The catalog starts empty: [`CatalogReloader`] loads it once the listeners are up.
 pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> {
     match &config.redis_url {
         Some(urls) => {
@@ -74,7 +74,7 @@ pub fn build_app_with(
     store_metrics.register_in(&metrics);
     let quota = Arc::new(Quota::new(lease_backend, store_metrics.clone()));
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(keys_backend, store_metrics));
-    let catalog = Arc::new(CatalogHandle::load(&config.catalog_dir).map_err(|e| e.to_string())?);
+    let catalog = Arc::new(CatalogHandle::new(&config.catalog_dir));
     catalog.metrics.register_in(&metrics);
     let cache = Arc::new(KeyCache::new(store.clone(), &config.key_cache));
     cache.metrics.register_in(&metrics);
@@ -114,7 +114,10 @@ pub fn build_app_with(
     })
 }
 
-/// Reloads the catalog on SIGHUP and whenever a file in its directory changes.
+/// Loads the catalog once the listeners are up (so `/healthz` answers at once and `/readyz`
+/// says 503 until the load ends), then reloads it on SIGHUP and whenever a file in its
+/// directory changes. A catalog that fails its first load stops the process, as a bad config
+/// does: nothing could be served from it.
 struct CatalogReloader {
     catalog: Arc<CatalogHandle>,
     watch: bool,
@@ -142,17 +145,24 @@ impl BackgroundService for CatalogReloader {
         };
         // Listeners start only after this, so a SIGHUP can never meet the default action.
         ready.notify_ready();
+        if let Err(e) = self.reload().await {
+            log::error!(
+                "stopping: the catalog in {} cannot be served: {e}",
+                self.catalog.dir().display()
+            );
+            std::process::exit(1);
+        }
         loop {
             tokio::select! {
                 _ = hangup.recv() => {
                     log::info!("SIGHUP: reloading the catalog");
-                    let _ = self.catalog.reload();
+                    let _ = self.reload().await;
                 }
                 Some(()) = changes.recv() => {
                     // Editors write in several steps; let them finish, then reload once.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     while changes.try_recv().is_ok() {}
-                    let _ = self.catalog.reload();
+                    let _ = self.reload().await;
                 }
                 _ = shutdown.changed() => break,
             }
@@ -161,6 +171,22 @@ impl BackgroundService for CatalogReloader {
 }
 
 impl CatalogReloader {
+    /// Loads on a blocking-pool thread: parsing takes seconds of CPU for a million tracks,
+    /// which must stall neither this service's runtime nor, ever, a request worker. The old
+    /// snapshot serves until the new one is swapped in.
+    async fn reload(&self) -> Result<u64, CatalogError> {
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || catalog.reload())
+            .await
+            .unwrap_or_else(|panic| {
+                Err(CatalogError {
+                    file: self.catalog.dir().to_path_buf(),
+                    line: None,
+                    message: format!("load failed: {panic}"),
+                })
+            })
+    }
+
     /// Watches the catalog directory; each change sends a nudge on `tx`.
     fn watch_files(&self, tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -350,11 +376,10 @@ pub fn run(config: Config) -> Result<(), String> {
     server.add_service(admin);
 
     log::info!(
-        "serving on {} (admin on {}), catalog {} with {} libraries",
+        "serving on {} (admin on {}), loading the catalog from {}",
         config.listen,
         config.admin_listen,
         config.catalog_dir.display(),
-        app.catalog.snapshot().libraries.len()
     );
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals { lifecycle }),

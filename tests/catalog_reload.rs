@@ -1,20 +1,26 @@
 //! Catalog snapshots (SPEC §5) on the real binary: reload on SIGHUP and on file change, a bad
-//! file never replaces a good snapshot, and `audiolib catalog check`.
+//! file never replaces a good snapshot, loads that never stop serving (the first one runs
+//! after the listeners are up, a reload while the old snapshot answers), and
+//! `audiolib catalog check`.
 
 mod common;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Gateway, agent, read_reply, test_catalog, wait_until};
+use common::{Gateway, agent, read_reply, test_catalog, wait_until, write_big_library};
 
 const NEW_LIBRARY: &str =
     "name = \"New\"\n[[track]]\ntitle = \"Fresh\"\nkey = \"new/fresh.mp3\"\nduration_sec = 42\n";
 
 fn catalog_version(gw: &Gateway) -> u64 {
-    let reply = read_reply(agent().get(gw.url("/readyz")).call().unwrap());
-    reply.json()["catalog_version"].as_u64().unwrap()
+    gw.catalog_version()
 }
+
+/// Tracks in the big library: its load takes seconds in a debug build, far longer than the
+/// few requests each test makes while it runs.
+const BIG: usize = 200_000;
 
 fn library_status(gw: &Gateway, lib: &str) -> u16 {
     gw.post_audio(&gw.dev_key, &format!(r#"{{"library":"{lib}"}}"#))
@@ -166,4 +172,134 @@ fn a_bad_catalog_stops_start_up() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("audio.bad.toml:2:"), "{err}");
+}
+
+#[test]
+fn the_first_load_runs_while_healthz_answers_and_readyz_says_not_ready() {
+    let dir = test_catalog();
+    write_big_library(dir.path(), "audio.big", BIG);
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_CATALOG_DIR", dir.path().to_str().unwrap())
+        .no_wait_for_catalog()
+        .start();
+    // `start` returned on the first /healthz 200: the listeners are up with the load running.
+    let ready = read_reply(agent().get(gw.url("/readyz")).call().unwrap());
+    assert_eq!(ready.status, 503, "{:?}", ready.json());
+    assert_eq!(
+        ready.json(),
+        serde_json::json!({"status": "not_ready", "catalog_version": 0, "store": "ok"})
+    );
+    // No library is known yet, and the answer says so rather than LIBRARY_NOT_FOUND.
+    let reply = gw.post_audio(&gw.dev_key, r#"{"library":"audio.focus"}"#);
+    let body = reply.assert_error(503, "SERVICE_UNAVAILABLE");
+    assert_eq!(
+        body["error"],
+        "Service temporarily unavailable; retry later"
+    );
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    // Checks before the catalog still come first.
+    gw.post_audio("alp_0000000000000000000000000000000x", "{}")
+        .assert_error(401, "INVALID_KEY");
+
+    wait_until("the first load", Duration::from_secs(60), || {
+        agent()
+            .get(gw.url("/readyz"))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+    });
+    let ready = read_reply(agent().get(gw.url("/readyz")).call().unwrap());
+    assert_eq!(ready.json()["catalog_version"], 1);
+    for library in ["audio.focus", "audio.big"] {
+        let reply = gw.post_audio(&gw.dev_key, &format!(r#"{{"library":"{library}"}}"#));
+        assert_eq!(reply.status, 200, "{library}: {:?}", reply.json());
+    }
+    assert!(
+        gw.log_text()
+            .contains(&format!("version 1, 6 libraries, {} tracks", BIG + 11)),
+        "{}",
+        gw.log_text()
+    );
+}
+
+#[test]
+fn a_reload_under_load_fails_no_request() {
+    let dir = test_catalog();
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_CATALOG_DIR", dir.path().to_str().unwrap())
+        .env("AUDIOLIB_CATALOG_WATCH", "false")
+        .start();
+    // Unlimited: the development key's 1,000 calls a month would run out under this loop.
+    let (_, key) = gw.create_key("unlimited", None);
+    let stop = AtomicBool::new(false);
+    let served = AtomicUsize::new(0);
+    let failed = AtomicUsize::new(0);
+    let first_failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        // Stops the clients however this scope ends, so a failed wait cannot hang the test.
+        let _stop = StopOnDrop(&stop);
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let client = agent();
+                while !stop.load(Ordering::Relaxed) {
+                    let reply = client
+                        .post(gw.url("/v1/audio"))
+                        .header("Authorization", format!("Bearer {key}"))
+                        .send(r#"{"library":"audio.focus"}"#)
+                        .map(read_reply);
+                    match reply {
+                        Ok(r) if r.status == 200 => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                                first_failures.lock().unwrap().push(format!("{other:?}"));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        let failing = || failed.load(Ordering::Relaxed) > 0;
+        wait_until(
+            "the clients' first answers",
+            Duration::from_secs(20),
+            || served.load(Ordering::Relaxed) > 100 || failing(),
+        );
+        write_big_library(dir.path(), "audio.big", BIG);
+        gw.signal("HUP");
+        let at_signal = served.load(Ordering::Relaxed);
+        wait_until("the reload", Duration::from_secs(60), || {
+            catalog_version(&gw) == 2 || failing()
+        });
+        let during_load = served.load(Ordering::Relaxed) - at_signal;
+        wait_until(
+            "answers from the new snapshot",
+            Duration::from_secs(20),
+            || served.load(Ordering::Relaxed) > at_signal + during_load + 100 || failing(),
+        );
+        // The old snapshot answered all along: requests kept being served while loading.
+        assert!(during_load > 0, "nothing served during the reload");
+    });
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "first failures: {:?}",
+        first_failures.lock().unwrap()
+    );
+    assert_eq!(catalog_version(&gw), 2);
+    assert_eq!(library_status(&gw, "audio.big"), 200);
+    assert!(
+        gw.log_text().contains("version 2, 6 libraries"),
+        "{}",
+        gw.log_text()
+    );
+}
+
+/// Sets its flag when dropped, on success or panic alike.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

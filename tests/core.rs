@@ -42,6 +42,8 @@ fn gateway<S: Store + LeaseBackend>(
     let mut config = config();
     config.failure_policy = policy;
     let app = build_app_with(&config, store.clone(), store, clock).unwrap();
+    // The server loads the catalog once its listeners are up; here, at once.
+    app.catalog.reload().unwrap();
     (app.gateway, app.keys)
 }
 

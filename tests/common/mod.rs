@@ -122,6 +122,8 @@ pub struct Gateway {
 pub struct GatewayBuilder {
     env: Vec<(String, String)>,
     args: Vec<String>,
+    /// Whether `start` waits for the first catalog load (it runs after the listeners are up).
+    wait_for_catalog: bool,
 }
 
 impl GatewayBuilder {
@@ -132,6 +134,13 @@ impl GatewayBuilder {
 
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
+        self
+    }
+
+    /// Returns from `start` as soon as the gateway answers `/healthz`, while the catalog may
+    /// still be loading.
+    pub fn no_wait_for_catalog(mut self) -> Self {
+        self.wait_for_catalog = false;
         self
     }
 
@@ -216,6 +225,11 @@ impl GatewayBuilder {
             agent().get(&url).call().is_ok_and(|r| r.status() == 200)
                 && agent().get(&admin_url).call().is_ok()
         });
+        if self.wait_for_catalog {
+            wait_until("the first catalog load", Duration::from_secs(60), || {
+                gateway.catalog_version() > 0
+            });
+        }
         gateway
     }
 }
@@ -225,6 +239,7 @@ impl Gateway {
         GatewayBuilder {
             env: Vec::new(),
             args: Vec::new(),
+            wait_for_catalog: true,
         }
     }
 
@@ -250,6 +265,12 @@ impl Gateway {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
+    }
+
+    /// The catalog version in use (0 while the first load runs), read from the admin
+    /// listener's metrics so that polling it leaves no line in the access log.
+    pub fn catalog_version(&self) -> u64 {
+        metric(&self.metrics_text(), "audiolib_catalog_version") as u64
     }
 
     pub fn log_text(&self) -> String {
@@ -422,6 +443,23 @@ pub fn test_catalog() -> tempfile::TempDir {
     )
     .unwrap();
     dir
+}
+
+/// Writes `<dir>/<library>.toml` with `tracks` tracks, big enough for a load that takes a
+/// while (200,000 tracks: 18 MB, seconds in a debug build).
+pub fn write_big_library(dir: &Path, library: &str, tracks: usize) {
+    let mut text = String::with_capacity(tracks * 100);
+    text.push_str("name = \"Big\"\n");
+    for i in 0..tracks {
+        text.push_str(&format!(
+            "\n[[track]]\ntitle = \"Big {i}\"\nkey = \"big/{i}.mp3\"\nduration_sec = {}\n",
+            1 + i % 600
+        ));
+    }
+    // Written aside and renamed, so a watcher never sees half a file.
+    let tmp = dir.join(format!(".{library}.partial"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("{library}.toml"))).unwrap();
 }
 
 /// The passthrough origin (`tests/oracle/upstream.py`), plain or TLS; killed when dropped.
