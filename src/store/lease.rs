@@ -368,12 +368,13 @@ impl LeaseBook {
     }
 
     /// Admits a call while the store is unreachable (fail-open): from units this node holds
-    /// (already counted), else from the one block an outage allows.
+    /// (already counted), else — when `beyond_held` — from the one block an outage allows.
     pub async fn admit_local(
         &self,
         subject: &str,
         period: Period,
         limit: Option<u64>,
+        beyond_held: bool,
     ) -> LocalAdmission {
         let entry = self.entry(subject);
         let mut leases = entry.leases.lock().await;
@@ -384,6 +385,9 @@ impl LeaseBook {
                 used: lease.take_unit(now),
                 source: Source::Lease,
             };
+        }
+        if !beyond_held {
+            return LocalAdmission::Refused;
         }
         let seen = lease.committed.unwrap_or(0) + lease.outage;
         match limit {
@@ -540,6 +544,11 @@ pub trait LeaseBackend: Send + Sync + 'static {
     fn timeout(&self) -> Duration;
     /// Housekeeping once per sync.
     async fn upkeep(&self) {}
+    /// Whether the store is known to be unreachable (several calls in a row failed), rather
+    /// than one call having been slow. Fail-open admits beyond held units only then.
+    fn confirmed_down(&self) -> bool {
+        true
+    }
 }
 
 /// A node's quota counting: its lease book over a store's [`LeaseBackend`]. The one place
@@ -590,14 +599,17 @@ impl Quota {
     }
 
     /// Admits a call without the store, after [`Self::reserve`] failed, under the fail-open
-    /// policy's bound (SPEC §4a.3).
+    /// policy's bound (SPEC §4a.3). Beyond the units this node holds, only once the store is
+    /// confirmed unreachable: one slow answer on a busy machine is load, not an outage, and
+    /// must not admit a block the store never granted.
     pub async fn admit_local(
         &self,
         subject: &str,
         period: Period,
         limit: Option<u64>,
     ) -> LocalAdmission {
-        self.book.admit_local(subject, period, limit).await
+        let down = self.backend.confirmed_down();
+        self.book.admit_local(subject, period, limit, down).await
     }
 
     /// Gives back one unit taken in `period` from `source` (the call failed afterwards).

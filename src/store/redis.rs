@@ -284,6 +284,9 @@ impl RedisStore {
                 Ok(v)
             }
             Ok(Err(e)) => {
+                if e.is_connection_refusal() || e.is_connection_dropped() {
+                    self.breaker.refusal();
+                }
                 self.failed();
                 Err(StoreError(format!("redis: {e}")))
             }
@@ -522,5 +525,9 @@ impl LeaseBackend for RedisStore {
 
     fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    fn confirmed_down(&self) -> bool {
+        self.breaker.tripped()
     }
 }

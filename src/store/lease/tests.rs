@@ -194,7 +194,7 @@ async fn fail_open_admits_one_block_per_outage() {
     let store = ModelStore::default();
     // Never seen: refused.
     assert_eq!(
-        book.admit_local("k", NOV, Some(160)).await,
+        book.admit_local("k", NOV, Some(160), true).await,
         LocalAdmission::Refused
     );
     // Seen, then the store goes away with the node holding nothing.
@@ -204,7 +204,7 @@ async fn fail_open_admits_one_block_per_outage() {
     sync(&book, &store, true).await;
     let mut admitted = 0;
     for _ in 0..100 {
-        if let LocalAdmission::Admitted { .. } = book.admit_local("k", NOV, Some(160)).await {
+        if let LocalAdmission::Admitted { .. } = book.admit_local("k", NOV, Some(160), true).await {
             admitted += 1;
         }
     }
@@ -213,7 +213,7 @@ async fn fail_open_admits_one_block_per_outage() {
     sync(&book, &store, true).await;
     assert_eq!(store.used(), 160);
     assert_eq!(
-        book.admit_local("k", NOV, Some(160)).await,
+        book.admit_local("k", NOV, Some(160), true).await,
         LocalAdmission::Exhausted { used: 160 }
     );
 }
@@ -355,7 +355,7 @@ async fn simulate(steps: Vec<Step>, limit: u64, fail_open: bool) -> Result<(), T
                     Ok(_) => {}
                     Err(_) if fail_open => {
                         if let LocalAdmission::Admitted { source, .. } =
-                            node.book.admit_local("k", NOV, Some(limit)).await
+                            node.book.admit_local("k", NOV, Some(limit), true).await
                         {
                             node.served += 1;
                             if source == Source::Local {

@@ -51,6 +51,9 @@ impl ConnectionLike for Conn {
 /// Fails fast while Redis keeps failing; lets a probe through after a pause.
 pub(super) struct Breaker {
     failures: AtomicU32,
+    /// The last failure was a refused or dropped connection (Redis is not there), not a slow
+    /// answer; cleared by a success.
+    refused: std::sync::atomic::AtomicBool,
     /// Milliseconds since `epoch` until which calls are refused.
     open_until: AtomicU64,
     epoch: Instant,
@@ -60,6 +63,7 @@ impl Breaker {
     pub(super) fn new() -> Self {
         Self {
             failures: AtomicU32::new(0),
+            refused: std::sync::atomic::AtomicBool::new(false),
             open_until: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -75,7 +79,18 @@ impl Breaker {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
             self.open_until.store(0, Ordering::Relaxed);
+            self.refused.store(false, Ordering::Relaxed);
         }
+    }
+    /// Redis is down, not slow: a connection was refused or dropped, or several calls in a
+    /// row failed, and none succeeded since.
+    pub(super) fn tripped(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+            || self.failures.load(Ordering::Relaxed) >= BREAKER_THRESHOLD
+    }
+    /// Marks the failure being counted as one that says Redis is not there at all.
+    pub(super) fn refusal(&self) {
+        self.refused.store(true, Ordering::Relaxed);
     }
     pub(super) fn failure(&self) {
         if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAKER_THRESHOLD {
