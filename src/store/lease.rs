@@ -22,7 +22,9 @@
 //! partition) settles them exactly.
 //!
 //! **Outages.** Under fail-open a node whose store is unreachable serves the units it holds,
-//! then at most one more block (1/16 of the limit, at least one call) per subject and outage,
+//! then — once the store is known to be down, not merely slow
+//! ([`LeaseBackend::confirmed_down`]) — at most one more block (1/16 of the limit, at least one
+//! call) per subject and outage,
 //! counted as `extra` and reported once the store answers; the block is granted again only
 //! after that report is acknowledged.
 //!
