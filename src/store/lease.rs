@@ -58,6 +58,8 @@ pub const STALE_AFTER: Duration = Duration::from_secs(15);
 /// retry (429, `Retry-After: 1`). Waiting is load, not an outage: it never fails over to the
 /// outage policy.
 pub const BUSY_WAIT: Duration = Duration::from_secs(2);
+/// `try_lock` attempts before a call queues for a subject's lock.
+const SPINS: u32 = 64;
 /// How long a "used up" answer stands for the calls that queued behind it.
 const SPENT_TTL: Duration = Duration::from_secs(1);
 /// Largest block for a limited subject; blocks are 1/16 of what is left, at least one unit.
@@ -281,11 +283,28 @@ impl LeaseBook {
     {
         let entry = self.entry(subject);
         let failures = entry.failures.load(Ordering::Acquire);
-        entry.waiting.fetch_add(1, Ordering::Relaxed);
-        let locked = tokio::time::timeout(BUSY_WAIT, entry.leases.lock()).await;
-        entry.waiting.fetch_sub(1, Ordering::Relaxed);
-        let Ok(mut leases) = locked else {
-            return Ok(Reservation::Held);
+        // Most calls only take a unit: a critical section of nanoseconds. Spinning briefly on
+        // `try_lock` catches it without parking the task; only a call that meets a refill in
+        // progress queues (and counts itself as waiting for the refill to size its block).
+        let mut locked = None;
+        for _ in 0..SPINS {
+            if let Ok(guard) = entry.leases.try_lock() {
+                locked = Some(guard);
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        let mut leases = match locked {
+            Some(guard) => guard,
+            None => {
+                entry.waiting.fetch_add(1, Ordering::Relaxed);
+                let queued = tokio::time::timeout(BUSY_WAIT, entry.leases.lock()).await;
+                entry.waiting.fetch_sub(1, Ordering::Relaxed);
+                let Ok(guard) = queued else {
+                    return Ok(Reservation::Held);
+                };
+                guard
+            }
         };
         let failed_meanwhile = entry.failures.load(Ordering::Acquire) != failures;
         let now = Instant::now();
