@@ -347,22 +347,28 @@ fn calls_until(gw: &Gateway, key: &str, status: u16, code: &str) -> u64 {
     }
 }
 
+/// The fields of `id`'s lease hash for this month (`held:<node>`, `at:<node>`, …) as read
+/// from Redis; empty while it cannot be read.
+fn lease_fields(redis: &RedisServer, id: &str) -> Vec<(String, String)> {
+    let period = audiolib::quota::Period::containing(std::time::SystemTime::now());
+    let hash = format!("audiolib:{{{id}}}:lease:{period}");
+    let raw = common::redis_cli(redis.port, &["--raw", "HGETALL", &hash]).unwrap_or_default();
+    let lines: Vec<&str> = raw.lines().collect();
+    lines
+        .chunks_exact(2)
+        .map(|kv| (kv[0].to_string(), kv[1].trim().to_string()))
+        .collect()
+}
+
 /// Waits until Redis counts some node of `id`'s lease as silent: its last operation older
 /// than the silence threshold (15 s) by Redis's own clock.
 fn wait_until_a_node_is_silent(redis: &RedisServer, id: &str) {
-    let period = audiolib::quota::Period::containing(std::time::SystemTime::now());
-    let hash = format!("audiolib:{{{id}}}:lease:{period}");
     wait_until("a node silent at Redis", Duration::from_secs(40), || {
         let now: i64 = common::redis_cli(redis.port, &["TIME"])
             .and_then(|t| t.lines().next()?.trim().parse().ok())
             .unwrap_or(0);
-        let fields =
-            common::redis_cli(redis.port, &["--raw", "HGETALL", &hash]).unwrap_or_default();
-        let lines: Vec<&str> = fields.lines().collect();
-        lines.chunks(2).any(|kv| {
-            kv.len() == 2
-                && kv[0].starts_with("at:")
-                && kv[1].trim().parse::<i64>().is_ok_and(|at| now - at > 16)
+        lease_fields(redis, id).iter().any(|(name, value)| {
+            name.starts_with("at:") && value.parse::<i64>().is_ok_and(|at| now - at > 16)
         })
     });
 }
@@ -462,16 +468,11 @@ fn fail_open_admits_one_block_per_outage_and_counts_it() {
     gw.wait_usage(&id, 100);
     // Idle units go back within seconds: then the node holds nothing, and all it may admit
     // in the outage is the one block.
-    let period = audiolib::quota::Period::containing(std::time::SystemTime::now());
-    let hash = format!("audiolib:{{{id}}}:lease:{period}");
     wait_until("the node to hold no units", Duration::from_secs(10), || {
-        let fields =
-            common::redis_cli(redis.port, &["--raw", "HGETALL", &hash]).unwrap_or_default();
-        let lines: Vec<&str> = fields.lines().collect();
-        lines
-            .chunks(2)
-            .filter(|kv| kv.len() == 2 && kv[0].starts_with("held:"))
-            .all(|kv| kv[1].trim() == "0")
+        lease_fields(&redis, &id)
+            .iter()
+            .filter(|(name, _)| name.starts_with("held:"))
+            .all(|(_, value)| value == "0")
     });
     redis.kill();
     // Redis gone: one more block at most, then refusals, however long the outage.

@@ -326,21 +326,16 @@ impl LeaseBook {
                 drop(leases);
                 let sent = Instant::now();
                 let result = run(op.clone(), sent + timeout).await;
-                let mut leases = entry.leases.lock().await;
-                // Applied once: a replay of the same operation may have answered first.
-                if let Some(lease) = leases.find(period)
-                    && lease.parked.as_ref() == Some(&op)
-                {
-                    match result {
-                        Ok(answer) => {
-                            lease.parked = None;
-                            lease.apply(&op, answer, sent);
-                        }
-                        Err(_) => {
-                            entry.failures.fetch_add(1, Ordering::Release);
-                        }
-                    }
+                if result.is_err() {
+                    entry.failures.fetch_add(1, Ordering::Release);
                 }
+                // Applied once, as any sync's answer: a replay may have answered first.
+                let due = Due {
+                    subject: subject.to_string(),
+                    op,
+                    sent,
+                };
+                self.settled(due, result.ok()).await;
             }
             return Ok(Reservation::Granted { used });
         }

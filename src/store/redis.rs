@@ -312,12 +312,11 @@ impl RedisStore {
     async fn run_lease(
         &self,
         key_id: &str,
-        op: LeaseOp,
+        op: &LeaseOp,
         deadline: tokio::time::Instant,
     ) -> Result<LeaseAnswer, StoreError> {
         let script = &self.lease;
         let node = &self.node;
-        let op = &op;
         let wait = self.wait;
         if !self.breaker.allows() {
             return Err(StoreError("redis circuit open".into()));
@@ -350,9 +349,7 @@ impl RedisStore {
     /// Sends one operation of a sync (background: the patient bound).
     async fn report(&self, due: &Due) -> Option<LeaseAnswer> {
         let until = tokio::time::Instant::now() + ADMIN_TIMEOUT;
-        self.run_lease(&due.subject, due.op.clone(), until)
-            .await
-            .ok()
+        self.run_lease(&due.subject, &due.op, until).await.ok()
     }
 }
 
@@ -503,7 +500,7 @@ impl LeaseBackend for RedisStore {
         op: &LeaseOp,
         until: tokio::time::Instant,
     ) -> Result<LeaseAnswer, StoreError> {
-        self.run_lease(subject, op.clone(), until).await
+        self.run_lease(subject, op, until).await
     }
 
     /// Many subjects at once, 64 in flight: the multiplexed connection pipelines them.
