@@ -379,9 +379,17 @@ fn failover_under_load(policy: &str) {
     for (i, (id, _)) in late_keys.iter().enumerate() {
         // The revoked key was served once by each node.
         let served = if i == 0 { 2 } else { 1 };
-        wait_until("usage on the new master", Duration::from_secs(20), || {
-            stored_usage(new_master, id) == Some(served)
-        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut stored = stored_usage(new_master, id);
+        while stored != Some(served) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            stored = stored_usage(new_master, id);
+        }
+        assert_eq!(
+            stored,
+            Some(served),
+            "usage of late key {i} ({id}) on the new master"
+        );
     }
     // The old master comes back as a replica of the new one and converges on its data:
     // nothing it held unconfirmed survives.
