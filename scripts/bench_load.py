@@ -194,15 +194,15 @@ def main():
         # Redis of our own.
         redis_port = free_port()
         procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no"])
+                     "--save", "", "--appendonly", "no", "--dir", work])
         wait_port(redis_port)
         redis_url = f"redis://127.0.0.1:{redis_port}"
         # A master with one replica, for the WAIT path.
         wait_master, wait_replica = free_port(), free_port()
         procs.start(["redis-server", "--port", str(wait_master), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no"])
+                     "--save", "", "--appendonly", "no", "--dir", work])
         procs.start(["redis-server", "--port", str(wait_replica), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no",
+                     "--save", "", "--appendonly", "no", "--dir", work,
                      "--replicaof", "127.0.0.1", str(wait_master)])
         wait_port(wait_master)
         wait_port(wait_replica)
