@@ -3,6 +3,10 @@
 //!
 //! usage: fixed_body LISTEN BODY_FILE [THREADS]
 
+// The gateway's allocator, so the ceiling is measured on equal terms.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
