@@ -167,6 +167,7 @@ fn store_and_cache(c: &mut Criterion) {
     let (_, secret) = runtime
         .block_on(app.keys.create(CreateKey {
             name: "bench".into(),
+            account_id: None,
             plan: Some("unlimited".into()),
             monthly_limit: None,
         }))

@@ -177,7 +177,7 @@ impl AudioProxy {
             Err(e) => return self.respond_error(session, ctx, e, None).await,
         };
         if self.access_log.enabled() {
-            ctx.key_prefix = Some(key.prefix.clone());
+            ctx.key_prefix = Some(key.key.prefix.clone());
         }
         let body = match self.read_body(session).await? {
             Some(body) => body,
