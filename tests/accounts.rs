@@ -359,3 +359,81 @@ fn an_accounts_limit_is_shared_by_its_keys_on_a_redis_cluster() {
     let (a, b) = (node(), node());
     shared_limit_is_exact(&a, &b);
 }
+
+fn cli(gw: &Gateway, args: &[&str]) -> (bool, Value, String) {
+    let (ok, out, err) = common::run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_audiolib"))
+            // The command group, then where its admin API is, then the command.
+            .arg(args[0])
+            .args(["--admin-url", &gw.admin_url("")])
+            .args(&args[1..])
+            .env("AUDIOLIB_ADMIN_TOKEN", common::ADMIN_TOKEN),
+    );
+    (ok, serde_json::from_str(&out).unwrap_or(Value::Null), err)
+}
+
+#[test]
+fn cli_manages_accounts_through_the_admin_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = with_plans(dir.path()).start();
+    let create = [
+        "accounts",
+        "create",
+        "--email",
+        "cli@example.com",
+        "--name",
+        "CLI",
+    ];
+    let (ok, account, err) = cli(&gw, &[&create[..], &["--plan", "team"]].concat());
+    assert!(ok, "{err}");
+    let id = account["id"].as_str().unwrap().to_string();
+    assert_eq!(account["monthly_limit"], 100);
+
+    let (ok, key, err) = cli(&gw, &["keys", "create", "--name", "k", "--account", &id]);
+    assert!(ok, "{err}");
+    assert_eq!(key["account_id"], id.as_str());
+    let secret = key["key"].as_str().unwrap().to_string();
+    assert_eq!(gw.post_audio(&secret, BODY).status, 200);
+
+    let (ok, shown, _) = cli(&gw, &["accounts", "show", &id]);
+    assert!(ok);
+    assert_eq!(
+        (shown["usage"].as_u64(), shown["keys"][0]["id"].clone()),
+        (Some(1), key["id"].clone())
+    );
+    let (ok, listed, _) = cli(&gw, &["accounts", "list"]);
+    assert!(ok);
+    assert_eq!(listed["accounts"][0]["id"], id.as_str());
+
+    let (ok, updated, err) = cli(&gw, &["accounts", "update", &id, "--status", "disabled"]);
+    assert!(ok, "{err}");
+    assert_eq!(updated["status"], "disabled");
+    gw.post_audio(&secret, BODY)
+        .assert_error(401, "INVALID_KEY");
+
+    let (ok, closed, _) = cli(&gw, &["accounts", "close", &id]);
+    assert!(ok);
+    assert_eq!(closed["status"], "closed");
+    let (ok, _, err) = cli(&gw, &["accounts", "update", &id, "--status", "active"]);
+    assert!(!ok);
+    assert!(err.contains("409 (ACCOUNT_CLOSED)"), "{err}");
+    let (ok, _, err) = cli(&gw, &["accounts", "show", "acct_nosuch"]);
+    assert!(!ok);
+    assert!(err.contains("404 (ACCOUNT_NOT_FOUND)"), "{err}");
+    // A key of an account takes the account's plan: clap refuses both at once.
+    let (ok, _, err) = cli(
+        &gw,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "k",
+            "--account",
+            &id,
+            "--plan",
+            "free",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
