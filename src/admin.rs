@@ -2,6 +2,7 @@
 //! by a bearer token. `audiolib keys …` and `audiolib accounts …` are thin clients of it.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode, header};
@@ -13,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::accounts::{AccountService, ChangeAccount, CreateAccount};
 use crate::keys::{AdminError, ChangeKey, CreateKey, KeyService};
 use crate::metrics::Metrics;
-use crate::store::{AccountStatus, KeyStatus};
+use crate::store::{AccountStatus, KeyStatus, rfc3339};
 
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
@@ -38,7 +39,6 @@ impl From<AdminError> for Reply {
         use AdminError as E;
         let (status, code) = match &e {
             E::UnknownPlan(_) => (StatusCode::BAD_REQUEST, "UNKNOWN_PLAN"),
-            E::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
             E::InvalidField { .. } => (StatusCode::BAD_REQUEST, "INVALID_FIELD"),
             E::NotFound(_) => (StatusCode::NOT_FOUND, "KEY_NOT_FOUND"),
             E::AccountNotFound(_) => (StatusCode::NOT_FOUND, "ACCOUNT_NOT_FOUND"),
@@ -58,11 +58,20 @@ impl From<AdminError> for Reply {
 /// The admin routes: a collection, or one member of it by id.
 enum Target {
     Keys(Option<String>),
+    /// `/admin/keys/{id}/rotate`
+    Rotate(String),
     Accounts(Option<String>),
 }
 
 impl Target {
     fn of(path: &str) -> Option<Target> {
+        if let Some(id) = path
+            .strip_prefix("/admin/keys/")
+            .and_then(|rest| rest.strip_suffix("/rotate"))
+            .filter(|id| !id.is_empty() && !id.contains('/'))
+        {
+            return Some(Target::Rotate(id.to_string()));
+        }
         let (collection, rest) = if let Some(rest) = path.strip_prefix("/admin/keys") {
             (Target::Keys as fn(Option<String>) -> Target, rest)
         } else {
@@ -157,6 +166,16 @@ impl AdminApi {
         let method = session.req_header().method.clone();
         match Target::of(session.req_header().uri.path()) {
             Some(Target::Keys(id)) => self.keys_route(session, method, id).await,
+            Some(Target::Rotate(id)) if method == Method::POST => {
+                let body = Self::read_json(session).await?;
+                let grace = parse_rotate(body)?;
+                let rotated = self.keys.rotate(&id, grace).await?;
+                let mut value = json!(rotated.view);
+                value["key"] = json!(rotated.secret);
+                value["previous_expires_at"] = json!(rotated.previous_expires_at.map(rfc3339));
+                Ok(Reply(StatusCode::CREATED, value))
+            }
+            Some(Target::Rotate(_)) => Err(method_not_allowed()),
             Some(Target::Accounts(id)) => self.accounts_route(session, method, id).await,
             None => Err(error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route")),
         }
@@ -255,6 +274,10 @@ fn invalid(message: impl Into<String>) -> Reply {
     error(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
 }
 
+fn bad_field(field: &'static str, message: impl Into<String>) -> Reply {
+    AdminError::field(field, message).into()
+}
+
 fn only_fields(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), Reply> {
     match body.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(invalid(format!(
@@ -273,46 +296,86 @@ fn parse_limit(body: &Map<String, Value>) -> Result<Option<Option<u64>>, Reply> 
         Some(v) => v
             .as_u64()
             .map(|n| Some(Some(n)))
-            .ok_or_else(|| invalid("monthly_limit must be a non-negative integer or null")),
+            .ok_or_else(|| bad_field("monthly_limit", "must be a non-negative integer or null")),
     }
 }
 
-fn parse_string(body: &Map<String, Value>, field: &str) -> Result<Option<String>, Reply> {
-    match body.get(field) {
+/// `expires_at`: absent → `None`, `null` → no expiry, else an RFC 3339 instant.
+fn parse_expiry(body: &Map<String, Value>) -> Result<Option<Option<SystemTime>>, Reply> {
+    match body.get("expires_at") {
         None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(invalid(format!("{field} must be a string"))),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(text)) => chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| Some(Some(SystemTime::from(t))))
+            .map_err(|_| {
+                bad_field(
+                    "expires_at",
+                    "must be an RFC 3339 time such as 2027-01-31T00:00:00Z",
+                )
+            }),
+        Some(_) => Err(bad_field("expires_at", "must be an RFC 3339 time or null")),
     }
 }
 
 fn parse_create(body: Map<String, Value>) -> Result<CreateKey, Reply> {
-    only_fields(&body, &["name", "plan", "monthly_limit", "account_id"])?;
+    only_fields(
+        &body,
+        &[
+            "name",
+            "plan",
+            "monthly_limit",
+            "account_id",
+            "expires_at",
+            "meta",
+        ],
+    )?;
     Ok(CreateKey {
-        name: parse_string(&body, "name")?.ok_or_else(|| invalid("name is required"))?,
+        name: required(&body, "name")?,
         account_id: parse_field_string(&body, "account_id")?,
-        plan: parse_string(&body, "plan")?,
+        plan: parse_field_string(&body, "plan")?,
         monthly_limit: parse_limit(&body)?,
+        expires_at: parse_expiry(&body)?.flatten(),
+        meta: body.get("meta").cloned(),
     })
 }
 
 fn parse_change(body: Map<String, Value>) -> Result<ChangeKey, Reply> {
-    only_fields(&body, &["plan", "monthly_limit", "status"])?;
-    let status = match parse_string(&body, "status")?.as_deref() {
+    only_fields(
+        &body,
+        &["plan", "monthly_limit", "status", "expires_at", "meta"],
+    )?;
+    let status = match parse_field_string(&body, "status")?.as_deref() {
         None => None,
+        // `inactive` is what `disabled` was called before.
         Some("active") => Some(KeyStatus::Active),
-        Some("inactive") => Some(KeyStatus::Inactive),
+        Some("disabled" | "inactive") => Some(KeyStatus::Disabled),
         Some("revoked") => Some(KeyStatus::Revoked),
+        Some("expired") => Some(KeyStatus::Expired),
         Some(other) => {
-            return Err(invalid(format!(
-                "status '{other}' is not one of active, inactive, revoked"
-            )));
+            return Err(bad_field(
+                "status",
+                format!("'{other}' is not one of active, disabled, revoked"),
+            ));
         }
     };
     Ok(ChangeKey {
-        plan: parse_string(&body, "plan")?,
+        plan: parse_field_string(&body, "plan")?,
         monthly_limit: parse_limit(&body)?,
         status,
+        expires_at: parse_expiry(&body)?,
+        meta: body.get("meta").cloned(),
     })
+}
+
+fn parse_rotate(body: Map<String, Value>) -> Result<Duration, Reply> {
+    only_fields(&body, &["grace_secs"])?;
+    match body.get("grace_secs") {
+        None => Ok(Duration::ZERO),
+        Some(v) => v
+            .as_u64()
+            .map(Duration::from_secs)
+            .ok_or_else(|| bad_field("grace_secs", "must be a non-negative integer")),
+    }
 }
 
 #[async_trait]

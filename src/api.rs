@@ -14,6 +14,7 @@ use crate::catalog::CatalogHandle;
 use crate::clock::Clock;
 use crate::config::FailurePolicy;
 use crate::error::ApiError;
+use crate::last_used::LastUsed;
 use crate::ledger::Ledger;
 use crate::quota::{LocalAdmission, Period, RateInfo, Reservation, Source};
 use crate::sign::Presigner;
@@ -49,6 +50,7 @@ pub struct Gateway {
     clock: Arc<dyn Clock>,
     failure_policy: FailurePolicy,
     ledger: Ledger,
+    last_used: LastUsed,
     /// The body limit of row 6, enforced by the caller while reading.
     pub max_body_bytes: usize,
 }
@@ -71,6 +73,7 @@ impl Gateway {
             clock,
             failure_policy,
             ledger: Ledger::new(),
+            last_used: LastUsed::default(),
             max_body_bytes,
         }
     }
@@ -88,6 +91,11 @@ impl Gateway {
         &self.quota
     }
 
+    /// When keys were last used, for the background sync to write.
+    pub fn last_used(&self) -> &LastUsed {
+        &self.last_used
+    }
+
     /// Rows 3–5: the `Authorization` header values to an active key.
     pub async fn authenticate<'a, I>(&self, authorization: I) -> Result<Arc<Caller>, ApiError>
     where
@@ -95,18 +103,21 @@ impl Gateway {
     {
         let token = bearer_token(authorization)?;
         check_format(token)?;
+        let digest = KeyDigest::of(token);
         let record = self
             .keys
-            .get(KeyDigest::of(token))
+            .get(digest)
             .await
             .map_err(|e| {
                 log::warn!("key lookup failed: {e}");
                 self.store_down()
             })?
             .ok_or(ApiError::InvalidKey)?;
-        if !record.active() {
+        let now = self.clock.now();
+        if !record.serves(&digest, now) {
             return Err(ApiError::InvalidKey);
         }
+        self.last_used.note(&record, now);
         Ok(record)
     }
 

@@ -13,6 +13,7 @@
 //! - [`cache`]: the per-node key cache in front of the store.
 //! - [`keys`]: key management, the operations behind the admin API.
 //! - [`accounts`]: accounts owning keys and sharing one monthly limit.
+//! - [`last_used`]: when each key was last used, written in the background.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.
 //! - [`ledger`]: keys found exhausted, refused without asking the store again for a while.
 //! - [`catalog`]: library files, the immutable snapshot and its reloads.
@@ -48,6 +49,7 @@ pub mod connection;
 pub mod error;
 pub mod forwarding;
 pub mod keys;
+pub mod last_used;
 pub mod ledger;
 pub mod locks;
 pub mod metrics;

@@ -218,9 +218,13 @@ impl CatalogReloader {
     }
 }
 
+/// How often the minutes keys were last used in are written (each key at most once a minute,
+/// whatever this is).
+const LAST_USED_EVERY: Duration = Duration::from_secs(1);
+
 /// Keeps this node in step with the shared store: applies key changes announced by other
 /// nodes to the key cache, reports quota used from leases (calls counted during an outage
-/// included) and returns idle units.
+/// included), returns idle units and writes when keys were last used.
 struct StoreSync {
     gateway: Arc<Gateway>,
     cache: Arc<KeyCache>,
@@ -235,6 +239,7 @@ impl BackgroundService for StoreSync {
         self.gateway.store().watch(tx);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_used = tokio::time::interval(LAST_USED_EVERY);
         loop {
             tokio::select! {
                 Some(change) = changes.recv() => match change {
@@ -249,9 +254,13 @@ impl BackgroundService for StoreSync {
                     }
                 },
                 _ = tick.tick() => self.gateway.quota().sync(false).await,
+                _ = last_used.tick() => {
+                    self.gateway.last_used().flush(self.gateway.store().as_ref()).await
+                }
                 _ = shutdown.changed() => {
                     // Hand over what was counted and held; the process waits for it (within
                     // the grace period).
+                    self.gateway.last_used().flush(self.gateway.store().as_ref()).await;
                     loop {
                         self.gateway.quota().sync(true).await;
                         if self.lifecycle.in_flight() == 0 && !self.gateway.quota().unsynced() {

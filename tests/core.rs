@@ -16,7 +16,9 @@ use audiolib::quota::{Period, Source};
 use audiolib::server::build_app_with;
 use audiolib::store::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp};
 use audiolib::store::sqlite::SqliteStore;
-use audiolib::store::{AccountRecord, AccountUpdate, KeyRecord, KeyUpdate, Store, StoreError};
+use audiolib::store::{
+    AccountRecord, AccountUpdate, KeyRecord, KeyUpdate, Rotation, Store, StoreError,
+};
 use tokio::time::Instant;
 
 /// 2026-01-31T23:59:50Z
@@ -64,6 +66,7 @@ async fn quota_starts_afresh_in_a_new_utc_month() {
             account_id: None,
             plan: None,
             monthly_limit: Some(Some(2)),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -138,6 +141,17 @@ impl Store for DownStore {
         _: KeyUpdate,
         _: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn rotate_key(
+        &self,
+        _: &str,
+        _: Rotation,
+        _: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn touch_keys(&self, _: &[(String, SystemTime)]) -> Result<(), StoreError> {
         Err(StoreError("down".into()))
     }
     async fn insert_account(&self, _: AccountRecord) -> Result<bool, StoreError> {
@@ -257,6 +271,17 @@ impl Store for Hooked {
         t: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.update_key(id, u, t).await
+    }
+    async fn rotate_key(
+        &self,
+        id: &str,
+        r: Rotation,
+        t: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        self.inner.rotate_key(id, r, t).await
+    }
+    async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        self.inner.touch_keys(used).await
     }
     async fn insert_account(&self, r: AccountRecord) -> Result<bool, StoreError> {
         self.inner.insert_account(r).await

@@ -7,7 +7,9 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 
-use super::{AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
+use super::{
+    AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyUpdate, Rotation, Store, StoreError,
+};
 use crate::auth::KeyDigest;
 use crate::metrics::StoreMetrics;
 
@@ -63,6 +65,18 @@ impl Store for Instrumented {
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.timed("update_key", self.inner.update_key(id, update, now))
             .await
+    }
+    async fn rotate_key(
+        &self,
+        id: &str,
+        rotation: Rotation,
+        now: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        self.timed("rotate_key", self.inner.rotate_key(id, rotation, now))
+            .await
+    }
+    async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        self.timed("touch_keys", self.inner.touch_keys(used)).await
     }
     async fn insert_account(&self, record: AccountRecord) -> Result<bool, StoreError> {
         self.timed("insert_account", self.inner.insert_account(record))

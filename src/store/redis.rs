@@ -35,7 +35,10 @@ use tokio::sync::{OnceCell, mpsc};
 use self::sentinel::{SentinelMaster, SentinelUrl};
 
 use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
-use super::{AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
+use super::{
+    AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyStatus, KeyUpdate, Rotation, Store,
+    StoreError,
+};
 use crate::auth::KeyDigest;
 use crate::quota::Period;
 
@@ -47,8 +50,8 @@ pub mod sentinel;
 
 use self::conn::{Breaker, Conn, Io, report_durability};
 use self::scripts::{
-    ACCOUNT_LIST, CHANNEL, KEY_LIST, LEASE, UPDATE, account_key, account_keys_key, digest_key,
-    email_key, expire_at, invoke, lease_key, record_key, unix, usage_key,
+    ACCOUNT_LIST, CHANNEL, KEY_LIST, LEASE, SET_IF, TOUCH, UPDATE, account_key, account_keys_key,
+    digest_key, email_key, expire_at, invoke, lease_key, record_key, unix, usage_key,
 };
 pub use self::scripts::{USAGE_GRACE_SECS, Wait};
 
@@ -71,6 +74,8 @@ pub struct RedisStore {
     node: String,
     lease: Script,
     update: Script,
+    set_if: Script,
+    touch: Script,
 }
 
 impl RedisStore {
@@ -140,6 +145,8 @@ impl RedisStore {
             node: crate::auth::new_id("node"),
             lease: Script::new(LEASE),
             update: Script::new(UPDATE),
+            set_if: Script::new(SET_IF),
+            touch: Script::new(TOUCH),
         };
         store.check_persistence();
         Ok(store)
@@ -377,18 +384,7 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn insert_key(&self, r: KeyRecord) -> Result<(), StoreError> {
-        let fields: Vec<(&str, String)> = vec![
-            ("id", r.id.clone()),
-            ("digest", r.digest.to_string()),
-            ("account_id", r.account_id.clone().unwrap_or_default()),
-            ("prefix", r.prefix.clone()),
-            ("name", r.name.clone()),
-            ("plan", r.plan.clone()),
-            ("monthly_limit", records::limit_str(r.monthly_limit)),
-            ("status", records::status_str(r.status).to_string()),
-            ("created_at", unix(r.created_at).to_string()),
-            ("updated_at", unix(r.updated_at).to_string()),
-        ];
+        let fields = records::key_fields(&r);
         let id = r.id.clone();
         let created = unix(r.created_at);
         let wait = self.wait;
@@ -450,10 +446,16 @@ impl Store for RedisStore {
             return Ok(None);
         }
         let mut args: Vec<String> = vec![
-            records::status_str(super::KeyStatus::Revoked).into(),
+            KeyStatus::Revoked.as_str().into(),
             "updated_at".into(),
             unix(now).to_string(),
         ];
+        if let Some(expires_at) = update.expires_at {
+            args.extend(["expires_at".into(), records::time_str(expires_at)]);
+        }
+        if let Some(meta) = update.meta {
+            args.extend(["meta".into(), meta.unwrap_or_default()]);
+        }
         if let Some(plan) = update.plan {
             args.extend(["plan".into(), plan]);
         }
@@ -464,12 +466,89 @@ impl Store for RedisStore {
             ]);
         }
         if let Some(status) = update.status {
-            args.extend(["status".into(), records::status_str(status).into()]);
+            args.extend(["status".into(), status.as_str().into()]);
         }
         match self.update_hash(record_key(id), args).await? {
             Some(fields) => records::parse_record(fields),
             None => Ok(None),
         }
+    }
+
+    /// Read, rotate in memory ([`KeyRecord::rotate`]), write back if the digest is still the
+    /// one read (else another rotation won: read again). The new digest's index is written
+    /// first and the dropped ones' removed last; in between, an index that points at a
+    /// record whose digests do not match opens nothing ([`KeyRecord::serves`]).
+    async fn rotate_key(
+        &self,
+        id: &str,
+        rotation: Rotation,
+        now: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let wait = self.wait;
+        let (new_index, owner) = (digest_key(&rotation.digest), id.to_string());
+        self.call_patiently(|c| write_all(c, vec![redis::Cmd::set(&new_index, &owner)], wait))
+            .await?;
+        for _ in 0..8 {
+            let Some(mut record) = self.key_by_id(id).await? else {
+                return Ok(None);
+            };
+            if record.status == KeyStatus::Revoked {
+                return Ok(Some((record, Vec::new())));
+            }
+            let read = record.digest.to_string();
+            let dropped = record.rotate(rotation.clone(), now);
+            let mut args: Vec<String> = vec!["digest".into(), read];
+            for (name, value) in records::key_fields(&record) {
+                if matches!(
+                    name,
+                    "digest" | "prefix" | "previous_digest" | "previous_expires_at" | "updated_at"
+                ) {
+                    args.extend([name.to_string(), value]);
+                }
+            }
+            let script = &self.set_if;
+            let applied: i64 = self
+                .call_patiently(|mut c| {
+                    let args = &args;
+                    async move {
+                        let mut inv = script.key(record_key(id));
+                        for a in args {
+                            inv.arg(a);
+                        }
+                        invoke(&mut c, &inv, wait).await
+                    }
+                })
+                .await?;
+            if applied == 1 {
+                let stale: Vec<redis::Cmd> = dropped
+                    .iter()
+                    .map(|d| redis::Cmd::del(digest_key(d)))
+                    .collect();
+                self.call_patiently(|c| write_all(c, stale, wait)).await?;
+                return Ok(Some((record, dropped)));
+            }
+        }
+        Err(StoreError("key rotation: the record kept changing".into()))
+    }
+
+    async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        let script = &self.touch;
+        for (id, at) in used.iter().filter(|(id, _)| valid_id(id)) {
+            let at = unix(*at);
+            let _: i64 = self
+                .call_patiently(|mut c| async move {
+                    script
+                        .key(record_key(id))
+                        .arg(at)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+        }
+        Ok(())
     }
 
     async fn insert_account(&self, r: AccountRecord) -> Result<bool, StoreError> {

@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
 use super::{
     AccountRecord, AccountStatus, AccountUpdate, Invalidation, KeyRecord, KeyStatus, KeyUpdate,
-    Store, StoreError,
+    Rotation, Store, StoreError,
 };
 use crate::auth::KeyDigest;
 use crate::locks::lock;
@@ -65,6 +65,11 @@ CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY,
     digest TEXT NOT NULL UNIQUE,
     account_id TEXT,
+    expires_at INTEGER,
+    meta TEXT,
+    last_used_at INTEGER,
+    previous_digest TEXT,
+    previous_expires_at INTEGER,
     prefix TEXT NOT NULL,
     name TEXT NOT NULL,
     plan TEXT NOT NULL,
@@ -116,6 +121,7 @@ CREATE TABLE IF NOT EXISTS key_changes (
 /// After [`SCHEMA`]: what a version-1 file lacks, then the version.
 const MIGRATE: &str = "
 CREATE INDEX IF NOT EXISTS keys_by_account ON keys (account_id, created_at, id);
+CREATE INDEX IF NOT EXISTS keys_by_previous_digest ON keys (previous_digest);
 PRAGMA user_version = 2;
 ";
 
@@ -156,25 +162,18 @@ fn from_unix(secs: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
 }
 
-fn status_str(status: KeyStatus) -> &'static str {
-    match status {
-        KeyStatus::Active => "active",
-        KeyStatus::Inactive => "inactive",
-        KeyStatus::Revoked => "revoked",
-    }
-}
+const KEY_COLUMNS: &str = "id, digest, prefix, name, plan, monthly_limit, status, created_at, \
+    updated_at, account_id, expires_at, meta, last_used_at, previous_digest, previous_expires_at";
 
-fn parse_status(s: &str) -> Option<KeyStatus> {
-    match s {
-        "active" => Some(KeyStatus::Active),
-        "inactive" => Some(KeyStatus::Inactive),
-        "revoked" => Some(KeyStatus::Revoked),
-        _ => None,
-    }
-}
-
-const KEY_COLUMNS: &str =
-    "id, digest, prefix, name, plan, monthly_limit, status, created_at, updated_at, account_id";
+/// Columns added to `keys` after version 1, with their types.
+const KEY_COLUMNS_ADDED: [(&str, &str); 6] = [
+    ("account_id", "TEXT"),
+    ("expires_at", "INTEGER"),
+    ("meta", "TEXT"),
+    ("last_used_at", "INTEGER"),
+    ("previous_digest", "TEXT"),
+    ("previous_expires_at", "INTEGER"),
+];
 
 const ACCOUNT_COLUMNS: &str =
     "id, email, name, plan, monthly_limit, status, created_at, updated_at";
@@ -207,6 +206,10 @@ fn key_from_row(row: &Row) -> rusqlite::Result<KeyRecord> {
     let digest: String = row.get(1)?;
     let status: String = row.get(6)?;
     let limit: Option<i64> = row.get(5)?;
+    let time = |i| -> rusqlite::Result<Option<SystemTime>> {
+        Ok(row.get::<_, Option<i64>>(i)?.map(from_unix))
+    };
+    let previous: Option<String> = row.get(13)?;
     Ok(KeyRecord {
         id: row.get(0)?,
         digest: KeyDigest::parse_hex(&digest).ok_or_else(|| bad(1, "digest"))?,
@@ -215,7 +218,15 @@ fn key_from_row(row: &Row) -> rusqlite::Result<KeyRecord> {
         name: row.get(3)?,
         plan: row.get(4)?,
         monthly_limit: limit.map(|l| l.max(0) as u64),
-        status: parse_status(&status).ok_or_else(|| bad(6, "status"))?,
+        status: KeyStatus::parse(&status).ok_or_else(|| bad(6, "status"))?,
+        expires_at: time(10)?,
+        meta: row.get(11)?,
+        last_used_at: time(12)?,
+        previous_digest: match previous {
+            Some(hex) => Some(KeyDigest::parse_hex(&hex).ok_or_else(|| bad(13, "digest"))?),
+            None => None,
+        },
+        previous_expires_at: time(14)?,
         created_at: from_unix(row.get(7)?),
         updated_at: from_unix(row.get(8)?),
     })
@@ -312,11 +323,13 @@ impl Db {
 
     /// Brings a file of an earlier schema version up to date.
     fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-        let has_account_id = conn
-            .prepare("SELECT 1 FROM pragma_table_info('keys') WHERE name = 'account_id'")?
-            .exists([])?;
-        if !has_account_id {
-            conn.execute_batch("ALTER TABLE keys ADD COLUMN account_id TEXT")?;
+        for (column, kind) in KEY_COLUMNS_ADDED {
+            let present = conn
+                .prepare("SELECT 1 FROM pragma_table_info('keys') WHERE name = ?1")?
+                .exists([column])?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE keys ADD COLUMN {column} {kind}"))?;
+            }
         }
         conn.execute_batch(MIGRATE)
     }
@@ -464,7 +477,8 @@ impl Store for SqliteStore {
         self.call(move |db| {
             lock(&db.write).execute(
                 &format!(
-                    "INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                    "INSERT INTO keys ({KEY_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
                 ),
                 params![
                     r.id,
@@ -473,10 +487,15 @@ impl Store for SqliteStore {
                     r.name,
                     r.plan,
                     r.monthly_limit.map(|l| l as i64),
-                    status_str(r.status),
+                    r.status.as_str(),
                     unix(r.created_at),
                     unix(r.updated_at),
-                    r.account_id
+                    r.account_id,
+                    r.expires_at.map(unix),
+                    r.meta,
+                    r.last_used_at.map(unix),
+                    r.previous_digest.map(|d| d.to_string()),
+                    r.previous_expires_at.map(unix)
                 ],
             )?;
             Ok(())
@@ -489,7 +508,11 @@ impl Store for SqliteStore {
         self.call(move |db| {
             lock(&db.read)
                 .query_row(
-                    &format!("SELECT {KEY_COLUMNS} FROM keys WHERE digest = ?1"),
+                    // A rotated key is found by its previous secret too; whether that one
+                    // still opens it is the caller's decision (KeyRecord::serves).
+                    &format!(
+                        "SELECT {KEY_COLUMNS} FROM keys WHERE digest = ?1 OR previous_digest = ?1"
+                    ),
                     [digest],
                     key_from_row,
                 )
@@ -550,19 +573,80 @@ impl Store for SqliteStore {
             {
                 record.status = status;
             }
+            if let Some(expires_at) = update.expires_at {
+                record.expires_at = expires_at;
+            }
+            if let Some(meta) = update.meta {
+                record.meta = meta;
+            }
             record.updated_at = from_unix(unix(now));
             tx.execute(
-                "UPDATE keys SET plan = ?2, monthly_limit = ?3, status = ?4, updated_at = ?5 WHERE id = ?1",
+                "UPDATE keys SET plan = ?2, monthly_limit = ?3, status = ?4, updated_at = ?5,
+                 expires_at = ?6, meta = ?7 WHERE id = ?1",
                 params![
                     id,
                     record.plan,
                     record.monthly_limit.map(|l| l as i64),
-                    status_str(record.status),
-                    unix(now)
+                    record.status.as_str(),
+                    unix(now),
+                    record.expires_at.map(unix),
+                    record.meta
                 ],
             )?;
             tx.commit()?;
             Ok(Some(record))
+        })
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        rotation: Rotation,
+        now: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        let id = id.to_string();
+        self.call(move |db| {
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let select = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
+            let Some(mut record) = tx.query_row(&select, [&id], key_from_row).optional()? else {
+                return Ok(None);
+            };
+            if record.status == KeyStatus::Revoked {
+                return Ok(Some((record, Vec::new())));
+            }
+            let dropped = record.rotate(rotation, now);
+            tx.execute(
+                "UPDATE keys SET digest = ?2, prefix = ?3, previous_digest = ?4,
+                 previous_expires_at = ?5, updated_at = ?6 WHERE id = ?1",
+                params![
+                    id,
+                    record.digest.to_string(),
+                    record.prefix,
+                    record.previous_digest.map(|d| d.to_string()),
+                    record.previous_expires_at.map(unix),
+                    unix(record.updated_at)
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Some((record, dropped)))
+        })
+        .await
+    }
+
+    async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        let used: Vec<(String, i64)> = used.iter().map(|(id, t)| (id.clone(), unix(*t))).collect();
+        self.call(move |db| {
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (id, at) in &used {
+                tx.execute(
+                    "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) WHERE id = ?1",
+                    params![id, at],
+                )?;
+            }
+            tx.commit()
         })
         .await
     }

@@ -33,6 +33,18 @@ impl Fields<'_> {
         Ok(UNIX_EPOCH + Duration::from_secs(self.num(name)?))
     }
 
+    /// A field that may be absent (records written before it existed) or empty: `None`.
+    fn optional(&self, name: &str) -> Option<String> {
+        self.map.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+
+    fn optional_time(&self, name: &str) -> Result<Option<std::time::SystemTime>, StoreError> {
+        match self.optional(name) {
+            None => Ok(None),
+            Some(_) => self.time(name).map(Some),
+        }
+    }
+
     /// An empty `monthly_limit` is unlimited.
     fn limit(&self) -> Result<Option<u64>, StoreError> {
         match self.get("monthly_limit")?.as_str() {
@@ -58,18 +70,27 @@ pub(super) fn parse_record(
         id: get("id")?,
         digest: KeyDigest::parse_hex(&get("digest")?)
             .ok_or_else(|| StoreError("key record digest is not hex".into()))?,
-        // Records written before accounts existed have no such field.
-        account_id: fields.get("account_id").filter(|a| !a.is_empty()).cloned(),
+        account_id: f.optional("account_id"),
         prefix: get("prefix")?,
         name: get("name")?,
         plan: get("plan")?,
         monthly_limit: f.limit()?,
-        status: match get("status")?.as_str() {
-            "active" => KeyStatus::Active,
-            "inactive" => KeyStatus::Inactive,
-            "revoked" => KeyStatus::Revoked,
-            other => return Err(StoreError(format!("unknown key status '{other}'"))),
+        status: {
+            let status = get("status")?;
+            KeyStatus::parse(&status)
+                .ok_or_else(|| StoreError(format!("unknown key status '{status}'")))?
         },
+        expires_at: f.optional_time("expires_at")?,
+        meta: f.optional("meta"),
+        last_used_at: f.optional_time("last_used_at")?,
+        previous_digest: match f.optional("previous_digest") {
+            Some(hex) => Some(
+                KeyDigest::parse_hex(&hex)
+                    .ok_or_else(|| StoreError("key record previous digest is not hex".into()))?,
+            ),
+            None => None,
+        },
+        previous_expires_at: f.optional_time("previous_expires_at")?,
         created_at: f.time("created_at")?,
         updated_at: f.time("updated_at")?,
     }))
@@ -118,10 +139,31 @@ pub(super) fn limit_str(limit: Option<u64>) -> String {
     limit.map(|l| l.to_string()).unwrap_or_default()
 }
 
-pub(super) fn status_str(status: KeyStatus) -> &'static str {
-    match status {
-        KeyStatus::Active => "active",
-        KeyStatus::Inactive => "inactive",
-        KeyStatus::Revoked => "revoked",
-    }
+/// A time as a hash field: seconds, or empty for none.
+pub(super) fn time_str(t: Option<std::time::SystemTime>) -> String {
+    t.map(|t| super::unix(t).to_string()).unwrap_or_default()
+}
+
+/// The hash fields of a key record.
+pub(super) fn key_fields(r: &KeyRecord) -> Vec<(&'static str, String)> {
+    vec![
+        ("id", r.id.clone()),
+        ("digest", r.digest.to_string()),
+        ("account_id", r.account_id.clone().unwrap_or_default()),
+        ("prefix", r.prefix.clone()),
+        ("name", r.name.clone()),
+        ("plan", r.plan.clone()),
+        ("monthly_limit", limit_str(r.monthly_limit)),
+        ("status", r.status.as_str().to_string()),
+        ("expires_at", time_str(r.expires_at)),
+        ("meta", r.meta.clone().unwrap_or_default()),
+        ("last_used_at", time_str(r.last_used_at)),
+        (
+            "previous_digest",
+            r.previous_digest.map(|d| d.to_string()).unwrap_or_default(),
+        ),
+        ("previous_expires_at", time_str(r.previous_expires_at)),
+        ("created_at", super::unix(r.created_at).to_string()),
+        ("updated_at", super::unix(r.updated_at).to_string()),
+    ]
 }

@@ -88,6 +88,23 @@ end
 return redis.call('HGETALL', KEYS[1])
 ";
 
+/// Sets fields of a record only while its field ARGV[1] still has the value ARGV[2] (and the
+/// record exists): a compare-and-set for changes computed from a read, such as a rotation.
+/// Field/value pairs follow. Returns 1 when applied.
+pub(super) const SET_IF: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+";
+
+/// Raises a key's `last_used_at` to ARGV[1] (seconds) if the key exists and it is later.
+pub(super) const TOUCH: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local seen = tonumber(redis.call('HGET', KEYS[1], 'last_used_at') or '') or 0
+if tonumber(ARGV[1]) > seen then redis.call('HSET', KEYS[1], 'last_used_at', ARGV[1]) end
+return 1
+";
+
 /// `WAIT replicas timeout` after every lease operation and key write (SPEC §4a.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wait {
