@@ -3,6 +3,7 @@
 //! `proxy` feeds it headers and the body and writes out what it returns, so tests and
 //! benches drive the same code the server runs.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use crate::error::ApiError;
 use crate::last_used::LastUsed;
 use crate::ledger::Ledger;
 use crate::quota::{LocalAdmission, Period, RateInfo, Reservation, Source};
+use crate::rate::{Rate, RateLimiter};
 use crate::sign::Presigner;
 use crate::store::Store;
 use crate::store::lease::Quota;
@@ -51,6 +53,9 @@ pub struct Gateway {
     failure_policy: FailurePolicy,
     ledger: Ledger,
     last_used: LastUsed,
+    /// Per-second rates of the plans that have one, by plan name.
+    rates: BTreeMap<String, Rate>,
+    limiter: RateLimiter,
     /// The body limit of row 6, enforced by the caller while reading.
     pub max_body_bytes: usize,
 }
@@ -74,6 +79,8 @@ impl Gateway {
             failure_policy,
             ledger: Ledger::new(),
             last_used: LastUsed::default(),
+            rates: BTreeMap::new(),
+            limiter: RateLimiter::default(),
             max_body_bytes,
         }
     }
@@ -89,6 +96,30 @@ impl Gateway {
 
     pub fn quota(&self) -> &Arc<Quota> {
         &self.quota
+    }
+
+    /// The per-second rates of plans, by name (row 5b).
+    pub fn with_rates(mut self, rates: BTreeMap<String, Rate>) -> Self {
+        self.rates = rates;
+        self
+    }
+
+    /// Row 5b: a caller whose plan has a rate gets `RATE_LIMITED` above it. Checked before the
+    /// body is read and the quota consulted, so refused calls are not counted.
+    pub fn check_rate(&self, caller: &Caller) -> Result<(), ApiError> {
+        if self.rates.is_empty() {
+            return Ok(());
+        }
+        match self.rates.get(caller.plan()) {
+            Some(rate) if !self.limiter.check(caller.subject(), *rate) => {
+                Err(ApiError::RateLimited)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
     }
 
     /// When keys were last used, for the background sync to write.

@@ -40,6 +40,11 @@ impl Caller {
         self.account.as_ref().map_or(&self.key.id, |a| &a.id)
     }
 
+    /// The plan that applies: the account's for a key of one.
+    pub fn plan(&self) -> &str {
+        self.account.as_ref().map_or(&self.key.plan, |a| &a.plan)
+    }
+
     /// The monthly limit shared by the subject's calls; `None` is unlimited.
     pub fn monthly_limit(&self) -> Option<u64> {
         match &self.account {

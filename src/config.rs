@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::access_log::LogFormat;
 use crate::forwarding::Cidr;
+use crate::rate::Rate;
 use crate::sign::{Credentials, MAX_TTL_SECS, S3Location};
 use crate::store::redis::Wait;
 use crate::store::redis::sentinel::{self, SentinelUrl};
@@ -82,6 +83,10 @@ pub struct S3File {
 pub struct PlanFile {
     /// Absent: unlimited (metered, never refused).
     pub monthly_limit: Option<u64>,
+    /// Calls a second per key (per account for its keys) on each node; absent: no rate.
+    pub rate_per_sec: Option<u32>,
+    /// Calls at once above the rate; absent: `rate_per_sec` (a second's worth).
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,9 +115,11 @@ pub enum FailurePolicy {
     FailClosed,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub monthly_limit: Option<u64>,
+    /// `None`: no per-second rate.
+    pub rate: Option<Rate>,
 }
 
 /// Where passthrough traffic goes.
@@ -336,6 +343,30 @@ where
             }
         },
         None => file,
+    }
+}
+
+/// A plan's per-second rate: `rate_per_sec` of at least 1, `burst` (at least 1) only with it.
+fn plan_rate(problems: &mut Problems, name: &str, plan: &PlanFile) -> Option<Rate> {
+    let setting = |field: &str| format!("plans.{name}.{field}");
+    match (plan.rate_per_sec, plan.burst) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            problems.add(&setting("burst"), None, "needs rate_per_sec");
+            None
+        }
+        (Some(0), _) => {
+            problems.add(&setting("rate_per_sec"), None, "must be at least 1");
+            None
+        }
+        (Some(_), Some(0)) => {
+            problems.add(&setting("burst"), None, "must be at least 1");
+            None
+        }
+        (Some(per_sec), burst) => Some(Rate {
+            per_sec,
+            burst: burst.unwrap_or(per_sec),
+        }),
     }
 }
 
@@ -692,12 +723,12 @@ impl Config {
             Some(plans) => plans
                 .into_iter()
                 .map(|(name, plan)| {
-                    (
-                        name,
-                        Plan {
-                            monthly_limit: plan.monthly_limit,
-                        },
-                    )
+                    let rate = plan_rate(p, &name, &plan);
+                    let plan = Plan {
+                        monthly_limit: plan.monthly_limit,
+                        rate,
+                    };
+                    (name, plan)
                 })
                 .collect(),
             None => BTreeMap::from([
@@ -705,20 +736,17 @@ impl Config {
                     "free".to_string(),
                     Plan {
                         monthly_limit: Some(1000),
+                        rate: None,
                     },
                 ),
                 (
                     "pro".to_string(),
                     Plan {
                         monthly_limit: Some(100_000),
+                        rate: None,
                     },
                 ),
-                (
-                    "unlimited".to_string(),
-                    Plan {
-                        monthly_limit: None,
-                    },
-                ),
+                ("unlimited".to_string(), Plan::default()),
             ]),
         };
         if plans.is_empty() {

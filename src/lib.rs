@@ -15,6 +15,7 @@
 //! - [`accounts`]: accounts owning keys and sharing one monthly limit.
 //! - [`last_used`]: when each key was last used, written in the background.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.
+//! - [`rate`]: per-second rate limits of plans, a token bucket per subject and node.
 //! - [`ledger`]: keys found exhausted, refused without asking the store again for a while.
 //! - [`catalog`]: library files, the immutable snapshot and its reloads.
 //! - [`sign`]: SigV4 presigned S3 URLs.
@@ -55,6 +56,7 @@ pub mod locks;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;
+pub mod rate;
 pub mod request_id;
 pub mod route;
 pub mod server;

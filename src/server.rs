@@ -104,15 +104,24 @@ pub fn build_app_with(
         keys.clone(),
         clock.clone(),
     ));
-    let gateway = Arc::new(Gateway::new(
-        cache.clone(),
-        quota,
-        catalog.clone(),
-        presigner,
-        clock,
-        config.failure_policy,
-        config.max_body_bytes,
-    ));
+    let gateway = Arc::new(
+        Gateway::new(
+            cache.clone(),
+            quota,
+            catalog.clone(),
+            presigner,
+            clock,
+            config.failure_policy,
+            config.max_body_bytes,
+        )
+        .with_rates(
+            config
+                .plans
+                .iter()
+                .filter_map(|(name, plan)| Some((name.clone(), plan.rate?)))
+                .collect(),
+        ),
+    );
     Ok(App {
         gateway,
         metrics,
@@ -255,7 +264,8 @@ impl BackgroundService for StoreSync {
                 },
                 _ = tick.tick() => self.gateway.quota().sync(false).await,
                 _ = last_used.tick() => {
-                    self.gateway.last_used().flush(self.gateway.store().as_ref()).await
+                    self.gateway.last_used().flush(self.gateway.store().as_ref()).await;
+                    self.gateway.limiter().prune();
                 }
                 _ = shutdown.changed() => {
                     // Hand over what was counted and held; the process waits for it (within
