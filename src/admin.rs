@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::accounts::{AccountService, ChangeAccount, CreateAccount};
 use crate::keys::{AdminError, ChangeKey, CreateKey, KeyService};
 use crate::metrics::Metrics;
+use crate::quota::Day;
 use crate::store::{AccountStatus, KeyStatus, rfc3339};
 
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -60,17 +61,29 @@ enum Target {
     Keys(Option<String>),
     /// `/admin/keys/{id}/rotate`
     Rotate(String),
+    /// `/admin/keys/{id}/usage`
+    KeyUsage(String),
     Accounts(Option<String>),
+    /// `/admin/accounts/{id}/usage`
+    AccountUsage(String),
 }
 
 impl Target {
     fn of(path: &str) -> Option<Target> {
-        if let Some(id) = path
-            .strip_prefix("/admin/keys/")
-            .and_then(|rest| rest.strip_suffix("/rotate"))
-            .filter(|id| !id.is_empty() && !id.contains('/'))
-        {
-            return Some(Target::Rotate(id.to_string()));
+        let member = |prefix: &str, action: &str| {
+            path.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix(action))
+                .filter(|id| !id.is_empty() && !id.contains('/'))
+                .map(str::to_string)
+        };
+        if let Some(id) = member("/admin/keys/", "/rotate") {
+            return Some(Target::Rotate(id));
+        }
+        if let Some(id) = member("/admin/keys/", "/usage") {
+            return Some(Target::KeyUsage(id));
+        }
+        if let Some(id) = member("/admin/accounts/", "/usage") {
+            return Some(Target::AccountUsage(id));
         }
         let (collection, rest) = if let Some(rest) = path.strip_prefix("/admin/keys") {
             (Target::Keys as fn(Option<String>) -> Target, rest)
@@ -176,9 +189,65 @@ impl AdminApi {
                 Ok(Reply(StatusCode::CREATED, value))
             }
             Some(Target::Rotate(_)) => Err(method_not_allowed()),
+            Some(Target::KeyUsage(id)) if method == Method::GET => {
+                let (from, to) = self.history_range(session)?;
+                let (subject, days) = self.keys.history(&id, from, to).await?;
+                Ok(Reply(
+                    StatusCode::OK,
+                    json!({"subject": subject, "days": days_json(&days)}),
+                ))
+            }
+            Some(Target::AccountUsage(id)) if method == Method::GET => {
+                let (from, to) = self.history_range(session)?;
+                let days = self.accounts.history(&id, from, to).await?;
+                Ok(Reply(
+                    StatusCode::OK,
+                    json!({"subject": id, "days": days_json(&days)}),
+                ))
+            }
+            Some(Target::KeyUsage(_) | Target::AccountUsage(_)) => Err(method_not_allowed()),
             Some(Target::Accounts(id)) => self.accounts_route(session, method, id).await,
             None => Err(error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route")),
         }
+    }
+
+    /// `?from=YYYY-MM-DD&to=YYYY-MM-DD`: by default the 30 days up to today; at most
+    /// [`Day::KEPT`] days, the history the stores keep.
+    fn history_range(&self, session: &ServerSession) -> Result<(Day, Day), Reply> {
+        let (mut from, mut to) = (None, None);
+        for pair in session.req_header().uri.query().unwrap_or("").split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let day = || {
+                Day::parse(value).ok_or_else(|| {
+                    bad_field(
+                        if name == "from" { "from" } else { "to" },
+                        "must be a date as YYYY-MM-DD",
+                    )
+                })
+            };
+            match name {
+                "" => {}
+                "from" => from = Some(day()?),
+                "to" => to = Some(day()?),
+                other => {
+                    return Err(invalid(format!(
+                        "unknown parameter '{other}'; allowed: from, to"
+                    )));
+                }
+            }
+        }
+        let to = to.unwrap_or_else(|| self.keys.today());
+        let from = from.unwrap_or(Day(to.0.saturating_sub(29)));
+        if from > to {
+            return Err(bad_field("from", "must not be after to"));
+        }
+        if to.0 - from.0 >= Day::KEPT {
+            return Err(bad_field(
+                "from",
+                format!("at most {} days are kept", Day::KEPT),
+            ));
+        }
+        Ok((from, to))
     }
 
     async fn accounts_route(
@@ -260,6 +329,12 @@ impl AdminApi {
             _ => Err(method_not_allowed()),
         }
     }
+}
+
+fn days_json(days: &[(Day, u64)]) -> Value {
+    days.iter()
+        .map(|(day, calls)| json!({"date": day.to_string(), "calls": calls}))
+        .collect()
 }
 
 fn method_not_allowed() -> Reply {

@@ -12,7 +12,7 @@ use crate::auth::{KeyDigest, NewKey, mint_key, new_id};
 use crate::cache::KeyCache;
 use crate::clock::Clock;
 use crate::config::Plan;
-use crate::quota::Period;
+use crate::quota::{Day, Period};
 use crate::store::lease::Quota;
 use crate::store::{
     AccountRecord, AccountStatus, KeyRecord, KeyStatus, KeyUpdate, Rotation, Store, StoreError,
@@ -326,6 +326,25 @@ impl KeyService {
             period,
             used,
         ))
+    }
+
+    /// Calls per UTC day from `from` to `to`, of the key's quota subject: the key, or for a
+    /// key of an account the account (all its keys). Returns the subject with the days.
+    pub async fn history(
+        &self,
+        id: &str,
+        from: Day,
+        to: Day,
+    ) -> Result<(String, Vec<(Day, u64)>), AdminError> {
+        let record = self.find(id).await?;
+        let subject = record.account_id.unwrap_or(record.id);
+        let days = self.quota.history(&subject, from, to).await?;
+        Ok((subject, days))
+    }
+
+    /// Today on this node's clock, for the default range of a history.
+    pub fn today(&self) -> Day {
+        Day::containing(self.clock.now())
     }
 
     pub async fn change(&self, id: &str, change: ChangeKey) -> Result<KeyView, AdminError> {

@@ -74,7 +74,8 @@ pub fn build_app_with(
     let metrics = Arc::new(Metrics::new());
     let store_metrics = StoreMetrics::new();
     store_metrics.register_in(&metrics);
-    let quota = Arc::new(Quota::new(lease_backend, store_metrics.clone()));
+    let quota =
+        Arc::new(Quota::new(lease_backend, store_metrics.clone()).with_clock(clock.clone()));
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(keys_backend, store_metrics));
     let catalog = Arc::new(CatalogHandle::new(&config.catalog_dir));
     catalog.metrics.register_in(&metrics);

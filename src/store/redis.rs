@@ -40,7 +40,7 @@ use super::{
     StoreError,
 };
 use crate::auth::KeyDigest;
-use crate::quota::Period;
+use crate::quota::{Day, Period};
 
 mod conn;
 mod pubsub;
@@ -51,7 +51,8 @@ pub mod sentinel;
 use self::conn::{Breaker, Conn, Io, report_durability};
 use self::scripts::{
     ACCOUNT_LIST, CHANNEL, KEY_LIST, LEASE, SET_IF, TOUCH, UPDATE, account_key, account_keys_key,
-    digest_key, email_key, expire_at, invoke, lease_key, record_key, unix, usage_key,
+    day_expire_at, day_key, digest_key, email_key, expire_at, invoke, lease_key, record_key, unix,
+    usage_key,
 };
 pub use self::scripts::{USAGE_GRACE_SECS, Wait};
 
@@ -333,6 +334,7 @@ impl RedisStore {
             .call_within(left, |mut c| async move {
                 let mut inv = script.key(usage_key(key_id, op.period));
                 inv.key(lease_key(key_id, op.period))
+                    .key(day_key(key_id, op.day))
                     .arg(node)
                     .arg(op.seq)
                     .arg(op.consumed)
@@ -341,7 +343,8 @@ impl RedisStore {
                     .arg(op.want)
                     .arg(op.limit.map(|l| l.to_string()).unwrap_or_default())
                     .arg(expire_at(op.period))
-                    .arg(STALE_AFTER.as_secs());
+                    .arg(STALE_AFTER.as_secs())
+                    .arg(day_expire_at(op.day));
                 invoke(&mut c, &inv, wait).await
             })
             .await?;
@@ -704,6 +707,26 @@ impl LeaseBackend for RedisStore {
             .call_patiently(|mut c| async move { c.get(usage_key(subject, period)).await })
             .await?;
         Ok(used.unwrap_or(0))
+    }
+
+    /// One `MGET` of the day counters, which share the subject's slot.
+    async fn days(&self, subject: &str, from: Day, to: Day) -> Result<Vec<(Day, u64)>, StoreError> {
+        let days: Vec<Day> = (from.0..=to.0).map(Day).collect();
+        if days.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = days.iter().map(|d| day_key(subject, *d)).collect();
+        let counts: Vec<Option<i64>> = self
+            .call_patiently(|mut c| {
+                let keys = &keys;
+                async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await }
+            })
+            .await?;
+        Ok(days
+            .into_iter()
+            .zip(counts)
+            .filter_map(|(d, n)| Some((d, n?.max(0) as u64)))
+            .collect())
     }
 
     fn timeout(&self) -> Duration {

@@ -23,6 +23,8 @@
 //!   upgraded in place when opened).
 //! - `usage(subject, period, used)`: calls counted per subject (a key id, or an account id
 //!   for keys of an account) and UTC month.
+//! - `usage_days(subject, day, calls)`: the same per UTC day (days since the epoch), kept
+//!   [`Day::KEPT`] days: the usage history.
 //! - `leases(subject, period, node, held, seq, last_grant)`: units each process holds and
 //!   the last operation of it applied, as in the Redis lease hash.
 //! - `nodes(node, pid, started, heard_at)`: the processes using the file; `started` is the
@@ -46,7 +48,7 @@ use super::{
 };
 use crate::auth::KeyDigest;
 use crate::locks::lock;
-use crate::quota::Period;
+use crate::quota::{Day, Period};
 
 /// The database file inside the data directory.
 pub const FILE_NAME: &str = "audiolib.db";
@@ -95,6 +97,12 @@ CREATE TABLE IF NOT EXISTS usage (
     period TEXT NOT NULL,
     used INTEGER NOT NULL,
     PRIMARY KEY (subject, period)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_days (
+    subject TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    calls INTEGER NOT NULL,
+    PRIMARY KEY (subject, day)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (
     subject TEXT NOT NULL,
@@ -240,6 +248,16 @@ fn process_start(pid: u32) -> Option<i64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Adds `calls` to `subject`'s count of `day`.
+fn count_day(tx: &Transaction, subject: &str, day: Day, calls: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO usage_days (subject, day, calls) VALUES (?1, ?2, ?3)
+         ON CONFLICT (subject, day) DO UPDATE SET calls = MAX(0, calls + excluded.calls)",
+        params![subject, day.0, calls],
+    )?;
+    Ok(())
+}
+
 /// Applies one lease operation of `node` (the same steps as the Redis script).
 fn apply(
     tx: &Transaction,
@@ -273,7 +291,11 @@ fn apply(
             live_others: 0,
         });
     }
-    let used = (used + op.consumed + op.extra as i64).max(0);
+    let delta = op.consumed + op.extra as i64;
+    let used = (used + delta).max(0);
+    if delta != 0 {
+        count_day(tx, subject, op.day, delta)?;
+    }
     tx.execute(
         "INSERT INTO usage (subject, period, used) VALUES (?1, ?2, ?3)
          ON CONFLICT (subject, period) DO UPDATE SET used = excluded.used",
@@ -378,12 +400,14 @@ impl Db {
                 .query_map([&node], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut units = 0u64;
+            let today = Day::containing(SystemTime::now());
             for (subject, period, n) in held {
                 tx.execute(
                     "INSERT INTO usage (subject, period, used) VALUES (?1, ?2, ?3)
                      ON CONFLICT (subject, period) DO UPDATE SET used = used + excluded.used",
                     params![subject, period, n],
                 )?;
+                count_day(&tx, &subject, today, n)?;
                 units += n as u64;
             }
             tx.execute("DELETE FROM leases WHERE node = ?1", [&node])?;
@@ -399,6 +423,10 @@ impl Db {
             "DELETE FROM key_changes WHERE at < ?1",
             [unix_now() - CHANGES_KEEP_SECS],
         )?;
+        let oldest = Day::containing(SystemTime::now())
+            .0
+            .saturating_sub(Day::KEPT);
+        tx.execute("DELETE FROM usage_days WHERE day < ?1", [oldest])?;
         tx.commit()?;
         Ok(folded)
     }
@@ -865,6 +893,21 @@ impl LeaseBackend for SqliteStore {
                 )
                 .optional()
                 .map(|u| u.unwrap_or(0).max(0) as u64)
+        })
+        .await
+    }
+
+    async fn days(&self, subject: &str, from: Day, to: Day) -> Result<Vec<(Day, u64)>, StoreError> {
+        let subject = subject.to_string();
+        self.call(move |db| {
+            lock(&db.read)
+                .prepare(
+                    "SELECT day, calls FROM usage_days WHERE subject = ?1 AND day BETWEEN ?2 AND ?3",
+                )?
+                .query_map(params![subject, from.0, to.0], |r| {
+                    Ok((Day(r.get(0)?), r.get::<_, i64>(1)?.max(0) as u64))
+                })?
+                .collect()
         })
         .await
     }

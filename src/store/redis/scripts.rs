@@ -6,7 +6,7 @@ use redis::{Cmd, FromRedisValue, ScriptInvocation};
 
 use super::conn::Conn;
 use crate::auth::KeyDigest;
-use crate::quota::Period;
+use crate::quota::{Day, Period};
 
 /// Counters outlive their month by this much, for late reads and reconciliation.
 pub const USAGE_GRACE_SECS: i64 = 7 * 86_400;
@@ -19,9 +19,11 @@ pub(super) const ACCOUNT_LIST: &str = "audiolib:accounts";
 /// per node, the units leased and not yet reported (`held:`), the last operation applied
 /// (`seq:`), its grant (`last:`) and when the node was last heard from (`at:`).
 ///
+/// `KEYS[3]` counts the calls of one UTC day (usage history), kept [`Day::KEPT`] days.
+///
 /// ARGV: node, seq, consumed (served from the lease; negative for refunds), returned (unused
 /// units given back), extra (served without a lease during an outage), want, limit (empty for
-/// none), expiry, silent-after seconds. An operation whose seq was already applied answers its
+/// none), expiry, silent-after seconds, the day counter's expiry. An operation whose seq was already applied answers its
 /// earlier grant again without applying anything: a retry after a lost answer is exact.
 /// Units of a node silent for longer than silent-after are never handed to anyone else (the
 /// node may have served some before it fell silent); they are reported apart as not live.
@@ -43,6 +45,10 @@ local consumed, returned, extra = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber
 local want = tonumber(ARGV[6])
 local used = redis.call('INCRBY', KEYS[1], consumed + extra)
 if used < 0 then redis.call('SET', KEYS[1], 0); used = 0 end
+if consumed + extra ~= 0 then
+  redis.call('INCRBY', KEYS[3], consumed + extra)
+  redis.call('EXPIREAT', KEYS[3], ARGV[10])
+end
 local settled = consumed + returned
 if settled ~= 0 then
   local mine = redis.call('HINCRBY', KEYS[2], 'held:' .. node, 0 - settled)
@@ -172,6 +178,16 @@ pub(super) fn usage_key(id: &str, period: Period) -> String {
 
 pub(super) fn lease_key(id: &str, period: Period) -> String {
     format!("audiolib:{{{id}}}:lease:{period}")
+}
+
+/// Calls of `id` (a key or an account) on `day`.
+pub(super) fn day_key(id: &str, day: Day) -> String {
+    format!("audiolib:{{{id}}}:day:{day}")
+}
+
+/// When a day's counter is dropped.
+pub(super) fn day_expire_at(day: Day) -> i64 {
+    day.end_unix() + i64::from(Day::KEPT) * 86_400
 }
 
 pub(super) fn account_key(id: &str) -> String {
