@@ -263,3 +263,37 @@ fn bad_key_fields_are_refused_naming_the_field() {
     );
     assert_eq!(gw.admin("GET", &path, None).json()["meta"], Value::Null);
 }
+
+#[test]
+fn cli_rotates_keys_and_reads_their_usage() {
+    let gw = Gateway::start();
+    let (id, old) = gw.create_key("free", None);
+    assert_eq!(gw.post_audio(&old, BODY).status, 200);
+    let cli = |args: &[&str]| {
+        common::run(
+            std::process::Command::new(env!("CARGO_BIN_EXE_audiolib"))
+                .arg("keys")
+                .args(["--admin-url", &gw.admin_url("")])
+                .args(args)
+                .env("AUDIOLIB_ADMIN_TOKEN", common::ADMIN_TOKEN),
+        )
+    };
+    let (ok, out, err) = cli(&["rotate", &id, "--grace-secs", "600"]);
+    assert!(ok, "{err}");
+    let rotated: Value = serde_json::from_str(&out).unwrap();
+    let new = rotated["key"].as_str().unwrap();
+    assert!(rotated["previous_expires_at"].is_string());
+    assert_eq!(gw.post_audio(new, BODY).status, 200);
+    assert_eq!(gw.post_audio(&old, BODY).status, 200);
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    wait_until("three calls reported", Duration::from_secs(10), || {
+        let (ok, out, _) = cli(&["usage", &id, "--from", &today, "--to", &today]);
+        ok && serde_json::from_str::<Value>(&out).unwrap()["days"][0]["calls"] == 3
+    });
+    let (ok, _, err) = cli(&["rotate", &id, "--grace-secs", "700000"]);
+    assert!(!ok);
+    assert!(err.contains("400 (INVALID_FIELD)"), "{err}");
+    let (ok, _, err) = cli(&["usage", &id, "--from", "soon"]);
+    assert!(!ok);
+    assert!(err.contains("400 (INVALID_FIELD)"), "{err}");
+}
