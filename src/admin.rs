@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::accounts::{AccountService, ChangeAccount, CreateAccount};
+use crate::audit::{ADMIN, Audit, MAX_PAGE};
 use crate::keys::{AdminError, ChangeKey, CreateKey, KeyService};
 use crate::metrics::Metrics;
 use crate::quota::Day;
@@ -22,6 +23,7 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 pub struct AdminApi {
     keys: Arc<KeyService>,
     accounts: Arc<AccountService>,
+    audit: Arc<Audit>,
     metrics: Arc<Metrics>,
     /// SHA-256 of the admin token: comparing digests keeps the comparison time independent
     /// of how much of a guessed token is right.
@@ -66,6 +68,7 @@ enum Target {
     Accounts(Option<String>),
     /// `/admin/accounts/{id}/usage`
     AccountUsage(String),
+    Audit,
 }
 
 impl Target {
@@ -76,6 +79,9 @@ impl Target {
                 .filter(|id| !id.is_empty() && !id.contains('/'))
                 .map(str::to_string)
         };
+        if path == "/admin/audit" {
+            return Some(Target::Audit);
+        }
         if let Some(id) = member("/admin/keys/", "/rotate") {
             return Some(Target::Rotate(id));
         }
@@ -109,12 +115,14 @@ impl AdminApi {
     pub fn new(
         keys: Arc<KeyService>,
         accounts: Arc<AccountService>,
+        audit: Arc<Audit>,
         metrics: Arc<Metrics>,
         token: Option<&str>,
     ) -> Self {
         Self {
             keys,
             accounts,
+            audit,
             metrics,
             token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
         }
@@ -179,10 +187,25 @@ impl AdminApi {
         let method = session.req_header().method.clone();
         match Target::of(session.req_header().uri.path()) {
             Some(Target::Keys(id)) => self.keys_route(session, method, id).await,
+            Some(Target::Audit) if method == Method::GET => {
+                let (before, limit) = audit_query(session.req_header().uri.query())?;
+                let (entries, next) = self
+                    .audit
+                    .page(before, limit)
+                    .await
+                    .map_err(AdminError::from)?;
+                Ok(Reply(
+                    StatusCode::OK,
+                    json!({"entries": entries, "next_cursor": next}),
+                ))
+            }
+            Some(Target::Audit) => Err(method_not_allowed()),
             Some(Target::Rotate(id)) if method == Method::POST => {
                 let body = Self::read_json(session).await?;
+                let given = Value::Object(body.clone());
                 let grace = parse_rotate(body)?;
                 let rotated = self.keys.rotate(&id, grace).await?;
+                self.audit.record(ADMIN, "key.rotated", &id, given).await;
                 let mut value = json!(rotated.view);
                 value["key"] = json!(rotated.secret);
                 value["previous_expires_at"] = json!(rotated.previous_expires_at.map(rfc3339));
@@ -259,7 +282,11 @@ impl AdminApi {
         match (method, id) {
             (Method::POST, None) => {
                 let body = Self::read_json(session).await?;
+                let given = Value::Object(body.clone());
                 let view = self.accounts.create(parse_create_account(body)?).await?;
+                self.audit
+                    .record(ADMIN, "account.created", &view.id, given)
+                    .await;
                 Ok(Reply(StatusCode::CREATED, json!(view)))
             }
             (Method::GET, None) => {
@@ -276,14 +303,22 @@ impl AdminApi {
             }
             (Method::PATCH, Some(id)) => {
                 let body = Self::read_json(session).await?;
+                let given = Value::Object(body.clone());
                 let view = self
                     .accounts
                     .change(&id, parse_change_account(body)?)
                     .await?;
+                self.audit
+                    .record(ADMIN, "account.updated", &id, given)
+                    .await;
                 Ok(Reply(StatusCode::OK, json!(view)))
             }
             (Method::DELETE, Some(id)) => {
                 let view = self.accounts.close(&id).await?;
+                let closed = json!({"status": "closed"});
+                self.audit
+                    .record(ADMIN, "account.closed", &id, closed)
+                    .await;
                 Ok(Reply(StatusCode::OK, json!(view)))
             }
             _ => Err(method_not_allowed()),
@@ -299,8 +334,12 @@ impl AdminApi {
         match (method, id) {
             (Method::POST, None) => {
                 let body = Self::read_json(session).await?;
+                let given = Value::Object(body.clone());
                 let req = parse_create(body)?;
                 let (view, secret) = self.keys.create(req).await?;
+                self.audit
+                    .record(ADMIN, "key.created", &view.id, given)
+                    .await;
                 let mut value = serde_json::to_value(view).unwrap_or_default();
                 value["key"] = Value::String(secret);
                 Ok(Reply(StatusCode::CREATED, value))
@@ -318,17 +357,52 @@ impl AdminApi {
             }
             (Method::PATCH, Some(id)) => {
                 let body = Self::read_json(session).await?;
+                let given = Value::Object(body.clone());
                 let change = parse_change(body)?;
                 let view = self.keys.change(&id, change).await?;
+                self.audit.record(ADMIN, "key.updated", &id, given).await;
                 Ok(Reply(StatusCode::OK, json!(view)))
             }
             (Method::DELETE, Some(id)) => {
                 let view = self.keys.revoke(&id).await?;
+                let revoked = json!({"status": "revoked"});
+                self.audit.record(ADMIN, "key.revoked", &id, revoked).await;
                 Ok(Reply(StatusCode::OK, json!(view)))
             }
             _ => Err(method_not_allowed()),
         }
     }
+}
+
+/// `?limit=N&before=<cursor>` of `GET /admin/audit`: 100 entries by default.
+fn audit_query(query: Option<&str>) -> Result<(Option<u64>, usize), Reply> {
+    let (mut before, mut limit) = (None, 100);
+    for pair in query.unwrap_or("").split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "" => {}
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| bad_field("limit", format!("must be 1 to {MAX_PAGE}")))?
+            }
+            "before" => {
+                before = Some(
+                    value
+                        .parse()
+                        .map_err(|_| bad_field("before", "must be a next_cursor of this list"))?,
+                )
+            }
+            other => {
+                return Err(invalid(format!(
+                    "unknown parameter '{other}'; allowed: limit, before"
+                )));
+            }
+        }
+    }
+    Ok((before, limit))
 }
 
 fn days_json(days: &[(Day, u64)]) -> Value {

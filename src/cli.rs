@@ -30,6 +30,17 @@ enum Command {
     Keys(KeysArgs),
     /// Manage accounts (which own keys and share one monthly limit) through the admin API.
     Accounts(AccountsArgs),
+    /// List the audit log of admin changes, newest first.
+    Audit {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Entries per page (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// The `next_cursor` of the previous page.
+        #[arg(long)]
+        before: Option<String>,
+    },
     /// Catalog tools.
     Catalog {
         #[command(subcommand)]
@@ -219,6 +230,19 @@ pub fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Keys(args) => keys(args),
         Command::Accounts(args) => accounts(args),
+        Command::Audit {
+            admin,
+            limit,
+            before,
+        } => {
+            let before = before.map(|b| format!("&before={b}")).unwrap_or_default();
+            admin_call(
+                &admin,
+                "GET",
+                &format!("/admin/audit?limit={limit}{before}"),
+                None,
+            )
+        }
         Command::Catalog {
             command: CatalogCommand::Check { dir },
         } => catalog_check(dir),

@@ -30,6 +30,7 @@
 //! - [`route`]: which route a request takes, however its path is spelled.
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
 //! - [`admin`]: the admin API on its own listener.
+//! - [`audit`]: the audit log of every change made through it.
 //! - [`server`]: builds the app from the config and runs the services.
 //! - [`shutdown`]: signals and draining in-flight requests.
 //! - [`cli`]: the `audiolib` command.
@@ -40,6 +41,7 @@ pub mod access_log;
 pub mod accounts;
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod catalog;

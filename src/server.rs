@@ -17,6 +17,7 @@ use crate::access_log::AccessLog;
 use crate::accounts::AccountService;
 use crate::admin::AdminApi;
 use crate::api::Gateway;
+use crate::audit::Audit;
 use crate::cache::KeyCache;
 use crate::catalog::{CatalogError, CatalogHandle};
 use crate::clock::{Clock, SystemClock};
@@ -41,6 +42,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyService>,
     pub accounts: Arc<AccountService>,
+    pub audit: Arc<Audit>,
     pub catalog: Arc<CatalogHandle>,
     pub cache: Arc<KeyCache>,
 }
@@ -105,6 +107,7 @@ pub fn build_app_with(
         keys.clone(),
         clock.clone(),
     ));
+    let audit = Arc::new(Audit::new(store.clone(), clock.clone()));
     let gateway = Arc::new(
         Gateway::new(
             cache.clone(),
@@ -128,6 +131,7 @@ pub fn build_app_with(
         metrics,
         keys,
         accounts,
+        audit,
         catalog,
         cache,
     })
@@ -398,6 +402,7 @@ pub fn run(config: Config) -> Result<(), String> {
         AdminApi::new(
             app.keys.clone(),
             app.accounts.clone(),
+            app.audit.clone(),
             app.metrics.clone(),
             config.admin_token.as_ref().map(config::Secret::expose),
         ),

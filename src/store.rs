@@ -218,6 +218,23 @@ pub struct AccountUpdate {
     pub status: Option<AccountStatus>,
 }
 
+/// One recorded change (SPEC §9 audit log): who did what to which record, and the fields
+/// given. Never a key: the admin API and the portal never take one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// Assigned by the store, increasing; the page cursor.
+    pub seq: u64,
+    pub at: SystemTime,
+    /// `admin`, or the account id for changes made in the portal.
+    pub actor: String,
+    /// `key.created`, `account.closed`, …
+    pub action: String,
+    /// The id of the key or account changed.
+    pub target: String,
+    /// The changed fields as a JSON object (text).
+    pub changes: String,
+}
+
 /// A change to key records made elsewhere, which caches must forget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invalidation {
@@ -259,6 +276,19 @@ pub trait Store: Send + Sync + 'static {
     /// Records the minute each key was last used in (keeping the later of what is stored and
     /// what is given).
     async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError>;
+    /// Appends an entry (its `seq` is ignored and assigned); entries older than `keep_after`
+    /// may be dropped on the way.
+    async fn append_audit(
+        &self,
+        entry: AuditEntry,
+        keep_after: SystemTime,
+    ) -> Result<(), StoreError>;
+    /// Up to `limit` entries, newest first, all older than the entry `before` if given.
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
     /// Adds a new account; `false` (and nothing written) when another account has its email.
     async fn insert_account(&self, record: AccountRecord) -> Result<bool, StoreError>;
     async fn account_by_id(&self, id: &str) -> Result<Option<AccountRecord>, StoreError>;

@@ -17,7 +17,7 @@ use audiolib::server::build_app_with;
 use audiolib::store::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp};
 use audiolib::store::sqlite::SqliteStore;
 use audiolib::store::{
-    AccountRecord, AccountUpdate, KeyRecord, KeyUpdate, Rotation, Store, StoreError,
+    AccountRecord, AccountUpdate, AuditEntry, KeyRecord, KeyUpdate, Rotation, Store, StoreError,
 };
 use tokio::time::Instant;
 
@@ -154,6 +154,12 @@ impl Store for DownStore {
     async fn touch_keys(&self, _: &[(String, SystemTime)]) -> Result<(), StoreError> {
         Err(StoreError("down".into()))
     }
+    async fn append_audit(&self, _: AuditEntry, _: SystemTime) -> Result<(), StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn audit_page(&self, _: Option<u64>, _: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        Err(StoreError("down".into()))
+    }
     async fn insert_account(&self, _: AccountRecord) -> Result<bool, StoreError> {
         Err(StoreError("down".into()))
     }
@@ -285,6 +291,12 @@ impl Store for Hooked {
     }
     async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
         self.inner.touch_keys(used).await
+    }
+    async fn append_audit(&self, e: AuditEntry, keep: SystemTime) -> Result<(), StoreError> {
+        self.inner.append_audit(e, keep).await
+    }
+    async fn audit_page(&self, b: Option<u64>, n: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit_page(b, n).await
     }
     async fn insert_account(&self, r: AccountRecord) -> Result<bool, StoreError> {
         self.inner.insert_account(r).await

@@ -8,7 +8,8 @@ use std::time::{Instant, SystemTime};
 use async_trait::async_trait;
 
 use super::{
-    AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyUpdate, Rotation, Store, StoreError,
+    AccountRecord, AccountUpdate, AuditEntry, Invalidation, KeyRecord, KeyUpdate, Rotation, Store,
+    StoreError,
 };
 use crate::auth::KeyDigest;
 use crate::metrics::StoreMetrics;
@@ -77,6 +78,22 @@ impl Store for Instrumented {
     }
     async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
         self.timed("touch_keys", self.inner.touch_keys(used)).await
+    }
+    async fn append_audit(
+        &self,
+        entry: AuditEntry,
+        keep_after: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.timed("append_audit", self.inner.append_audit(entry, keep_after))
+            .await
+    }
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.timed("audit_page", self.inner.audit_page(before, limit))
+            .await
     }
     async fn insert_account(&self, record: AccountRecord) -> Result<bool, StoreError> {
         self.timed("insert_account", self.inner.insert_account(record))

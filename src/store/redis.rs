@@ -36,8 +36,8 @@ use self::sentinel::{SentinelMaster, SentinelUrl};
 
 use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
 use super::{
-    AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyStatus, KeyUpdate, Rotation, Store,
-    StoreError,
+    AccountRecord, AccountUpdate, AuditEntry, Invalidation, KeyRecord, KeyStatus, KeyUpdate,
+    Rotation, Store, StoreError,
 };
 use crate::auth::KeyDigest;
 use crate::quota::{Day, Period};
@@ -50,9 +50,9 @@ pub mod sentinel;
 
 use self::conn::{Breaker, Conn, Io, report_durability};
 use self::scripts::{
-    ACCOUNT_LIST, CHANNEL, KEY_LIST, LEASE, SET_IF, TOUCH, UPDATE, account_key, account_keys_key,
-    day_expire_at, day_key, digest_key, email_key, expire_at, invoke, lease_key, record_key, unix,
-    usage_key,
+    ACCOUNT_LIST, AUDIT_STREAM, CHANNEL, KEY_LIST, LEASE, SET_IF, TOUCH, UPDATE, account_key,
+    account_keys_key, day_expire_at, day_key, digest_key, email_key, expire_at, invoke, lease_key,
+    record_key, unix, usage_key,
 };
 pub use self::scripts::{USAGE_GRACE_SECS, Wait};
 
@@ -552,6 +552,61 @@ impl Store for RedisStore {
                 .await?;
         }
         Ok(())
+    }
+
+    /// A stream: its ids are the entries' order, and `MINID` drops the old ones as it goes.
+    async fn append_audit(&self, e: AuditEntry, keep_after: SystemTime) -> Result<(), StoreError> {
+        let minid = keep_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut add = redis::cmd("XADD");
+        add.arg(AUDIT_STREAM)
+            .arg("MINID")
+            .arg("~")
+            .arg(minid)
+            .arg("*")
+            .arg("at")
+            .arg(unix(e.at))
+            .arg("actor")
+            .arg(&e.actor)
+            .arg("action")
+            .arg(&e.action)
+            .arg("target")
+            .arg(&e.target)
+            .arg("changes")
+            .arg(&e.changes);
+        let wait = self.wait;
+        self.call_patiently(|c| write_all(c, vec![add], wait)).await
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let end = match before {
+            Some(seq) => format!("({}", records::stream_id(seq)),
+            None => "+".to_string(),
+        };
+        let entries: Vec<(String, HashMap<String, String>)> = self
+            .call_patiently(|mut c| {
+                let end = &end;
+                async move {
+                    redis::cmd("XREVRANGE")
+                        .arg(AUDIT_STREAM)
+                        .arg(end)
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(limit)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        entries
+            .into_iter()
+            .map(|(id, fields)| records::parse_audit(&id, fields))
+            .collect()
     }
 
     async fn insert_account(&self, r: AccountRecord) -> Result<bool, StoreError> {

@@ -29,6 +29,7 @@
 //!   the last operation of it applied, as in the Redis lease hash.
 //! - `nodes(node, pid, started, heard_at)`: the processes using the file; `started` is the
 //!   kernel's start time of the pid, so a reused pid is not mistaken for a live process.
+//! - `audit(seq, at, actor, action, target, changes)`: the audit log, newest by `seq`.
 //! - `key_changes(seq, digest, at)`: changes to key records, polled by the other process so its
 //!   key cache forgets them (the embedded analogue of Redis pub/sub).
 
@@ -43,8 +44,8 @@ use tokio::sync::mpsc;
 
 use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
 use super::{
-    AccountRecord, AccountStatus, AccountUpdate, Invalidation, KeyRecord, KeyStatus, KeyUpdate,
-    Rotation, Store, StoreError,
+    AccountRecord, AccountStatus, AccountUpdate, AuditEntry, Invalidation, KeyRecord, KeyStatus,
+    KeyUpdate, Rotation, Store, StoreError,
 };
 use crate::auth::KeyDigest;
 use crate::locks::lock;
@@ -118,6 +119,14 @@ CREATE TABLE IF NOT EXISTS nodes (
     pid INTEGER NOT NULL,
     started INTEGER NOT NULL,
     heard_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    changes TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS key_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -675,6 +684,47 @@ impl Store for SqliteStore {
                 )?;
             }
             tx.commit()
+        })
+        .await
+    }
+
+    async fn append_audit(&self, e: AuditEntry, keep_after: SystemTime) -> Result<(), StoreError> {
+        self.call(move |db| {
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO audit (at, actor, action, target, changes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![unix(e.at), e.actor, e.action, e.target, e.changes],
+            )?;
+            tx.execute("DELETE FROM audit WHERE at < ?1", [unix(keep_after)])?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        self.call(move |db| {
+            lock(&db.read)
+                .prepare(
+                    "SELECT seq, at, actor, action, target, changes FROM audit
+                     WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+                )?
+                .query_map(params![before, limit as i64], |r| {
+                    Ok(AuditEntry {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        at: from_unix(r.get(1)?),
+                        actor: r.get(2)?,
+                        action: r.get(3)?,
+                        target: r.get(4)?,
+                        changes: r.get(5)?,
+                    })
+                })?
+                .collect()
         })
         .await
     }

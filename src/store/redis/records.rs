@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::auth::KeyDigest;
-use crate::store::{AccountRecord, AccountStatus, KeyRecord, KeyStatus, StoreError};
+use crate::store::{AccountRecord, AccountStatus, AuditEntry, KeyRecord, KeyStatus, StoreError};
 
 /// The fields of one record hash, read with the record's kind in every error.
 struct Fields<'a> {
@@ -166,4 +166,50 @@ pub(super) fn key_fields(r: &KeyRecord) -> Vec<(&'static str, String)> {
         ("created_at", super::unix(r.created_at).to_string()),
         ("updated_at", super::unix(r.updated_at).to_string()),
     ]
+}
+
+/// A stream id `ms-n` as one number (`ms << 20 | n`): the audit log's cursor.
+pub(super) fn stream_seq(id: &str) -> Option<u64> {
+    let (ms, n) = id.split_once('-')?;
+    let (ms, n): (u64, u64) = (ms.parse().ok()?, n.parse().ok()?);
+    (n < 1 << 20).then_some(ms << 20 | n)
+}
+
+pub(super) fn stream_id(seq: u64) -> String {
+    format!("{}-{}", seq >> 20, seq & ((1 << 20) - 1))
+}
+
+pub(super) fn parse_audit(
+    id: &str,
+    fields: HashMap<String, String>,
+) -> Result<AuditEntry, StoreError> {
+    let f = Fields {
+        kind: "audit",
+        map: &fields,
+    };
+    Ok(AuditEntry {
+        seq: stream_seq(id).ok_or_else(|| StoreError(format!("audit entry id '{id}'")))?,
+        at: f.time("at")?,
+        actor: f.get("actor")?,
+        action: f.get("action")?,
+        target: f.get("target")?,
+        changes: f.get("changes")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_round_trip_as_cursors() {
+        for id in ["1700000000000-0", "1700000000000-7", "1-1048575"] {
+            assert_eq!(stream_id(stream_seq(id).unwrap()), id);
+        }
+        assert!(stream_seq("1-0").unwrap() < stream_seq("1-1").unwrap());
+        assert!(stream_seq("1-1048575").unwrap() < stream_seq("2-0").unwrap());
+        for bad in ["", "1", "a-1", "1-1048576"] {
+            assert_eq!(stream_seq(bad), None, "{bad}");
+        }
+    }
 }

@@ -13,6 +13,7 @@ pub const USAGE_GRACE_SECS: i64 = 7 * 86_400;
 pub(super) const CHANNEL: &str = "audiolib:invalidate";
 pub(super) const KEY_LIST: &str = "audiolib:keys";
 pub(super) const ACCOUNT_LIST: &str = "audiolib:accounts";
+pub(super) const AUDIT_STREAM: &str = "audiolib:audit";
 
 /// The quota lease protocol, one call per node and subject for many requests (see
 /// [`crate::store::lease`]). Per UTC month, `KEYS[1]` counts calls served (usage) and `KEYS[2]` holds,
