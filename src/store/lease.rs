@@ -244,8 +244,9 @@ impl SubjectLeases {
 struct Entry {
     /// Calls waiting for the lock: a refill asks for at least this many units.
     waiting: AtomicU64,
-    /// Refills that failed: a call that waited through one fails at once rather than queue
-    /// for its own timeout (the store is down; waiting itself is never a failure).
+    /// Refills that failed: a call that waited through one does not queue for its own
+    /// timeout (it fails at once if the store is down, else is told to retry); waiting
+    /// itself is never a failure.
     failures: AtomicU64,
     leases: AsyncMutex<SubjectLeases>,
 }
@@ -284,7 +285,10 @@ impl LeaseBook {
     /// Takes one unit, refilling from the store through `run` when none is left or the lease
     /// needs confirming. `run` gets the operation and its deadline (`timeout` from sending).
     /// A store failure is an `Err` (the caller applies the outage policy); waiting longer
-    /// than [`BUSY_WAIT`] for other calls is [`Reservation::Held`].
+    /// than [`BUSY_WAIT`] for other calls is [`Reservation::Held`]. A call that waited through
+    /// another call's failed refill fails at once when `down()` says the store is down, and is
+    /// told to retry ([`Reservation::Held`]) when it was only slow: on a saturated node one
+    /// late answer must not fail every call queued behind it.
     pub async fn reserve<F, Fut>(
         &self,
         subject: &str,
@@ -292,6 +296,7 @@ impl LeaseBook {
         limit: Option<u64>,
         timeout: Duration,
         run: F,
+        down: impl Fn() -> bool,
     ) -> Result<Reservation, StoreError>
     where
         F: Fn(LeaseOp, Instant) -> Fut,
@@ -362,6 +367,9 @@ impl LeaseBook {
                 });
             }
             if failed_meanwhile {
+                if !down() {
+                    return Ok(Reservation::Held);
+                }
                 return Err(StoreError(
                     "the store failed a refill this call waited for".into(),
                 ));
@@ -654,6 +662,7 @@ impl Quota {
                 limit,
                 backend.timeout(),
                 |op, until| async move { backend.apply(subject, &op, until).await },
+                || backend.confirmed_down(),
             )
             .await;
         self.reserve_latency

@@ -86,12 +86,13 @@ impl ModelStore {
 }
 
 async fn reserve(book: &LeaseBook, store: &ModelStore, limit: Option<u64>) -> Reservation {
-    book.reserve("k", NOV, limit, Duration::from_secs(1), |op, _| {
+    let run = |op: LeaseOp, _| {
         let answer = store.apply(0, &op);
         async move { Ok(answer) }
-    })
-    .await
-    .unwrap()
+    };
+    book.reserve("k", NOV, limit, Duration::from_secs(1), run, || true)
+        .await
+        .unwrap()
 }
 
 async fn sync(book: &LeaseBook, store: &ModelStore, all: bool) {
@@ -174,9 +175,14 @@ async fn a_lease_not_confirmed_for_the_fence_time_is_not_served() {
     // Keep using it so nothing goes back idle, but let the store never answer.
     tokio::time::advance(FENCE_AFTER).await;
     let unreachable = book
-        .reserve("k", NOV, Some(1000), Duration::from_secs(1), |_, _| async {
-            Err(StoreError("partitioned".into()))
-        })
+        .reserve(
+            "k",
+            NOV,
+            Some(1000),
+            Duration::from_secs(1),
+            |_, _| async { Err(StoreError("partitioned".into())) },
+            || true,
+        )
         .await;
     assert!(unreachable.is_err(), "a fenced lease needs the store");
     // Once the store answers, the held units serve again.
@@ -218,6 +224,45 @@ async fn fail_open_admits_one_block_per_outage() {
     );
 }
 
+/// One refill too slow to answer in time: its caller sees the failure; the calls queued
+/// behind it are told to retry while the store is not known to be down, and fail with it
+/// when it is.
+async fn behind_a_slow_refill(store_down: bool) -> (usize, usize, usize) {
+    let book = Arc::new(LeaseBook::default());
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let book = book.clone();
+            tokio::spawn(async move {
+                let run = move |_: LeaseOp, _| async move {
+                    if i == 0 {
+                        tokio::time::sleep(Duration::from_millis(60)).await;
+                    }
+                    Err(StoreError("no answer in time".into()))
+                };
+                book.reserve("k", NOV, Some(300), Duration::from_millis(50), run, || {
+                    store_down
+                })
+                .await
+            })
+        })
+        .collect();
+    let (mut failed, mut held, mut other) = (0, 0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Err(_) => failed += 1,
+            Ok(Reservation::Held) => held += 1,
+            Ok(_) => other += 1,
+        }
+    }
+    (failed, held, other)
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_behind_a_slow_refill_retry_unless_the_store_is_down() {
+    assert_eq!(behind_a_slow_refill(false).await, (1, 19, 0));
+    assert_eq!(behind_a_slow_refill(true).await, (20, 0, 0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn concurrent_callers_share_one_refill() {
     let book = Arc::new(LeaseBook::default());
@@ -226,16 +271,17 @@ async fn concurrent_callers_share_one_refill() {
         .map(|_| {
             let (book, store) = (book.clone(), store.clone());
             tokio::spawn(async move {
-                book.reserve("k", NOV, Some(300), Duration::from_secs(1), |op, _| {
+                let run = |op: LeaseOp, _| {
                     let store = store.clone();
                     async move {
                         // A store that takes a while: every caller queues behind the refill.
                         tokio::time::sleep(Duration::from_millis(5)).await;
                         Ok(store.apply(0, &op))
                     }
-                })
-                .await
-                .unwrap()
+                };
+                book.reserve("k", NOV, Some(300), Duration::from_secs(1), run, || true)
+                    .await
+                    .unwrap()
             })
         })
         .collect();
@@ -334,20 +380,28 @@ async fn simulate(steps: Vec<Step>, limit: u64, fail_open: bool) -> Result<(), T
                 let faults = std::cell::RefCell::new((node.partitioned, node.lose_next));
                 let answer = node
                     .book
-                    .reserve("k", NOV, Some(limit), Duration::from_millis(50), |op, _| {
-                        let mut f = faults.borrow_mut();
-                        let result = if f.0 {
-                            Err(StoreError("partitioned".into()))
-                        } else {
-                            let answer = store.apply(i, &op);
-                            if std::mem::take(&mut f.1) {
-                                Err(StoreError("answer lost".into()))
+                    .reserve(
+                        "k",
+                        NOV,
+                        Some(limit),
+                        Duration::from_millis(50),
+                        |op, _| {
+                            let mut f = faults.borrow_mut();
+                            let result = if f.0 {
+                                Err(StoreError("partitioned".into()))
                             } else {
-                                Ok(answer)
-                            }
-                        };
-                        async move { result }
-                    })
+                                let answer = store.apply(i, &op);
+                                if std::mem::take(&mut f.1) {
+                                    Err(StoreError("answer lost".into()))
+                                } else {
+                                    Ok(answer)
+                                }
+                            };
+                            async move { result }
+                        },
+                        // A partition is an outage: calls behind a failed refill fail too.
+                        || true,
+                    )
                     .await;
                 node.lose_next = faults.borrow().1;
                 match answer {
