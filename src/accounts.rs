@@ -138,9 +138,19 @@ impl AccountService {
         Ok(AccountView::from(&record))
     }
 
-    pub async fn list(&self) -> Result<Vec<AccountView>, AdminError> {
-        let accounts = self.store.list_accounts().await?;
-        Ok(accounts.iter().map(AccountView::from).collect())
+    /// A page of accounts in creation order after the cursor, and the next page's cursor.
+    pub async fn list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<AccountView>, Option<String>), AdminError> {
+        let accounts = self
+            .store
+            .list_accounts(cursor, limit)
+            .await?
+            .ok_or_else(crate::keys::unknown_cursor)?;
+        let next = crate::keys::next_cursor(&accounts, limit, |a| &a.id);
+        Ok((accounts.iter().map(AccountView::from).collect(), next))
     }
 
     /// The account, its usage this month (all its keys together) and its keys.

@@ -290,8 +290,12 @@ impl AdminApi {
                 Ok(Reply(StatusCode::CREATED, json!(view)))
             }
             (Method::GET, None) => {
-                let accounts = self.accounts.list().await?;
-                Ok(Reply(StatusCode::OK, json!({ "accounts": accounts })))
+                let (cursor, limit) = page_query(session.req_header().uri.query())?;
+                let (accounts, next) = self.accounts.list(cursor.as_deref(), limit).await?;
+                Ok(Reply(
+                    StatusCode::OK,
+                    json!({ "accounts": accounts, "next_cursor": next }),
+                ))
             }
             (Method::GET, Some(id)) => {
                 let (view, period, used, keys) = self.accounts.show(&id).await?;
@@ -345,8 +349,12 @@ impl AdminApi {
                 Ok(Reply(StatusCode::CREATED, value))
             }
             (Method::GET, None) => {
-                let keys = self.keys.list().await?;
-                Ok(Reply(StatusCode::OK, json!({ "keys": keys })))
+                let (cursor, limit) = page_query(session.req_header().uri.query())?;
+                let (keys, next) = self.keys.list(cursor.as_deref(), limit).await?;
+                Ok(Reply(
+                    StatusCode::OK,
+                    json!({ "keys": keys, "next_cursor": next }),
+                ))
             }
             (Method::GET, Some(id)) => {
                 let (view, period, used) = self.keys.show(&id).await?;
@@ -374,6 +382,34 @@ impl AdminApi {
     }
 }
 
+/// `?limit=N&cursor=<next_cursor>` of the key and account lists: 100 by default, at most
+/// [`MAX_PAGE`].
+fn page_query(query: Option<&str>) -> Result<(Option<String>, usize), Reply> {
+    let (mut cursor, mut limit) = (None, 100);
+    for pair in query.unwrap_or("").split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "" => {}
+            "limit" => limit = parse_limit_param(value)?,
+            "cursor" => cursor = Some(value.to_string()),
+            other => {
+                return Err(invalid(format!(
+                    "unknown parameter '{other}'; allowed: limit, cursor"
+                )));
+            }
+        }
+    }
+    Ok((cursor, limit))
+}
+
+fn parse_limit_param(value: &str) -> Result<usize, Reply> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| bad_field("limit", format!("must be 1 to {MAX_PAGE}")))
+}
+
 /// `?limit=N&before=<cursor>` of `GET /admin/audit`: 100 entries by default.
 fn audit_query(query: Option<&str>) -> Result<(Option<u64>, usize), Reply> {
     let (mut before, mut limit) = (None, 100);
@@ -381,13 +417,7 @@ fn audit_query(query: Option<&str>) -> Result<(Option<u64>, usize), Reply> {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match name {
             "" => {}
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| bad_field("limit", format!("must be 1 to {MAX_PAGE}")))?
-            }
+            "limit" => limit = parse_limit_param(value)?,
             "before" => {
                 before = Some(
                     value

@@ -343,7 +343,7 @@ fn keys(args: KeysArgs) -> Result<(), String> {
             ]);
             ("POST", "/admin/keys".to_string(), Some(body))
         }
-        KeysCommand::List => ("GET", "/admin/keys".to_string(), None),
+        KeysCommand::List => return list_all(&args.admin, "/admin/keys", "keys"),
         KeysCommand::Show { id } => ("GET", format!("/admin/keys/{id}"), None),
         KeysCommand::Revoke { id } => ("DELETE", format!("/admin/keys/{id}"), None),
         KeysCommand::Rotate { id, grace_secs } => (
@@ -383,7 +383,7 @@ fn accounts(args: AccountsArgs) -> Result<(), String> {
             ]);
             ("POST", "/admin/accounts".to_string(), Some(body))
         }
-        AccountsCommand::List => ("GET", "/admin/accounts".to_string(), None),
+        AccountsCommand::List => return list_all(&args.admin, "/admin/accounts", "accounts"),
         AccountsCommand::Show { id } => ("GET", format!("/admin/accounts/{id}"), None),
         AccountsCommand::Update {
             id,
@@ -415,6 +415,46 @@ fn admin_call(
     path: &str,
     body: Option<Value>,
 ) -> Result<(), String> {
+    let answer = admin_request(admin, method, path, body)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&answer).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Every page of a list (following `next_cursor`), printed as one `{"<field>": […]}`.
+fn list_all(admin: &AdminArgs, path: &str, field: &str) -> Result<(), String> {
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page_path = match &cursor {
+            Some(c) => format!("{path}?limit=1000&cursor={c}"),
+            None => format!("{path}?limit=1000"),
+        };
+        let mut page = admin_request(admin, "GET", &page_path, None)?;
+        if let Some(items) = page[field].as_array_mut() {
+            all.append(items);
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({ field: all })).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// One admin API call: its JSON answer, or its status, code and message.
+fn admin_request(
+    admin: &AdminArgs,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
     let token = admin
         .token
         .as_deref()
@@ -440,11 +480,7 @@ fn admin_call(
         .read_json()
         .map_err(|e| format!("admin API answered {status} without JSON: {e}"))?;
     if status.is_success() {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&body).unwrap_or_default()
-        );
-        Ok(())
+        Ok(body)
     } else {
         Err(format!(
             "{} ({}): {}",

@@ -283,8 +283,18 @@ impl KeyService {
         Ok((KeyView::of(&record, account.as_ref(), now), secret))
     }
 
-    pub async fn list(&self) -> Result<Vec<KeyView>, AdminError> {
-        let records = self.store.list_keys().await?;
+    /// A page of keys in creation order after the cursor, and the next page's cursor.
+    pub async fn list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<KeyView>, Option<String>), AdminError> {
+        let records = self
+            .store
+            .list_keys(cursor, limit)
+            .await?
+            .ok_or_else(unknown_cursor)?;
+        let next = next_cursor(&records, limit, |r| &r.id);
         let now = self.clock.now();
         // Each account read once, however many of its keys are listed.
         let mut accounts: BTreeMap<String, Option<AccountRecord>> = BTreeMap::new();
@@ -300,7 +310,7 @@ impl KeyService {
             };
             views.push(KeyView::of(r, account, now));
         }
-        Ok(views)
+        Ok((views, next))
     }
 
     /// The keys of `account`, as shown.
@@ -482,4 +492,19 @@ fn accounts_plan_only(plan_given: bool, limit_given: bool) -> Result<(), AdminEr
         }
     }
     Ok(())
+}
+
+/// The cursor of the page after `page`: its last id, when the page is full.
+pub(crate) fn next_cursor<T>(
+    page: &[T],
+    limit: usize,
+    id: impl Fn(&T) -> &String,
+) -> Option<String> {
+    (page.len() == limit)
+        .then(|| page.last().map(|last| id(last).clone()))
+        .flatten()
+}
+
+pub(crate) fn unknown_cursor() -> AdminError {
+    AdminError::field("cursor", "is not a next_cursor of this list")
 }

@@ -254,7 +254,13 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_key(&self, record: KeyRecord) -> Result<(), StoreError>;
     async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError>;
     async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
-    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Up to `limit` keys in creation order, after the key with id `after` if given; `None`
+    /// when there is no such key. A walk lists every key that exists throughout it once.
+    async fn list_keys(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<KeyRecord>>, StoreError>;
     /// Applies `update` and returns the new record, or `None` if there is no such key. A
     /// revoked key stays revoked whatever the update says (checked in the same atomic step, so
     /// a re-activation racing a revocation cannot undo it).
@@ -292,8 +298,13 @@ pub trait Store: Send + Sync + 'static {
     /// Adds a new account; `false` (and nothing written) when another account has its email.
     async fn insert_account(&self, record: AccountRecord) -> Result<bool, StoreError>;
     async fn account_by_id(&self, id: &str) -> Result<Option<AccountRecord>, StoreError>;
-    /// Every account, oldest first.
-    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError>;
+    /// Up to `limit` accounts in creation order, after the account `after` if given (`None`
+    /// when there is no such account).
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<AccountRecord>>, StoreError>;
     /// Applies `update` and returns the new record, or `None` if there is no such account. A
     /// closed account stays closed whatever the update says (in the same atomic step).
     async fn update_account(

@@ -309,3 +309,60 @@ fn cli_manages_keys_through_the_admin_api() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin token"));
 }
+
+#[test]
+fn key_and_account_lists_come_in_pages() {
+    let gw = Gateway::start();
+    // The development key, then five more.
+    let mut created: Vec<String> = Vec::new();
+    for _ in 0..5 {
+        created.push(gw.create_key("free", None).0);
+    }
+    let mut listed = Vec::new();
+    let mut query = "limit=2".to_string();
+    loop {
+        let page = gw.admin("GET", &format!("/admin/keys?{query}"), None);
+        assert_eq!(page.status, 200);
+        let page = page.json();
+        let keys = page["keys"].as_array().unwrap();
+        assert!(keys.len() <= 2);
+        listed.extend(keys.iter().map(|k| k["id"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => query = format!("limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(listed.len(), 6, "{listed:?}");
+    // Each once (keys of one second are ordered by id, so compare as sets).
+    let mut unique = listed.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 6);
+    assert!(created.iter().all(|id| listed.contains(id)));
+    // Without a limit: a page of 100.
+    let all = gw.admin("GET", "/admin/keys", None).json();
+    assert_eq!(all["keys"].as_array().unwrap().len(), 6);
+    assert_eq!(all["next_cursor"], Value::Null);
+
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=x", "limit"),
+        ("cursor=key_nosuch", "cursor"),
+    ] {
+        for list in ["keys", "accounts"] {
+            let body = gw
+                .admin("GET", &format!("/admin/{list}?{query}"), None)
+                .assert_error(400, "INVALID_FIELD");
+            assert_eq!(body["field"], field, "{list}?{query}");
+        }
+    }
+    gw.admin("GET", "/admin/keys?page=2", None)
+        .assert_error(400, "INVALID_REQUEST");
+
+    // The CLI follows the cursor to the end.
+    let (ok, out, err) = cli(&gw, &["list"]);
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 6);
+}

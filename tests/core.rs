@@ -132,7 +132,11 @@ impl Store for DownStore {
     async fn key_by_id(&self, _: &str) -> Result<Option<KeyRecord>, StoreError> {
         Err(StoreError("down".into()))
     }
-    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn list_keys(
+        &self,
+        _: Option<&str>,
+        _: usize,
+    ) -> Result<Option<Vec<KeyRecord>>, StoreError> {
         Err(StoreError("down".into()))
     }
     async fn update_key(
@@ -166,7 +170,11 @@ impl Store for DownStore {
     async fn account_by_id(&self, _: &str) -> Result<Option<AccountRecord>, StoreError> {
         Err(StoreError("down".into()))
     }
-    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+    async fn list_accounts(
+        &self,
+        _: Option<&str>,
+        _: usize,
+    ) -> Result<Option<Vec<AccountRecord>>, StoreError> {
         Err(StoreError("down".into()))
     }
     async fn update_account(
@@ -270,8 +278,12 @@ impl Store for Hooked {
     async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.key_by_id(id).await
     }
-    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.list_keys().await
+    async fn list_keys(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<KeyRecord>>, StoreError> {
+        self.inner.list_keys(after, limit).await
     }
     async fn update_key(
         &self,
@@ -304,8 +316,12 @@ impl Store for Hooked {
     async fn account_by_id(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
         self.inner.account_by_id(id).await
     }
-    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
-        self.inner.list_accounts().await
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<AccountRecord>>, StoreError> {
+        self.inner.list_accounts(after, limit).await
     }
     async fn update_account(
         &self,

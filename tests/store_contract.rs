@@ -55,8 +55,9 @@ async fn keys_round_trip(store: Arc<dyn Store>) {
         None
     );
     let ids: Vec<_> = store
-        .list_keys()
+        .list_keys(None, 100)
         .await
+        .unwrap()
         .unwrap()
         .into_iter()
         .map(|r| r.id)
@@ -222,8 +223,9 @@ async fn accounts_round_trip(store: Arc<dyn Store>) {
     );
     assert_eq!(store.account_by_id("acct_{x}").await.unwrap(), None);
     let ids: Vec<_> = store
-        .list_accounts()
+        .list_accounts(None, 100)
         .await
+        .unwrap()
         .unwrap()
         .into_iter()
         .map(|r| r.id)
@@ -375,11 +377,73 @@ async fn rotation_and_touch(store: Arc<dyn Store>) {
     assert_eq!(store.key_by_id("key_none").await.unwrap(), None);
 }
 
+/// Walking the key list page by page while keys are created and revoked lists every key that
+/// existed at the start exactly once, in creation order.
+async fn pages_list_every_key_once(store: Arc<dyn Store>) {
+    // Creation times with ties, inserted out of order.
+    let mut ids = Vec::new();
+    for i in 0..23u64 {
+        let id = format!("key_p{:02}", (i * 7) % 23);
+        store
+            .insert_key(record(&id, 10 + (i * 7) % 23 / 3))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let mut expected: Vec<(u64, String)> = ids
+        .iter()
+        .map(|id| (10 + id[5..].parse::<u64>().unwrap() / 3, id.clone()))
+        .collect();
+    expected.sort();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut round = 0;
+    loop {
+        let page = store
+            .list_keys(cursor.as_deref(), 4)
+            .await
+            .unwrap()
+            .unwrap();
+        seen.extend(page.iter().map(|r| r.id.clone()));
+        // During the walk: a new key (created now, after all of them) and a revocation.
+        round += 1;
+        store
+            .insert_key(record(&format!("key_new{round}"), 1_000 + round))
+            .await
+            .unwrap();
+        let revoke = KeyUpdate {
+            status: Some(KeyStatus::Revoked),
+            ..Default::default()
+        };
+        store
+            .update_key(&expected[round as usize % 23].1, revoke, UNIX_EPOCH)
+            .await
+            .unwrap();
+        if page.len() < 4 {
+            break;
+        }
+        cursor = page.last().map(|r| r.id.clone());
+    }
+    let walked: Vec<String> = seen
+        .iter()
+        .filter(|id| id.starts_with("key_p"))
+        .cloned()
+        .collect();
+    let want: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(walked, want, "every key once, oldest first");
+    assert_eq!(store.list_keys(Some("key_nosuch"), 4).await.unwrap(), None);
+    assert_eq!(
+        store.list_accounts(Some("acct_nosuch"), 4).await.unwrap(),
+        None
+    );
+}
+
 /// Runs the contract on fresh stores from `make`, each a key store and a lease backend.
 async fn contract(make: impl Fn() -> (Arc<dyn Store>, Arc<dyn LeaseBackend>)) {
     keys_round_trip(make().0).await;
     accounts_round_trip(make().0).await;
     rotation_and_touch(make().0).await;
+    pages_list_every_key_once(make().0).await;
     revocation_is_final(make().0).await;
     reservations_are_exact(quota(make().1)).await;
     concurrent_reservations_never_exceed_the_limit(quota(make().1)).await;
@@ -453,5 +517,5 @@ async fn a_version_1_data_file_is_upgraded_in_place() {
     drop(store);
     // Opening it again changes nothing.
     let again = SqliteStore::open(dir.path()).unwrap();
-    assert_eq!(again.list_keys().await.unwrap().len(), 2);
+    assert_eq!(again.list_keys(None, 10).await.unwrap().unwrap().len(), 2);
 }

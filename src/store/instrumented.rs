@@ -55,8 +55,13 @@ impl Store for Instrumented {
     async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.timed("key_by_id", self.inner.key_by_id(id)).await
     }
-    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.timed("list_keys", self.inner.list_keys()).await
+    async fn list_keys(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<KeyRecord>>, StoreError> {
+        self.timed("list_keys", self.inner.list_keys(after, limit))
+            .await
     }
     async fn update_key(
         &self,
@@ -103,8 +108,12 @@ impl Store for Instrumented {
         self.timed("account_by_id", self.inner.account_by_id(id))
             .await
     }
-    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
-        self.timed("list_accounts", self.inner.list_accounts())
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<AccountRecord>>, StoreError> {
+        self.timed("list_accounts", self.inner.list_accounts(after, limit))
             .await
     }
     async fn update_account(

@@ -357,6 +357,29 @@ impl RedisStore {
     }
 
     /// Sends one operation of a sync (background: the patient bound).
+    /// Up to `limit` ids of the sorted set `list` (scored by creation time) after the member
+    /// `after`, found by its rank at the time of the call: members are never removed, so a
+    /// walk lists each existing one once (`None` if `after` is not a member).
+    async fn page_ids(
+        &self,
+        list: &'static str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        self.call_patiently(|mut c| async move {
+            let start = match after {
+                None => 0,
+                Some(member) => match c.zrank::<_, _, Option<isize>>(list, member).await? {
+                    Some(rank) => rank + 1,
+                    None => return Ok(None),
+                },
+            };
+            let ids: Vec<String> = c.zrange(list, start, start + limit as isize - 1).await?;
+            Ok(Some(ids))
+        })
+        .await
+    }
+
     /// Runs [`UPDATE`] on the hash `key` (`args`: the final status, then field/value pairs).
     async fn update_hash(
         &self,
@@ -426,17 +449,21 @@ impl Store for RedisStore {
         records::parse_record(fields)
     }
 
-    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        let ids: Vec<String> = self
-            .call_patiently(|mut c| async move { c.zrange(KEY_LIST, 0, -1).await })
-            .await?;
+    async fn list_keys(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<KeyRecord>>, StoreError> {
+        let Some(ids) = self.page_ids(KEY_LIST, after, limit).await? else {
+            return Ok(None);
+        };
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(r) = self.key_by_id(&id).await? {
                 out.push(r);
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     async fn update_key(
@@ -656,17 +683,21 @@ impl Store for RedisStore {
         records::parse_account(fields)
     }
 
-    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
-        let ids: Vec<String> = self
-            .call_patiently(|mut c| async move { c.zrange(ACCOUNT_LIST, 0, -1).await })
-            .await?;
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<AccountRecord>>, StoreError> {
+        let Some(ids) = self.page_ids(ACCOUNT_LIST, after, limit).await? else {
+            return Ok(None);
+        };
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(r) = self.account_by_id(&id).await? {
                 out.push(r);
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     async fn update_account(

@@ -249,6 +249,46 @@ fn key_from_row(row: &Row) -> rusqlite::Result<KeyRecord> {
     })
 }
 
+/// A page of `table` in creation order, after the row with id `after` (`None` if there is no
+/// such row): keyset pagination on the `(created_at, id)` index, so a page costs the same
+/// however deep the walk.
+fn page<T>(
+    conn: &Connection,
+    table: &str,
+    columns: &str,
+    after: Option<String>,
+    limit: usize,
+    row: impl Fn(&Row) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<Vec<T>>> {
+    let limit = limit as i64;
+    let Some(after) = after else {
+        let sql = format!("SELECT {columns} FROM {table} ORDER BY created_at, id LIMIT ?1");
+        return conn
+            .prepare(&sql)?
+            .query_map([limit], row)?
+            .collect::<rusqlite::Result<_>>()
+            .map(Some);
+    };
+    let start: Option<i64> = conn
+        .query_row(
+            &format!("SELECT created_at FROM {table} WHERE id = ?1"),
+            [&after],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(start) = start else {
+        return Ok(None);
+    };
+    let sql = format!(
+        "SELECT {columns} FROM {table} WHERE (created_at, id) > (?1, ?2)
+         ORDER BY created_at, id LIMIT ?3"
+    );
+    conn.prepare(&sql)?
+        .query_map(params![start, after, limit], row)?
+        .collect::<rusqlite::Result<_>>()
+        .map(Some)
+}
+
 /// The kernel's start time of `pid` (clock ticks since boot), `None` if no such process.
 fn process_start(pid: u32) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -572,14 +612,21 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.call(|db| {
-            lock(&db.read)
-                .prepare(&format!(
-                    "SELECT {KEY_COLUMNS} FROM keys ORDER BY created_at, id"
-                ))?
-                .query_map([], key_from_row)?
-                .collect()
+    async fn list_keys(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<KeyRecord>>, StoreError> {
+        let after = after.map(str::to_string);
+        self.call(move |db| {
+            page(
+                &lock(&db.read),
+                "keys",
+                KEY_COLUMNS,
+                after,
+                limit,
+                key_from_row,
+            )
         })
         .await
     }
@@ -766,14 +813,22 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
-        self.call(|db| {
-            lock(&db.read)
-                .prepare(&format!(
-                    "SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id"
-                ))?
-                .query_map([], account_from_row)?
-                .collect()
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<AccountRecord>>, StoreError> {
+        let after = after.map(str::to_string);
+        self.call(move |db| {
+            let conn = lock(&db.read);
+            page(
+                &conn,
+                "accounts",
+                ACCOUNT_COLUMNS,
+                after,
+                limit,
+                account_from_row,
+            )
         })
         .await
     }
