@@ -13,12 +13,15 @@ use sha2::{Digest, Sha256};
 
 use crate::accounts::{AccountService, ChangeAccount, CreateAccount};
 use crate::audit::{ADMIN, Audit, MAX_PAGE};
-use crate::keys::{AdminError, ChangeKey, CreateKey, KeyService};
+use crate::auth::KeyDigest;
+use crate::keys::{AdminError, ChangeKey, CreateKey, ImportKey, KeyService};
 use crate::metrics::Metrics;
 use crate::quota::Day;
 use crate::store::{AccountStatus, KeyStatus, rfc3339};
 
 const MAX_ADMIN_BODY: usize = 64 * 1024;
+/// An import of [`crate::keys::MAX_IMPORT`] keys with names and metadata.
+const MAX_IMPORT_BODY: usize = 8 * 1024 * 1024;
 
 pub struct AdminApi {
     keys: Arc<KeyService>,
@@ -48,6 +51,7 @@ impl From<AdminError> for Reply {
             E::Revoked(_) => (StatusCode::CONFLICT, "KEY_REVOKED"),
             E::AccountClosed(_) => (StatusCode::CONFLICT, "ACCOUNT_CLOSED"),
             E::EmailTaken(_) => (StatusCode::CONFLICT, "EMAIL_TAKEN"),
+            E::DigestTaken => (StatusCode::CONFLICT, "DIGEST_TAKEN"),
             E::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"),
         };
         let mut reply = error(status, code, e.to_string());
@@ -61,6 +65,8 @@ impl From<AdminError> for Reply {
 /// The admin routes: a collection, or one member of it by id.
 enum Target {
     Keys(Option<String>),
+    /// `/admin/keys:import`
+    Import,
     /// `/admin/keys/{id}/rotate`
     Rotate(String),
     /// `/admin/keys/{id}/usage`
@@ -81,6 +87,9 @@ impl Target {
         };
         if path == "/admin/audit" {
             return Some(Target::Audit);
+        }
+        if path == "/admin/keys:import" {
+            return Some(Target::Import);
         }
         if let Some(id) = member("/admin/keys/", "/rotate") {
             return Some(Target::Rotate(id));
@@ -153,11 +162,18 @@ impl AdminApi {
     }
 
     async fn read_json(session: &mut ServerSession) -> Result<Map<String, Value>, Reply> {
+        Self::read_json_within(session, MAX_ADMIN_BODY).await
+    }
+
+    async fn read_json_within(
+        session: &mut ServerSession,
+        limit: usize,
+    ) -> Result<Map<String, Value>, Reply> {
         let mut body = Vec::new();
         loop {
             match session.read_request_body().await {
                 Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_ADMIN_BODY {
+                    if body.len() + chunk.len() > limit {
                         return Err(error(
                             StatusCode::PAYLOAD_TOO_LARGE,
                             "PAYLOAD_TOO_LARGE",
@@ -187,6 +203,19 @@ impl AdminApi {
         let method = session.req_header().method.clone();
         match Target::of(session.req_header().uri.path()) {
             Some(Target::Keys(id)) => self.keys_route(session, method, id).await,
+            Some(Target::Import) if method == Method::POST => {
+                let body = Self::read_json_within(session, MAX_IMPORT_BODY).await?;
+                let ids = self.keys.import(parse_import(body)?).await?;
+                let count = json!({"count": ids.len()});
+                self.audit
+                    .record(ADMIN, "key.imported", "keys", count)
+                    .await;
+                Ok(Reply(
+                    StatusCode::CREATED,
+                    json!({"imported": ids.len(), "ids": ids}),
+                ))
+            }
+            Some(Target::Import) => Err(method_not_allowed()),
             Some(Target::Audit) if method == Method::GET => {
                 let (before, limit) = audit_query(session.req_header().uri.query())?;
                 let (entries, next) = self
@@ -516,6 +545,46 @@ fn parse_create(body: Map<String, Value>) -> Result<CreateKey, Reply> {
         expires_at: parse_expiry(&body)?.flatten(),
         meta: body.get("meta").cloned(),
     })
+}
+
+/// `{"keys":[{"digest":"<64 hex>","prefix":"alp_…","name":…, and create's other fields}]}`.
+fn parse_import(body: Map<String, Value>) -> Result<Vec<ImportKey>, Reply> {
+    only_fields(&body, &["keys"])?;
+    let Some(Value::Array(items)) = body.get("keys") else {
+        return Err(bad_field("keys", "must be an array of keys"));
+    };
+    let mut keys = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Object(mut item) = item.clone() else {
+            return Err(bad_field("keys", "each key must be an object"));
+        };
+        let digest = match item.remove("digest") {
+            Some(Value::String(hex)) => KeyDigest::parse_hex(&hex.to_ascii_lowercase()),
+            _ => None,
+        }
+        .ok_or_else(|| bad_field("digest", "must be the key's SHA-256 as 64 hex digits"))?;
+        let prefix = match item.remove("prefix") {
+            Some(Value::String(p))
+                if p.starts_with(crate::auth::KEY_PREFIX)
+                    && p.len() <= 12
+                    && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+            {
+                p
+            }
+            _ => {
+                return Err(bad_field(
+                    "prefix",
+                    "must be the key's first characters (alp_…)",
+                ));
+            }
+        };
+        keys.push(ImportKey {
+            digest,
+            prefix,
+            fields: parse_create(item)?,
+        });
+    }
+    Ok(keys)
 }
 
 fn parse_change(body: Map<String, Value>) -> Result<ChangeKey, Reply> {

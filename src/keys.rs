@@ -129,6 +129,17 @@ pub struct ChangeKey {
     pub meta: Option<Value>,
 }
 
+/// A key of a bulk import: its digest, never the key itself.
+#[derive(Debug, Clone)]
+pub struct ImportKey {
+    pub digest: KeyDigest,
+    pub prefix: String,
+    pub fields: CreateKey,
+}
+
+/// Most keys one import takes.
+pub const MAX_IMPORT: usize = 10_000;
+
 /// A key's new secret, shown once, and the key as it is after the rotation.
 #[derive(Debug)]
 pub struct Rotated {
@@ -159,6 +170,8 @@ pub enum AdminError {
     AccountClosed(String),
     #[error("an account with email '{0}' already exists")]
     EmailTaken(String),
+    #[error("a key with one of these digests exists; nothing was imported")]
+    DigestTaken,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -404,6 +417,65 @@ impl KeyService {
         }
         let account = self.account_of(&updated).await?;
         Ok(KeyView::of(&updated, account.as_ref(), self.clock.now()))
+    }
+
+    /// Adds keys made elsewhere, by digest (`POST /admin/keys:import`): all or none. Each
+    /// is checked as `create` checks a key; returns their new ids in order.
+    pub async fn import(&self, keys: Vec<ImportKey>) -> Result<Vec<String>, AdminError> {
+        if keys.len() > MAX_IMPORT {
+            return Err(AdminError::field(
+                "keys",
+                format!("at most {MAX_IMPORT} keys an import"),
+            ));
+        }
+        let now = self.now();
+        let mut records = Vec::with_capacity(keys.len());
+        let mut digests = std::collections::HashSet::new();
+        let mut accounts: BTreeMap<String, AccountRecord> = BTreeMap::new();
+        for key in keys {
+            if !digests.insert(key.digest) {
+                return Err(AdminError::field("keys", "a digest appears twice"));
+            }
+            let req = key.fields;
+            let name = req.name.trim();
+            if name.is_empty() || name.len() > 200 {
+                return Err(AdminError::field("name", "must be 1 to 200 characters"));
+            }
+            check_expiry(req.expires_at, now)?;
+            let meta = meta_text(req.meta.unwrap_or(Value::Null))?;
+            let (plan, monthly_limit) = match &req.account_id {
+                Some(id) => {
+                    accounts_plan_only(req.plan.is_some(), req.monthly_limit.is_some())?;
+                    if !accounts.contains_key(id) {
+                        accounts.insert(id.clone(), self.owning_account(id).await?);
+                    }
+                    let a = &accounts[id];
+                    (a.plan.clone(), a.monthly_limit)
+                }
+                None => {
+                    let plan = req.plan.unwrap_or_else(|| self.default_plan.clone());
+                    let limit = req.monthly_limit.unwrap_or(self.plan(&plan)?.monthly_limit);
+                    (plan, limit)
+                }
+            };
+            records.push(KeyRecord {
+                account_id: req.account_id,
+                plan,
+                monthly_limit,
+                expires_at: req.expires_at,
+                meta,
+                ..KeyRecord::new(new_id("key"), key.digest, key.prefix, name.to_string(), now)
+            });
+        }
+        let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        let digests: Vec<KeyDigest> = records.iter().map(|r| r.digest).collect();
+        if !self.store.insert_keys(records).await? {
+            return Err(AdminError::DigestTaken);
+        }
+        for digest in &digests {
+            self.cache.invalidate(digest).await;
+        }
+        Ok(ids)
     }
 
     /// Gives the key a new secret; the old one keeps working for `grace` (at most

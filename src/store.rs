@@ -252,6 +252,9 @@ pub struct StoreError(pub String);
 pub trait Store: Send + Sync + 'static {
     /// Adds a new key. Ids and digests are unique by construction (random).
     async fn insert_key(&self, record: KeyRecord) -> Result<(), StoreError>;
+    /// Adds many keys at once (a bulk import); `false`, with nothing written, when a digest
+    /// is already a key's.
+    async fn insert_keys(&self, records: Vec<KeyRecord>) -> Result<bool, StoreError>;
     async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError>;
     async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// Up to `limit` keys in creation order, after the key with id `after` if given; `None`

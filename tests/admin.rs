@@ -366,3 +366,91 @@ fn key_and_account_lists_come_in_pages() {
     let listed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(listed["keys"].as_array().unwrap().len(), 6);
 }
+
+/// Keys made elsewhere come in by digest, all or none (`POST /admin/keys:import`).
+fn import_by_digest(gw: &Gateway) {
+    let secrets: Vec<String> = (0..3)
+        .map(|i| format!("alp_{:0>32}", format!("import{i}")))
+        .collect();
+    let item = |secret: &str| {
+        json!({
+            "digest": audiolib::auth::KeyDigest::of(secret).to_string(),
+            "prefix": &secret[..8],
+            "name": "imported",
+            "plan": "free",
+        })
+    };
+    let items: Vec<Value> = secrets.iter().map(|s| item(s)).collect();
+    let imported = gw.admin("POST", "/admin/keys:import", Some(json!({"keys": items})));
+    assert_eq!(imported.status, 201, "{:?}", imported.json());
+    assert_eq!(imported.json()["imported"], 3);
+    let ids = imported.json()["ids"].clone();
+    for secret in &secrets {
+        assert_eq!(gw.post_audio(secret, BODY).status, 200);
+    }
+    let shown = gw.admin(
+        "GET",
+        &format!("/admin/keys/{}", ids[0].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(shown.json()["prefix"], &secrets[0][..8]);
+    let text =
+        String::from_utf8_lossy(&gw.admin("GET", "/admin/audit?limit=1", None).body).to_string();
+    assert!(
+        text.contains("key.imported") && !text.contains(&secrets[0]),
+        "{text}"
+    );
+
+    let count = || {
+        gw.admin("GET", "/admin/keys?limit=1000", None).json()["keys"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = count();
+    let fresh = item("alp_freshfreshfreshfreshfreshfresh");
+    let import = |keys: Value| gw.admin("POST", "/admin/keys:import", Some(json!({"keys": keys})));
+    // An existing digest: 409 and nothing imported, not even the fresh one before it.
+    import(json!([fresh, items[1]])).assert_error(409, "DIGEST_TAKEN");
+    assert_eq!(count(), before);
+    let field = |reply: common::Reply, name: &str| {
+        let body = reply.assert_error(400, "INVALID_FIELD");
+        assert_eq!(body["field"], name, "{body}");
+    };
+    let mut bad = fresh.clone();
+    bad["digest"] = json!("abc");
+    field(import(json!([bad])), "digest");
+    let mut bad = fresh.clone();
+    bad["prefix"] = json!("xyz_1234");
+    field(import(json!([bad])), "prefix");
+    let mut bad = fresh.clone();
+    bad.as_object_mut().unwrap().remove("name");
+    field(import(json!([bad])), "name");
+    field(import(json!([fresh, fresh])), "keys");
+    field(import(json!("all")), "keys");
+    let many: Vec<Value> = (0..10_001)
+        .map(|i| item(&format!("alp_{:0>32}", i)))
+        .collect();
+    field(import(json!(many)), "keys");
+    let mut with_secret = fresh.clone();
+    with_secret["key"] = json!("alp_freshfreshfreshfreshfreshfresh");
+    import(json!([with_secret])).assert_error(400, "INVALID_REQUEST");
+    assert_eq!(count(), before, "nothing half-applied");
+    gw.admin("GET", "/admin/keys:import", None)
+        .assert_error(405, "METHOD_NOT_ALLOWED");
+}
+
+#[test]
+fn keys_are_imported_by_digest_on_the_embedded_store() {
+    import_by_digest(&Gateway::start());
+}
+
+#[test]
+fn keys_are_imported_by_digest_on_redis() {
+    let redis = common::RedisServer::start();
+    import_by_digest(
+        &Gateway::builder()
+            .env("AUDIOLIB_REDIS_URL", redis.url())
+            .start(),
+    );
+}

@@ -126,6 +126,9 @@ impl Store for DownStore {
     async fn insert_key(&self, _: KeyRecord) -> Result<(), StoreError> {
         Err(StoreError("down".into()))
     }
+    async fn insert_keys(&self, _: Vec<KeyRecord>) -> Result<bool, StoreError> {
+        Err(StoreError("down".into()))
+    }
     async fn key_by_digest(&self, _: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
         Err(StoreError("down".into()))
     }
@@ -267,6 +270,9 @@ impl Hooked {
 impl Store for Hooked {
     async fn insert_key(&self, r: KeyRecord) -> Result<(), StoreError> {
         self.inner.insert_key(r).await
+    }
+    async fn insert_keys(&self, r: Vec<KeyRecord>) -> Result<bool, StoreError> {
+        self.inner.insert_keys(r).await
     }
     async fn key_by_digest(&self, d: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
         self.lookups

@@ -48,6 +48,10 @@ impl Store for Instrumented {
         self.timed("insert_key", self.inner.insert_key(record))
             .await
     }
+    async fn insert_keys(&self, records: Vec<KeyRecord>) -> Result<bool, StoreError> {
+        self.timed("insert_keys", self.inner.insert_keys(records))
+            .await
+    }
     async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
         self.timed("key_by_digest", self.inner.key_by_digest(digest))
             .await

@@ -426,6 +426,23 @@ impl Store for RedisStore {
         self.call_patiently(|c| write_all(c, writes, wait)).await
     }
 
+    /// Checks every digest, then writes the keys one by one: an import races nothing but
+    /// another import of the same digests (they are random 256-bit values).
+    async fn insert_keys(&self, records: Vec<KeyRecord>) -> Result<bool, StoreError> {
+        for r in &records {
+            let taken: bool = self
+                .call_patiently(|mut c| async move { c.exists(digest_key(&r.digest)).await })
+                .await?;
+            if taken {
+                return Ok(false);
+            }
+        }
+        for r in records {
+            self.insert_key(r).await?;
+        }
+        Ok(true)
+    }
+
     async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
         let fields = self
             .call(|mut c| async move {

@@ -551,31 +551,56 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_key(&self, r: KeyRecord) -> Result<(), StoreError> {
+        if self.insert_keys(vec![r]).await? {
+            Ok(())
+        } else {
+            Err(StoreError(
+                "embedded store: a key with this digest exists".into(),
+            ))
+        }
+    }
+
+    /// One transaction: all the keys or none.
+    async fn insert_keys(&self, records: Vec<KeyRecord>) -> Result<bool, StoreError> {
         self.call(move |db| {
-            lock(&db.write).execute(
-                &format!(
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut insert = tx.prepare(&format!(
                     "INSERT INTO keys ({KEY_COLUMNS})
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
-                ),
-                params![
-                    r.id,
-                    r.digest.to_string(),
-                    r.prefix,
-                    r.name,
-                    r.plan,
-                    r.monthly_limit.map(|l| l as i64),
-                    r.status.as_str(),
-                    unix(r.created_at),
-                    unix(r.updated_at),
-                    r.account_id,
-                    r.expires_at.map(unix),
-                    r.meta,
-                    r.last_used_at.map(unix),
-                    r.previous_digest.map(|d| d.to_string()),
-                    r.previous_expires_at.map(unix)
-                ],
-            )?;
-            Ok(())
+                ))?;
+                for r in records {
+                    let inserted = insert.execute(params![
+                        r.id,
+                        r.digest.to_string(),
+                        r.prefix,
+                        r.name,
+                        r.plan,
+                        r.monthly_limit.map(|l| l as i64),
+                        r.status.as_str(),
+                        unix(r.created_at),
+                        unix(r.updated_at),
+                        r.account_id,
+                        r.expires_at.map(unix),
+                        r.meta,
+                        r.last_used_at.map(unix),
+                        r.previous_digest.map(|d| d.to_string()),
+                        r.previous_expires_at.map(unix)
+                    ]);
+                    match inserted {
+                        Ok(_) => {}
+                        Err(rusqlite::Error::SqliteFailure(e, _))
+                            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                        {
+                            return Ok(false);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(true)
         })
         .await
     }
