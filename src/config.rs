@@ -15,6 +15,7 @@ use crate::forwarding::Cidr;
 use crate::sign::{Credentials, MAX_TTL_SECS, S3Location};
 use crate::store::redis::Wait;
 use crate::store::redis::sentinel::{self, SentinelUrl};
+use crate::tls::{TlsError, TlsFiles};
 
 /// The file as written. Every field is optional: a missing one takes its default.
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +35,10 @@ pub struct FileConfig {
     pub max_body_bytes: Option<usize>,
     pub default_plan: Option<String>,
     pub shutdown_grace_secs: Option<u64>,
+    pub h2c: Option<bool>,
+    pub upgrade_sock: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: TlsFile,
     #[serde(default)]
     pub store: StoreFile,
     #[serde(default)]
@@ -45,6 +50,13 @@ pub struct FileConfig {
     pub key_cache: KeyCacheFile,
     #[serde(default)]
     pub log: LogFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +201,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Access log lines: `text` or `json`.
     pub log_format: LogFormat,
+    /// HTTPS on the public listener when set (a checked, loadable pair).
+    pub tls: Option<TlsFiles>,
+    /// HTTP/2 with prior knowledge on a plain public listener.
+    pub h2c: bool,
+    /// Where `serve --upgrade` receives the listening sockets of the running process.
+    pub upgrade_sock: PathBuf,
 }
 
 /// A setting that must never reach a log, an error message or `Debug` output (the admin
@@ -813,6 +831,31 @@ impl Config {
                 }
             };
 
+        let tls = build_tls(p, env, file.tls);
+        let h2c = pick(p, env, "AUDIOLIB_H2C", "h2c", file.h2c).unwrap_or(false);
+        if h2c && tls.is_some() {
+            p.add(
+                "h2c",
+                Some("AUDIOLIB_H2C"),
+                "applies to a plain listener only; with TLS, HTTP/2 is negotiated by ALPN",
+            );
+        }
+        let upgrade_sock = pick(
+            p,
+            env,
+            "AUDIOLIB_UPGRADE_SOCK",
+            "upgrade_sock",
+            file.upgrade_sock,
+        )
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCK));
+        // sockaddr_un holds 108 bytes, the last a NUL.
+        if upgrade_sock.as_os_str().len() > 107 || upgrade_sock.as_os_str().is_empty() {
+            p.add(
+                "upgrade_sock",
+                Some("AUDIOLIB_UPGRADE_SOCK"),
+                "must be a path of 1 to 107 bytes (a Unix socket)",
+            );
+        }
         if !p.0.is_empty() {
             return Err(std::mem::take(&mut p.0));
         }
@@ -848,6 +891,9 @@ impl Config {
             key_cache,
             shutdown_grace,
             log_format,
+            tls,
+            h2c,
+            upgrade_sock,
         })
     }
 
@@ -861,6 +907,44 @@ impl Config {
             None => FileConfig::default(),
         };
         Config::build(file, env)
+    }
+}
+
+/// Where `serve --upgrade` and the running process meet, unless `upgrade_sock` says otherwise.
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/audiolib-upgrade.sock";
+
+/// The `[tls]` section: both files or neither, each pair loadable (so a bad one is refused
+/// at start and by `config check`, not at the first handshake).
+fn build_tls(p: &mut Problems, env: &dyn Env, file: TlsFile) -> Option<TlsFiles> {
+    const CERT: (&str, &str) = ("tls.cert_file", "AUDIOLIB_TLS_CERT");
+    const KEY: (&str, &str) = ("tls.key_file", "AUDIOLIB_TLS_KEY");
+    let cert = pick(p, env, CERT.1, CERT.0, file.cert_file);
+    let key = pick(p, env, KEY.1, KEY.0, file.key_file);
+    let files = match (cert, key) {
+        (None, None) => return None,
+        (Some(cert_file), Some(key_file)) => TlsFiles {
+            cert_file,
+            key_file,
+        },
+        (Some(_), None) => {
+            p.add(KEY.0, Some(KEY.1), "is needed with tls.cert_file");
+            return None;
+        }
+        (None, Some(_)) => {
+            p.add(CERT.0, Some(CERT.1), "is needed with tls.key_file");
+            return None;
+        }
+    };
+    match crate::tls::load_pair(&files) {
+        Ok(_) => Some(files),
+        Err(TlsError::Cert(e)) => {
+            p.add(CERT.0, Some(CERT.1), e);
+            None
+        }
+        Err(TlsError::Key(e)) => {
+            p.add(KEY.0, Some(KEY.1), e);
+            None
+        }
     }
 }
 

@@ -25,6 +25,7 @@
 //!   connection cap.
 //! - [`request_id`]: the `X-Request-Id` kept or generated for each request.
 //! - [`route`]: which route a request takes, however its path is spelled.
+//! - [`tls`]: HTTPS on the public listener: the certificate pair and its reloads.
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
 //! - [`admin`]: the admin API on its own listener.
 //! - [`server`]: builds the app from the config and runs the services.
@@ -57,4 +58,5 @@ pub mod server;
 pub mod shutdown;
 pub mod sign;
 pub mod store;
+pub mod tls;
 pub mod upstream;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use notify::{RecursiveMode, Watcher};
-use pingora::server::configuration::ServerConf;
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::ServiceReadyNotifier;
 use pingora::services::background::{BackgroundService, background_service};
@@ -32,6 +33,7 @@ use crate::store::instrumented::Instrumented;
 use crate::store::lease::{LeaseBackend, Quota};
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
+use crate::tls::{CertReloader, Certificates};
 use crate::upstream::{Resolver, UpstreamPeers};
 
 /// Everything a running gateway holds, built without starting any listener.
@@ -280,8 +282,9 @@ fn create_dev_key(keys: &KeyService) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the gateway until a signal stops it.
-pub fn run(config: Config) -> Result<(), String> {
+/// Runs the gateway until a signal stops it. With `upgrade`, first takes the listening
+/// sockets over from the running process (which is told to hand them over with SIGQUIT).
+pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     let app = build_app(&config, Arc::new(SystemClock))?;
     // The embedded store starts empty: it gets a development key.
     if config.redis_url.is_none() {
@@ -296,12 +299,18 @@ pub fn run(config: Config) -> Result<(), String> {
             .upstream_ca_file
             .as_ref()
             .map(|p| p.to_string_lossy().into_owned()),
+        upgrade_sock: config.upgrade_sock.to_string_lossy().into_owned(),
         ..Default::default()
     };
     let lifecycle = Lifecycle::new();
     let gateway = app.gateway.clone();
     lifecycle.hold_exit_while(move || gateway.quota().unsynced());
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = upgrade.then(|| Opt {
+        upgrade: true,
+        ..Default::default()
+    });
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // With `upgrade`, this waits for the old process's sockets (see docs/operations.md).
     server.bootstrap();
 
     let reloader = server.add_service(background_service(
@@ -343,6 +352,11 @@ pub fn run(config: Config) -> Result<(), String> {
         server.configuration.clone(),
     );
     proxy.handle_init_modules();
+    let mut options = HttpServerOptions::default();
+    options.h2c = config.h2c;
+    // An idle HTTP/2 connection closes like an idle HTTP/1.1 keep-alive one.
+    options.h2_idle_timeout = Some(config.limits.keepalive);
+    proxy.server_options = Some(options);
     let capped = ConnectionCap::new(
         Arc::new(ClientConnections {
             app: Arc::new(proxy),
@@ -356,8 +370,29 @@ pub fn run(config: Config) -> Result<(), String> {
     app.metrics.register(capped.open_gauge.clone());
     app.metrics.register(capped.refused.clone());
     let mut proxy = Service::new("audiolib proxy".to_string(), capped);
-    proxy.add_tcp(&config.listen.to_string());
+    let cert_reloader = match &config.tls {
+        Some(files) => {
+            let certificates = Certificates::load(files.clone()).map_err(|e| e.to_string())?;
+            app.metrics.register(certificates.reloads.clone());
+            proxy.add_tls_with_settings(
+                &config.listen.to_string(),
+                None,
+                certificates.listener_settings(),
+            );
+            Some(server.add_service(background_service(
+                "certificate reloader",
+                CertReloader { certificates },
+            )))
+        }
+        None => {
+            proxy.add_tcp(&config.listen.to_string());
+            None
+        }
+    };
     let proxy = server.add_service(proxy);
+    if let Some(cert_reloader) = &cert_reloader {
+        proxy.add_dependency(cert_reloader);
+    }
     proxy.add_dependency(&reloader);
     if let Some(resolver) = &resolver {
         proxy.add_dependency(resolver);
@@ -376,7 +411,12 @@ pub fn run(config: Config) -> Result<(), String> {
     server.add_service(admin);
 
     log::info!(
-        "serving on {} (admin on {}), loading the catalog from {}",
+        "serving {} on {} (admin on {}), loading the catalog from {}",
+        match (&config.tls, config.h2c) {
+            (Some(_), _) => "HTTPS (HTTP/2 and HTTP/1.1)",
+            (None, true) => "HTTP (HTTP/1.1 and HTTP/2 with prior knowledge)",
+            (None, false) => "HTTP",
+        },
         config.listen,
         config.admin_listen,
         config.catalog_dir.display(),

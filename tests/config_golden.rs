@@ -82,6 +82,9 @@ fn shipped_config_parses_to_exactly_this() {
         },
         shutdown_grace: Duration::from_secs(10),
         log_format: LogFormat::Text,
+        tls: None,
+        h2c: false,
+        upgrade_sock: PathBuf::from("/tmp/audiolib-upgrade.sock"),
     };
     assert_eq!(config, expected);
 }

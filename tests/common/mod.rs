@@ -221,9 +221,18 @@ impl GatewayBuilder {
         };
         let url = gateway.url("/healthz");
         let admin_url = format!("http://{}/admin/keys", gateway.admin);
+        // An HTTPS listener is up once it accepts (the tests' TLS clients are their own).
+        let tls = self
+            .env
+            .iter()
+            .any(|(k, v)| k == "AUDIOLIB_TLS_CERT" && !v.is_empty());
         wait_until("gateway health", Duration::from_secs(20), || {
-            agent().get(&url).call().is_ok_and(|r| r.status() == 200)
-                && agent().get(&admin_url).call().is_ok()
+            let public = if tls {
+                TcpStream::connect(gateway.addr).is_ok()
+            } else {
+                agent().get(&url).call().is_ok_and(|r| r.status() == 200)
+            };
+            public && agent().get(&admin_url).call().is_ok()
         });
         if self.wait_for_catalog {
             wait_until("the first catalog load", Duration::from_secs(60), || {
