@@ -29,7 +29,8 @@
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
 //! - [`admin`]: the admin API on its own listener.
 //! - [`server`]: builds the app from the config and runs the services.
-//! - [`shutdown`]: signals and draining in-flight requests.
+//! - [`shutdown`]: signals, draining in-flight requests, and the upgrade handoff.
+//! - [`systemd`]: readiness and main-process notices for `Type=notify` units.
 //! - [`cli`]: the `audiolib` command.
 //! - [`clock`]: injectable time.
 //! - [`locks`]: poison-tolerant std locks and a per-key map of shared entries.
@@ -58,5 +59,6 @@ pub mod server;
 pub mod shutdown;
 pub mod sign;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod upstream;

@@ -25,7 +25,7 @@ use crate::connection::{ClientConnections, ConnectionCap};
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
 use crate::proxy::AudioProxy;
-use crate::shutdown::{Lifecycle, Signals};
+use crate::shutdown::{DrainOnShutdown, Lifecycle, Signals};
 use crate::sign::Presigner;
 use crate::store::Invalidation;
 use crate::store::Store;
@@ -33,6 +33,7 @@ use crate::store::instrumented::Instrumented;
 use crate::store::lease::{LeaseBackend, Quota};
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
+use crate::systemd::NotifyReady;
 use crate::tls::{CertReloader, Certificates};
 use crate::upstream::{Resolver, UpstreamPeers};
 
@@ -123,6 +124,10 @@ pub fn build_app_with(
 struct CatalogReloader {
     catalog: Arc<CatalogHandle>,
     watch: bool,
+    /// Hold the listeners back until the first load has ended: set when taking over from a
+    /// running process (`serve --upgrade`), which keeps serving meanwhile, so no call hears
+    /// 503 while this one loads.
+    ready_after_load: bool,
 }
 
 #[async_trait]
@@ -146,13 +151,21 @@ impl BackgroundService for CatalogReloader {
             None
         };
         // Listeners start only after this, so a SIGHUP can never meet the default action.
-        ready.notify_ready();
+        let mut ready = Some(ready);
+        if !self.ready_after_load
+            && let Some(ready) = ready.take()
+        {
+            ready.notify_ready();
+        }
         if let Err(e) = self.reload().await {
             log::error!(
                 "stopping: the catalog in {} cannot be served: {e}",
                 self.catalog.dir().display()
             );
             std::process::exit(1);
+        }
+        if let Some(ready) = ready.take() {
+            ready.notify_ready();
         }
         loop {
             tokio::select! {
@@ -316,6 +329,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     let reloader = server.add_service(background_service(
         "catalog reloader",
         CatalogReloader {
+            ready_after_load: upgrade,
             catalog: app.catalog.clone(),
             watch: config.catalog_watch,
         },
@@ -409,6 +423,15 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     admin.add_tcp(&config.admin_listen.to_string());
     admin.threads = Some(1);
     server.add_service(admin);
+
+    let notify = server.add_service(background_service("systemd notify", NotifyReady));
+    notify.add_dependency(&proxy);
+    server.add_service(background_service(
+        "drain on shutdown",
+        DrainOnShutdown {
+            lifecycle: lifecycle.clone(),
+        },
+    ));
 
     log::info!(
         "serving {} on {} (admin on {}), loading the catalog from {}",
