@@ -92,7 +92,7 @@ fn an_upgrade_under_load_refuses_nothing_and_fails_nothing() {
 }
 
 #[test]
-#[ignore = "usage over-counted in about one run in fifteen (the leases of the store, not the handoff); see issue 9"]
+#[ignore = "usage one lease block over the calls answered in 3 of 58 runs (store leases); see docs/operations.md"]
 fn usage_is_exact_through_an_upgrade() {
     upgrade_under_load(true);
 }
@@ -163,7 +163,7 @@ fn upgrade_under_load(exact_usage: bool) {
         Duration::from_secs(10),
         || new.usage(&id) >= answered,
     );
-    // Exactly the calls answered is SPEC §4a.4; about one run in fifteen counted ~4 % more
+    // Exactly the calls answered is SPEC §4a.4; 3 runs in 58 counted one lease block more
     // (the old process slow to exit): kept apart in `usage_is_exact_through_an_upgrade`.
     if exact_usage {
         new.wait_usage(&id, answered);
