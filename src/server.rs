@@ -298,6 +298,22 @@ fn create_dev_key(keys: &KeyService) -> Result<(), String> {
 /// Runs the gateway until a signal stops it. With `upgrade`, first takes the listening
 /// sockets over from the running process (which is told to hand them over with SIGQUIT).
 pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
+    // Pingora binds in a service thread and panics there on a taken address, leaving a process
+    // that serves nothing: find out first, and say which setting. (With `upgrade` the
+    // addresses are the running process's, and come with its sockets.)
+    if !upgrade {
+        for (addr, setting, env) in [
+            (config.listen, "listen", "AUDIOLIB_LISTEN"),
+            (config.admin_listen, "admin_listen", "AUDIOLIB_ADMIN_LISTEN"),
+        ] {
+            std::net::TcpListener::bind(addr).map_err(|e| {
+                format!(
+                    "cannot listen on {addr} (setting `{setting}`, {env}): {e}; to take over \
+                     from a gateway running there, start this one with `serve --upgrade`"
+                )
+            })?;
+        }
+    }
     let app = build_app(&config, Arc::new(SystemClock))?;
     // The embedded store starts empty: it gets a development key.
     if config.redis_url.is_none() {

@@ -202,3 +202,43 @@ fn sigquit_without_a_new_process_drains_and_exits() {
         "{log}"
     );
 }
+
+#[test]
+fn a_second_gateway_on_a_taken_address_exits_with_the_setting_named() {
+    let gw = Gateway::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_audiolib"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("AUDIOLIB_LISTEN", gw.addr.to_string())
+        .env(
+            "AUDIOLIB_ADMIN_LISTEN",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot listen on {} (setting `listen`, AUDIOLIB_LISTEN): ",
+            gw.addr
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // The running one is untouched.
+    assert_eq!(gw.post_audio(&gw.dev_key, BODY).status, 200);
+}
