@@ -81,6 +81,7 @@ fn scale(c: &mut Criterion) {
     let (_, secret) = runtime
         .block_on(app.keys.create(CreateKey {
             name: "bench".into(),
+            account_id: None,
             plan: Some("unlimited".into()),
             ..Default::default()
         }))

@@ -14,6 +14,7 @@ use audiolib::config::{Config, FileConfig};
 use audiolib::keys::CreateKey;
 use audiolib::metrics::StoreMetrics;
 use audiolib::quota::Period;
+use audiolib::route::Route;
 use audiolib::server::build_app_with;
 use audiolib::sign::{Presigner, encode_key};
 use audiolib::store::lease::Quota;
@@ -137,7 +138,7 @@ fn encode(c: &mut Criterion) {
 fn metrics(c: &mut Criterion) {
     let m = audiolib::metrics::Metrics::new();
     c.bench_function("metrics_observe_request", |b| {
-        b.iter(|| m.observe_request(black_box("audio"), 200, black_box("ok"), 0.0004))
+        b.iter(|| m.observe_request(black_box(Route::Audio), 200, black_box("ok"), 0.0004))
     });
 }
 
@@ -166,6 +167,7 @@ fn store_and_cache(c: &mut Criterion) {
     let (_, secret) = runtime
         .block_on(app.keys.create(CreateKey {
             name: "bench".into(),
+            account_id: None,
             plan: Some("unlimited".into()),
             monthly_limit: None,
         }))

@@ -4,6 +4,10 @@
 //! usage: fixed_body LISTEN BODY_FILE [THREADS [CERT KEY]]   (HTTPS with ALPN h2 and
 //! http/1.1 when a certificate and key are given, as the gateway's TLS listener)
 
+// The gateway's allocator, so the ceiling is measured on equal terms.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;

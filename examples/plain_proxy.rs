@@ -3,6 +3,10 @@
 //!
 //! usage: plain_proxy LISTEN UPSTREAM_HOST:PORT [THREADS]
 
+// The gateway's allocator, so the ceiling is measured on equal terms.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;

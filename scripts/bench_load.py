@@ -19,7 +19,9 @@ Targets (all on 127.0.0.1, 2 server threads each unless --threads):
   embedded-h2    the gateway over TLS, HTTP/2 (h2load: -c connections, --h2-streams each)
 
 Every target is driven with the same wrk settings, one after another within a round, for
-several rounds; medians are reported. Run through scripts/bench-load, which builds first.
+several rounds; medians are reported, with each server's CPU time per answer (user + system
+from /proc, nginx's workers included), which is steadier than req/s on a shared machine. Run
+through scripts/bench-load, which builds first.
 """
 
 import argparse
@@ -78,6 +80,25 @@ class Procs:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def cpu_ticks(pid):
+    """User + system clock ticks of a process and its direct children (nginx's workers)."""
+    def own(p):
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0
+        return int(fields[11]) + int(fields[12])
+    total = own(pid)
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        children = []
+    return total + sum(own(int(c)) for c in children)
+
+
+TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid, field):
@@ -181,7 +202,7 @@ def run_h2load(url, key, args, work):
     with open(body, "w") as f:
         f.write(BODY)
     cmd = ["h2load", f"-t{args.wrk_threads}", f"-c{args.connections}", f"-m{args.h2_streams}",
-           f"-D{args.duration}", "--warm-up-time=1", "-d", body,
+           f"-D{args.duration}", "-d", body,
            "-H", f"authorization: Bearer {key}", "-H", "content-type: application/json", url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
@@ -271,15 +292,15 @@ http {{
   server {{ listen 127.0.0.1:{up_port}; location / {{ default_type text/plain; return 200 'upstream says hello, a small body for passthrough'; }} }}
 }}
 """)
-        procs.start(["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work])
+        ngx = procs.start(["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work])
         wait_port(nginx_port)
         wait_port(up_port)
 
         fixed_port, proxy_port = free_port(), free_port()
-        procs.start([os.path.join(RELEASE, "examples", "fixed_body"), f"127.0.0.1:{fixed_port}",
-                     body_file, str(args.threads)])
-        procs.start([os.path.join(RELEASE, "examples", "plain_proxy"), f"127.0.0.1:{proxy_port}",
-                     f"127.0.0.1:{up_port}", str(args.threads)])
+        fixed = procs.start([os.path.join(RELEASE, "examples", "fixed_body"),
+                             f"127.0.0.1:{fixed_port}", body_file, str(args.threads)])
+        plain = procs.start([os.path.join(RELEASE, "examples", "plain_proxy"),
+                             f"127.0.0.1:{proxy_port}", f"127.0.0.1:{up_port}", str(args.threads)])
         red, red_port, red_admin = start_gateway(procs, work, "redis", args.threads,
                                                  {"AUDIOLIB_REDIS_URL": redis_url})
         pas, pas_port, _ = start_gateway(procs, work, "passthrough", args.threads, {},
@@ -309,8 +330,9 @@ http {{
         # TLS: the gateway and the fixed-body ceiling with the same certificate.
         cert, key_file = make_certificate(work)
         fixed_tls_port = free_port()
-        procs.start([os.path.join(RELEASE, "examples", "fixed_body"), f"127.0.0.1:{fixed_tls_port}",
-                     body_file, str(args.threads), cert, key_file])
+        fixed_tls = procs.start([os.path.join(RELEASE, "examples", "fixed_body"),
+                                 f"127.0.0.1:{fixed_tls_port}", body_file, str(args.threads),
+                                 cert, key_file])
         tls, tls_port, tls_admin = start_gateway(
             procs, work, "embedded-tls", args.threads,
             {"AUDIOLIB_DATA_DIR": os.path.join(work, "data-tls"),
@@ -318,61 +340,69 @@ http {{
         wait_port(fixed_tls_port)
         tls_key = create_keys(tls_admin, 1, "free", 10**12)[0]
 
+        # name -> (url, wrk script or ("h2", key) for h2load, pid whose CPU is counted)
         targets = {
-            "nginx": (f"http://127.0.0.1:{nginx_port}/v1/audio", wrk_script(work, "nginx", [key])),
-            "pingora-fixed": (f"http://127.0.0.1:{fixed_port}/v1/audio", wrk_script(work, "fixed", [key])),
-            "embedded": (f"http://127.0.0.1:{mem_port}/v1/audio", wrk_script(work, "embedded", [key])),
-            "redis-limited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "limited", limited)),
-            "redis-unlimited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "unlimited", unlimited)),
-            "redis-10k": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "many", many)),
-            "redis-wait": (f"http://127.0.0.1:{wai_port}/v1/audio", wrk_script(work, "wait", waited)),
-            "pingora-proxy": (f"http://127.0.0.1:{proxy_port}/static/x", wrk_script(work, "proxy", [key], "GET", "")),
-            "passthrough": (f"http://127.0.0.1:{pas_port}/static/x", wrk_script(work, "pass", [key], "GET", "")),
-            "pingora-fixed-tls": (f"https://127.0.0.1:{fixed_tls_port}/v1/audio", wrk_script(work, "fixed-tls", [tls_key])),
-            "embedded-tls": (f"https://127.0.0.1:{tls_port}/v1/audio", wrk_script(work, "tls", [tls_key])),
-            "pingora-fixed-h2": (f"https://127.0.0.1:{fixed_tls_port}/v1/audio", ("h2", tls_key)),
-            "embedded-h2": (f"https://127.0.0.1:{tls_port}/v1/audio", ("h2", tls_key)),
+            "nginx": (f"http://127.0.0.1:{nginx_port}/v1/audio", wrk_script(work, "nginx", [key]), ngx.pid),
+            "pingora-fixed": (f"http://127.0.0.1:{fixed_port}/v1/audio", wrk_script(work, "fixed", [key]), fixed.pid),
+            "embedded": (f"http://127.0.0.1:{mem_port}/v1/audio", wrk_script(work, "embedded", [key]), mem.pid),
+            "redis-limited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "limited", limited), red.pid),
+            "redis-unlimited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "unlimited", unlimited), red.pid),
+            "redis-10k": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "many", many), red.pid),
+            "redis-wait": (f"http://127.0.0.1:{wai_port}/v1/audio", wrk_script(work, "wait", waited), wai.pid),
+            "pingora-proxy": (f"http://127.0.0.1:{proxy_port}/static/x", wrk_script(work, "proxy", [key], "GET", ""), plain.pid),
+            "passthrough": (f"http://127.0.0.1:{pas_port}/static/x", wrk_script(work, "pass", [key], "GET", ""), pas.pid),
+            "pingora-fixed-tls": (f"https://127.0.0.1:{fixed_tls_port}/v1/audio", wrk_script(work, "fixed-tls", [tls_key]), fixed_tls.pid),
+            "embedded-tls": (f"https://127.0.0.1:{tls_port}/v1/audio", wrk_script(work, "tls", [tls_key]), tls.pid),
+            "pingora-fixed-h2": (f"https://127.0.0.1:{fixed_tls_port}/v1/audio", ("h2", tls_key), fixed_tls.pid),
+            "embedded-h2": (f"https://127.0.0.1:{tls_port}/v1/audio", ("h2", tls_key), tls.pid),
         }
         for spec in args.baseline:
             name, _, binary = spec.partition("=")
-            _, base_port, base_admin = start_gateway(procs, work, name, args.threads,
+            base, base_port, base_admin = start_gateway(procs, work, name, args.threads,
                                                      {"AUDIOLIB_DATA_DIR": os.path.join(work, name)},
                                                      binary=binary)
             base_key = create_keys(base_admin, 1, "free", 10**12)[0]
             targets[name] = (f"http://127.0.0.1:{base_port}/v1/audio",
-                             wrk_script(work, name, [base_key]))
+                             wrk_script(work, name, [base_key]), base.pid)
         if args.only:
             keep = args.only.split(",") + [spec.partition("=")[0] for spec in args.baseline]
             targets = {k: v for k, v in targets.items() if k in keep}
         results = {name: [] for name in targets}
         for r in range(args.rounds):
-            for name, (url, script) in targets.items():
+            for name, (url, script, pid) in targets.items():
+                before = cpu_ticks(pid)
                 if isinstance(script, tuple):
                     res = run_h2load(url, script[1], args, work)
                 else:
                     res = run_wrk(url, script, args)
+                # Server CPU per answer: steadier than req/s on a shared machine, since it
+                # does not depend on how much of the cores the server got.
+                res["cpu"] = (cpu_ticks(pid) - before) * TICK_US / max(1, res["rps"] * args.duration)
                 results[name].append(res)
                 print(f"round {r + 1} {name:16} {res['rps']:>10.0f} req/s  p50 {res['p50']:.3f} ms  "
-                      f"p99 {res['p99']:.3f} ms  non-2xx {res['non2xx']} {res['errors']}",
-                      file=sys.stderr)
+                      f"p99 {res['p99']:.3f} ms  cpu {res['cpu']:.1f} us/req  "
+                      f"non-2xx {res['non2xx']} {res['errors']}", file=sys.stderr)
 
-        med = {n: {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50", "p99")}
+        med = {n: {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50", "p99", "cpu")}
                for n, rs in results.items()}
         def ratio(a, b):
             return f"{med[a]['rps'] / med[b]['rps']:.2f}" if a in med and b in med else "-"
         print()
         print(f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration}s, {args.rounds} interleaved "
               f"rounds, server threads {args.threads}, medians")
-        print(f"{'target':16} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'/nginx':>7} {'/pingora':>8}")
+        print(f"{'target':16} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us':>7} "
+              f"{'/nginx':>7} {'/pingora':>8}")
         for name, m in med.items():
             base = {"passthrough": "pingora-proxy", "embedded-tls": "pingora-fixed-tls",
                     "embedded-h2": "pingora-fixed-h2"}.get(name, "pingora-fixed")
-            print(f"{name:16} {m['rps']:>10.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} "
+            print(f"{name:16} {m['rps']:>10.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} {m['cpu']:>7.1f} "
                   f"{ratio(name, 'nginx'):>7} {ratio(name, base):>8}")
         for spec in args.baseline:
             name = spec.partition("=")[0]
             if name in med and "embedded" in med:
-                print(f"embedded / {name}: {ratio('embedded', name)}")
+                print(f"embedded / {name}: {ratio('embedded', name)} in req/s, "
+                      f"{med[name]['cpu'] / med['embedded']['cpu']:.2f} in CPU per request "
+                      f"({name}'s over embedded's)")
         if "redis-wait" in med and "redis-limited" in med:
             print(f"redis-wait / redis-limited: {ratio('redis-wait', 'redis-limited')}")
         non2xx = {n: sum(x["non2xx"] for x in rs) for n, rs in results.items()}

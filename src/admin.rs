@@ -1,5 +1,5 @@
-//! The admin API (SPEC §7) on its own listener: key management for any store, guarded by a
-//! bearer token. `audiolib keys …` is a thin client of it.
+//! The admin API (SPEC §7, §9) on its own listener: keys and accounts for any store, guarded
+//! by a bearer token. `audiolib keys …` and `audiolib accounts …` are thin clients of it.
 
 use std::sync::Arc;
 
@@ -10,14 +10,16 @@ use pingora::protocols::http::ServerSession;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::keys::{ChangeKey, CreateKey, KeyError, KeyService};
+use crate::accounts::{AccountService, ChangeAccount, CreateAccount};
+use crate::keys::{AdminError, ChangeKey, CreateKey, KeyService};
 use crate::metrics::Metrics;
-use crate::store::KeyStatus;
+use crate::store::{AccountStatus, KeyStatus};
 
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 pub struct AdminApi {
     keys: Arc<KeyService>,
+    accounts: Arc<AccountService>,
     metrics: Arc<Metrics>,
     /// SHA-256 of the admin token: comparing digests keeps the comparison time independent
     /// of how much of a guessed token is right.
@@ -31,29 +33,66 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
     Reply(status, json!({"error": message.into(), "code": code}))
 }
 
-impl From<KeyError> for Reply {
-    fn from(e: KeyError) -> Self {
-        let status = match &e {
-            KeyError::UnknownPlan(_) | KeyError::Invalid(_) => StatusCode::BAD_REQUEST,
-            KeyError::NotFound(_) => StatusCode::NOT_FOUND,
-            KeyError::Revoked(_) => StatusCode::CONFLICT,
-            KeyError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+impl From<AdminError> for Reply {
+    fn from(e: AdminError) -> Self {
+        use AdminError as E;
+        let (status, code) = match &e {
+            E::UnknownPlan(_) => (StatusCode::BAD_REQUEST, "UNKNOWN_PLAN"),
+            E::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+            E::InvalidField { .. } => (StatusCode::BAD_REQUEST, "INVALID_FIELD"),
+            E::NotFound(_) => (StatusCode::NOT_FOUND, "KEY_NOT_FOUND"),
+            E::AccountNotFound(_) => (StatusCode::NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+            E::Revoked(_) => (StatusCode::CONFLICT, "KEY_REVOKED"),
+            E::AccountClosed(_) => (StatusCode::CONFLICT, "ACCOUNT_CLOSED"),
+            E::EmailTaken(_) => (StatusCode::CONFLICT, "EMAIL_TAKEN"),
+            E::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"),
         };
-        let code = match &e {
-            KeyError::UnknownPlan(_) => "UNKNOWN_PLAN",
-            KeyError::Invalid(_) => "INVALID_REQUEST",
-            KeyError::NotFound(_) => "KEY_NOT_FOUND",
-            KeyError::Revoked(_) => "KEY_REVOKED",
-            KeyError::Store(_) => "SERVICE_UNAVAILABLE",
+        let mut reply = error(status, code, e.to_string());
+        if let E::InvalidField { field, .. } = &e {
+            reply.1["field"] = json!(field);
+        }
+        reply
+    }
+}
+
+/// The admin routes: a collection, or one member of it by id.
+enum Target {
+    Keys(Option<String>),
+    Accounts(Option<String>),
+}
+
+impl Target {
+    fn of(path: &str) -> Option<Target> {
+        let (collection, rest) = if let Some(rest) = path.strip_prefix("/admin/keys") {
+            (Target::Keys as fn(Option<String>) -> Target, rest)
+        } else {
+            (
+                Target::Accounts as fn(Option<String>) -> Target,
+                path.strip_prefix("/admin/accounts")?,
+            )
         };
-        error(status, code, e.to_string())
+        match rest {
+            "" | "/" => Some(collection(None)),
+            _ => match rest.strip_prefix('/') {
+                Some(id) if !id.is_empty() && !id.contains('/') => {
+                    Some(collection(Some(id.to_string())))
+                }
+                _ => None,
+            },
+        }
     }
 }
 
 impl AdminApi {
-    pub fn new(keys: Arc<KeyService>, metrics: Arc<Metrics>, token: Option<&str>) -> Self {
+    pub fn new(
+        keys: Arc<KeyService>,
+        accounts: Arc<AccountService>,
+        metrics: Arc<Metrics>,
+        token: Option<&str>,
+    ) -> Self {
         Self {
             keys,
+            accounts,
             metrics,
             token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
         }
@@ -116,15 +155,59 @@ impl AdminApi {
     async fn route(&self, session: &mut ServerSession) -> Result<Reply, Reply> {
         self.authorize(session)?;
         let method = session.req_header().method.clone();
-        let path = session.req_header().uri.path().to_string();
-        let id = match path.strip_prefix("/admin/keys") {
-            Some("") | Some("/") => None,
-            Some(rest) => match rest.strip_prefix('/') {
-                Some(id) if !id.is_empty() && !id.contains('/') => Some(id.to_string()),
-                _ => return Err(error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route")),
-            },
-            None => return Err(error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route")),
-        };
+        match Target::of(session.req_header().uri.path()) {
+            Some(Target::Keys(id)) => self.keys_route(session, method, id).await,
+            Some(Target::Accounts(id)) => self.accounts_route(session, method, id).await,
+            None => Err(error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route")),
+        }
+    }
+
+    async fn accounts_route(
+        &self,
+        session: &mut ServerSession,
+        method: Method,
+        id: Option<String>,
+    ) -> Result<Reply, Reply> {
+        match (method, id) {
+            (Method::POST, None) => {
+                let body = Self::read_json(session).await?;
+                let view = self.accounts.create(parse_create_account(body)?).await?;
+                Ok(Reply(StatusCode::CREATED, json!(view)))
+            }
+            (Method::GET, None) => {
+                let accounts = self.accounts.list().await?;
+                Ok(Reply(StatusCode::OK, json!({ "accounts": accounts })))
+            }
+            (Method::GET, Some(id)) => {
+                let (view, period, used, keys) = self.accounts.show(&id).await?;
+                let mut value = json!(view);
+                value["usage"] = json!(used);
+                value["period"] = json!(period.to_string());
+                value["keys"] = json!(keys);
+                Ok(Reply(StatusCode::OK, value))
+            }
+            (Method::PATCH, Some(id)) => {
+                let body = Self::read_json(session).await?;
+                let view = self
+                    .accounts
+                    .change(&id, parse_change_account(body)?)
+                    .await?;
+                Ok(Reply(StatusCode::OK, json!(view)))
+            }
+            (Method::DELETE, Some(id)) => {
+                let view = self.accounts.close(&id).await?;
+                Ok(Reply(StatusCode::OK, json!(view)))
+            }
+            _ => Err(method_not_allowed()),
+        }
+    }
+
+    async fn keys_route(
+        &self,
+        session: &mut ServerSession,
+        method: Method,
+        id: Option<String>,
+    ) -> Result<Reply, Reply> {
         match (method, id) {
             (Method::POST, None) => {
                 let body = Self::read_json(session).await?;
@@ -155,13 +238,17 @@ impl AdminApi {
                 let view = self.keys.revoke(&id).await?;
                 Ok(Reply(StatusCode::OK, json!(view)))
             }
-            _ => Err(error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "METHOD_NOT_ALLOWED",
-                "method not allowed on this route",
-            )),
+            _ => Err(method_not_allowed()),
         }
     }
+}
+
+fn method_not_allowed() -> Reply {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "method not allowed on this route",
+    )
 }
 
 fn invalid(message: impl Into<String>) -> Reply {
@@ -199,9 +286,10 @@ fn parse_string(body: &Map<String, Value>, field: &str) -> Result<Option<String>
 }
 
 fn parse_create(body: Map<String, Value>) -> Result<CreateKey, Reply> {
-    only_fields(&body, &["name", "plan", "monthly_limit"])?;
+    only_fields(&body, &["name", "plan", "monthly_limit", "account_id"])?;
     Ok(CreateKey {
         name: parse_string(&body, "name")?.ok_or_else(|| invalid("name is required"))?,
+        account_id: parse_field_string(&body, "account_id")?,
         plan: parse_string(&body, "plan")?,
         monthly_limit: parse_limit(&body)?,
     })
@@ -254,4 +342,50 @@ impl ServeHttp for AdminApi {
             .body(body)
             .unwrap_or_default()
     }
+}
+
+/// A string field whose errors name it (`INVALID_FIELD`).
+fn parse_field_string(
+    body: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, Reply> {
+    match body.get(field) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(AdminError::field(field, "must be a string").into()),
+    }
+}
+
+fn required(body: &Map<String, Value>, field: &'static str) -> Result<String, Reply> {
+    parse_field_string(body, field)?.ok_or_else(|| AdminError::field(field, "is required").into())
+}
+
+fn parse_create_account(body: Map<String, Value>) -> Result<CreateAccount, Reply> {
+    only_fields(&body, &["email", "name", "plan"])?;
+    Ok(CreateAccount {
+        email: required(&body, "email")?,
+        name: required(&body, "name")?,
+        plan: parse_field_string(&body, "plan")?,
+    })
+}
+
+fn parse_change_account(body: Map<String, Value>) -> Result<ChangeAccount, Reply> {
+    only_fields(&body, &["name", "plan", "status"])?;
+    let status = match parse_field_string(&body, "status")?.as_deref() {
+        None => None,
+        Some("active") => Some(AccountStatus::Active),
+        Some("disabled") => Some(AccountStatus::Disabled),
+        Some(other) => {
+            return Err(AdminError::field(
+                "status",
+                format!("'{other}' is not one of active, disabled (close an account with DELETE)"),
+            )
+            .into());
+        }
+    };
+    Ok(ChangeAccount {
+        name: parse_field_string(&body, "name")?,
+        plan: parse_field_string(&body, "plan")?,
+        status,
+    })
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::auth::{KeyDigest, bearer_token, check_format};
-use crate::cache::KeyCache;
+use crate::cache::{Caller, KeyCache};
 use crate::catalog::CatalogHandle;
 use crate::clock::Clock;
 use crate::config::FailurePolicy;
@@ -17,8 +17,8 @@ use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::quota::{LocalAdmission, Period, RateInfo, Reservation, Source};
 use crate::sign::Presigner;
+use crate::store::Store;
 use crate::store::lease::Quota;
-use crate::store::{KeyRecord, KeyStatus, Store};
 
 /// Seconds a client is told to wait when the store is down and the policy is fail-closed.
 const STORE_RETRY_AFTER_SECS: u64 = 1;
@@ -89,7 +89,7 @@ impl Gateway {
     }
 
     /// Rows 3–5: the `Authorization` header values to an active key.
-    pub async fn authenticate<'a, I>(&self, authorization: I) -> Result<Arc<KeyRecord>, ApiError>
+    pub async fn authenticate<'a, I>(&self, authorization: I) -> Result<Arc<Caller>, ApiError>
     where
         I: Iterator<Item = &'a [u8]>,
     {
@@ -104,7 +104,7 @@ impl Gateway {
                 self.store_down()
             })?
             .ok_or(ApiError::InvalidKey)?;
-        if record.status != KeyStatus::Active {
+        if !record.active() {
             return Err(ApiError::InvalidKey);
         }
         Ok(record)
@@ -118,8 +118,8 @@ impl Gateway {
         }
     }
 
-    /// Rows 7–12 for an authenticated key and its complete body.
-    pub async fn audio(&self, key: &KeyRecord, body: &[u8]) -> Outcome {
+    /// Rows 7–12 for an authenticated caller and its complete body.
+    pub async fn audio(&self, caller: &Caller, body: &[u8]) -> Outcome {
         let library = match parse_request(body) {
             Ok(library) => library,
             Err(e) => return Outcome::error(e),
@@ -134,7 +134,7 @@ impl Gateway {
 
         let now = self.clock.now();
         let period = Period::containing(now);
-        let limit = key.monthly_limit;
+        let (subject, limit) = (caller.subject(), caller.monthly_limit());
         let rate = |used| limit.map(|l| RateInfo::new(l, used, period, now));
         let exceeded = |used| Outcome {
             result: Err(ApiError::QuotaExceeded {
@@ -145,12 +145,12 @@ impl Gateway {
             rate: rate(used),
         };
         // A key found exhausted this month under this limit stays so: no store call needed.
-        if let Some(used) = self.ledger.exhausted(&key.id, period, limit) {
+        if let Some(used) = self.ledger.exhausted(subject, period, limit) {
             return exceeded(used);
         }
-        let (used, source) = match self.quota.reserve(&key.id, period, limit).await {
+        let (used, source) = match self.quota.reserve(subject, period, limit).await {
             Ok(answer) => {
-                self.ledger.record(&key.id, period, limit, answer);
+                self.ledger.record(subject, period, limit, answer);
                 match answer {
                     Reservation::Granted { used } => (used, Source::Lease),
                     Reservation::Denied { used } => return exceeded(used),
@@ -158,11 +158,11 @@ impl Gateway {
                 }
             }
             Err(e) => {
-                log::warn!("quota reservation for key {} failed: {e}", key.id);
+                log::warn!("quota reservation for {subject} failed: {e}");
                 if self.failure_policy == FailurePolicy::FailClosed {
                     return Outcome::error(self.store_down());
                 }
-                match self.quota.admit_local(&key.id, period, limit).await {
+                match self.quota.admit_local(subject, period, limit).await {
                     LocalAdmission::Admitted { used, source } => (used, source),
                     LocalAdmission::Exhausted { used } => return exceeded(used),
                     LocalAdmission::Refused => return Outcome::error(self.store_down()),
@@ -174,7 +174,7 @@ impl Gateway {
             Ok(url) => url,
             Err(e) => {
                 log::warn!("presign failed for library {library}: {e}");
-                self.quota.refund(&key.id, period, source).await;
+                self.quota.refund(subject, period, source).await;
                 return Outcome {
                     result: Err(ApiError::PresignFailed),
                     rate: rate(used.saturating_sub(1)),

@@ -1,4 +1,5 @@
-//! The per-node key cache (SPEC §3): key records by digest, in front of the store.
+//! The per-node key cache (SPEC §3): callers (a key record and its account) by digest, in
+//! front of the store.
 //!
 //! Known keys and unknown keys live in two separate `moka` caches so a flood of random keys
 //! can only churn the small negative cache, never evict a good key. Concurrent misses of one
@@ -17,7 +18,43 @@ use moka::future::Cache;
 use crate::auth::KeyDigest;
 use crate::config::KeyCacheConfig;
 use crate::metrics::CacheMetrics;
-use crate::store::{KeyRecord, Store, StoreError};
+use crate::store::{AccountRecord, AccountStatus, KeyRecord, KeyStatus, Store, StoreError};
+
+/// An API key as the request path needs it: its record and, for a key of an account, the
+/// account whose status and monthly limit apply to it (SPEC §9). Changes to an account are
+/// announced as changes to each of its keys, so the two are always cached together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub key: KeyRecord,
+    /// `None` for a key without an account.
+    pub account: Option<AccountRecord>,
+}
+
+impl Caller {
+    /// Whose quota a call counts against: the account for a key of one, else the key.
+    pub fn subject(&self) -> &str {
+        self.account.as_ref().map_or(&self.key.id, |a| &a.id)
+    }
+
+    /// The monthly limit shared by the subject's calls; `None` is unlimited.
+    pub fn monthly_limit(&self) -> Option<u64> {
+        match &self.account {
+            Some(account) => account.monthly_limit,
+            None => self.key.monthly_limit,
+        }
+    }
+
+    /// Served only while the key is active, and its account too when it has one (an account
+    /// that no longer exists serves nothing).
+    pub fn active(&self) -> bool {
+        let account_ok = match (&self.key.account_id, &self.account) {
+            (None, _) => true,
+            (Some(_), Some(account)) => account.status == AccountStatus::Active,
+            (Some(_), None) => false,
+        };
+        self.key.status == KeyStatus::Active && account_ok
+    }
+}
 
 /// Why a lookup produced no record.
 #[derive(Debug, Clone)]
@@ -28,7 +65,7 @@ enum Miss {
 
 pub struct KeyCache {
     store: Arc<dyn Store>,
-    known: Cache<KeyDigest, Arc<KeyRecord>>,
+    known: Cache<KeyDigest, Arc<Caller>>,
     unknown: Cache<KeyDigest, ()>,
     /// Moves on every invalidation; a fetch compares it before and after.
     epoch: AtomicU64,
@@ -53,8 +90,8 @@ impl KeyCache {
         }
     }
 
-    /// The record for `digest`, `None` if no such key exists.
-    pub async fn get(&self, digest: KeyDigest) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+    /// The caller for `digest`, `None` if no such key exists.
+    pub async fn get(&self, digest: KeyDigest) -> Result<Option<Arc<Caller>>, StoreError> {
         if let Some(record) = self.known.get(&digest).await {
             self.metrics.hits.inc();
             return Ok(Some(record));
@@ -71,11 +108,16 @@ impl KeyCache {
             .known
             .try_get_with(digest, async {
                 fetched_here.store(true, Ordering::Relaxed);
-                match store.key_by_digest(&digest).await {
-                    Ok(Some(record)) => Ok(Arc::new(record)),
-                    Ok(None) => Err(Miss::Unknown),
-                    Err(e) => Err(Miss::Store(e)),
-                }
+                let key = match store.key_by_digest(&digest).await {
+                    Ok(Some(key)) => key,
+                    Ok(None) => return Err(Miss::Unknown),
+                    Err(e) => return Err(Miss::Store(e)),
+                };
+                let account = match &key.account_id {
+                    None => None,
+                    Some(id) => store.account_by_id(id).await.map_err(Miss::Store)?,
+                };
+                Ok(Arc::new(Caller { key, account }))
             })
             .await;
         // A change announced during the fetch: the answer may predate it, so it is used for

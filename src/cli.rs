@@ -1,5 +1,6 @@
-//! The command line: `serve`, and the small tools around it (`keys`, `catalog check`,
-//! `config check`). `keys` is a client of the admin API, so it works against any node.
+//! The command line: `serve`, and the small tools around it (`keys`, `accounts`, `catalog
+//! check`, `config check`). `keys` and `accounts` are clients of the admin API, so they work
+//! against any node.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ enum Command {
     },
     /// Manage API keys through the admin API.
     Keys(KeysArgs),
+    /// Manage accounts (which own keys and share one monthly limit) through the admin API.
+    Accounts(AccountsArgs),
     /// Catalog tools.
     Catalog {
         #[command(subcommand)]
@@ -55,16 +58,61 @@ enum ConfigCommand {
     Check { file: PathBuf },
 }
 
+/// Where the admin API is and how to authenticate to it.
 #[derive(Args)]
-struct KeysArgs {
+struct AdminArgs {
     /// Admin API base URL.
     #[arg(long, env = "AUDIOLIB_ADMIN_URL", default_value_t = default_admin_url())]
     admin_url: String,
     /// Admin bearer token.
     #[arg(long, env = "AUDIOLIB_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+}
+
+#[derive(Args)]
+struct KeysArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
     #[command(subcommand)]
     command: KeysCommand,
+}
+
+#[derive(Args)]
+struct AccountsArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[command(subcommand)]
+    command: AccountsCommand,
+}
+
+#[derive(Subcommand)]
+enum AccountsCommand {
+    /// Create an account.
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        plan: Option<String>,
+    },
+    /// List accounts.
+    List,
+    /// Show an account with this month's usage and its keys.
+    Show { id: String },
+    /// Change an account's name, plan or status.
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        plan: Option<String>,
+        /// active or disabled.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Close an account and revoke its keys (final).
+    Close { id: String },
 }
 
 #[derive(Args)]
@@ -93,6 +141,9 @@ enum KeysCommand {
     Create {
         #[arg(long)]
         name: String,
+        /// The account that owns the key (it then shares the account's limit).
+        #[arg(long, conflicts_with_all = ["plan", "limit", "unlimited"])]
+        account: Option<String>,
         #[arg(long)]
         plan: Option<String>,
         #[command(flatten)]
@@ -130,6 +181,7 @@ pub fn main() -> ExitCode {
     }) {
         Command::Serve { config, upgrade } => serve(config, upgrade),
         Command::Keys(args) => keys(args),
+        Command::Accounts(args) => accounts(args),
         Command::Catalog {
             command: CatalogCommand::Check { dir },
         } => catalog_check(dir),
@@ -203,66 +255,109 @@ fn config_check(file: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-fn keys(args: KeysArgs) -> Result<(), String> {
-    let token = args
-        .token
-        .ok_or("an admin token is needed: --token or AUDIOLIB_ADMIN_TOKEN")?;
-    let base = args.admin_url.trim_end_matches('/');
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let auth = format!("Bearer {token}");
-    let url = |id: Option<&str>| match id {
-        Some(id) => format!("{base}/admin/keys/{id}"),
-        None => format!("{base}/admin/keys"),
-    };
-    let response = match args.command {
-        KeysCommand::Create { name, plan, limit } => {
-            let mut body = json!({ "name": name });
-            if let Some(plan) = plan {
-                body["plan"] = json!(plan);
-            }
-            if let Some(limit) = limit.to_json() {
-                body["monthly_limit"] = limit;
-            }
-            agent
-                .post(url(None))
-                .header("Authorization", &auth)
-                .send_json(body)
+/// Adds the fields that were given to a JSON object.
+fn with_fields(fields: &[(&str, Option<Value>)]) -> Value {
+    let mut body = json!({});
+    for (name, value) in fields {
+        if let Some(value) = value {
+            body[*name] = value.clone();
         }
-        KeysCommand::List => agent.get(url(None)).header("Authorization", &auth).call(),
-        KeysCommand::Show { id } => agent
-            .get(url(Some(&id)))
-            .header("Authorization", &auth)
-            .call(),
-        KeysCommand::Revoke { id } => agent
-            .delete(url(Some(&id)))
-            .header("Authorization", &auth)
-            .call(),
+    }
+    body
+}
+
+fn keys(args: KeysArgs) -> Result<(), String> {
+    let (method, path, body) = match args.command {
+        KeysCommand::Create {
+            name,
+            account,
+            plan,
+            limit,
+        } => {
+            let body = with_fields(&[
+                ("name", Some(json!(name))),
+                ("account_id", account.map(Value::from)),
+                ("plan", plan.map(Value::from)),
+                ("monthly_limit", limit.to_json()),
+            ]);
+            ("POST", "/admin/keys".to_string(), Some(body))
+        }
+        KeysCommand::List => ("GET", "/admin/keys".to_string(), None),
+        KeysCommand::Show { id } => ("GET", format!("/admin/keys/{id}"), None),
+        KeysCommand::Revoke { id } => ("DELETE", format!("/admin/keys/{id}"), None),
         KeysCommand::Update {
             id,
             plan,
             limit,
             status,
         } => {
-            let mut body = json!({});
-            if let Some(plan) = plan {
-                body["plan"] = json!(plan);
-            }
-            if let Some(limit) = limit.to_json() {
-                body["monthly_limit"] = limit;
-            }
-            if let Some(status) = status {
-                body["status"] = json!(status);
-            }
-            agent
-                .patch(url(Some(&id)))
-                .header("Authorization", &auth)
-                .send_json(body)
+            let body = with_fields(&[
+                ("plan", plan.map(Value::from)),
+                ("monthly_limit", limit.to_json()),
+                ("status", status.map(Value::from)),
+            ]);
+            ("PATCH", format!("/admin/keys/{id}"), Some(body))
         }
     };
-    let mut response = response.map_err(|e| format!("admin API at {base}: {e}"))?;
+    admin_call(&args.admin, method, &path, body)
+}
+
+fn accounts(args: AccountsArgs) -> Result<(), String> {
+    let (method, path, body) = match args.command {
+        AccountsCommand::Create { email, name, plan } => {
+            let body = with_fields(&[
+                ("email", Some(json!(email))),
+                ("name", Some(json!(name))),
+                ("plan", plan.map(Value::from)),
+            ]);
+            ("POST", "/admin/accounts".to_string(), Some(body))
+        }
+        AccountsCommand::List => ("GET", "/admin/accounts".to_string(), None),
+        AccountsCommand::Show { id } => ("GET", format!("/admin/accounts/{id}"), None),
+        AccountsCommand::Update {
+            id,
+            name,
+            plan,
+            status,
+        } => {
+            let body = with_fields(&[
+                ("name", name.map(Value::from)),
+                ("plan", plan.map(Value::from)),
+                ("status", status.map(Value::from)),
+            ]);
+            ("PATCH", format!("/admin/accounts/{id}"), Some(body))
+        }
+        AccountsCommand::Close { id } => ("DELETE", format!("/admin/accounts/{id}"), None),
+    };
+    admin_call(&args.admin, method, &path, body)
+}
+
+/// One admin API call; prints the JSON answer, or fails with its status, code and message.
+fn admin_call(
+    admin: &AdminArgs,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(), String> {
+    let token = admin
+        .token
+        .as_deref()
+        .ok_or("an admin token is needed: --token or AUDIOLIB_ADMIN_TOKEN")?;
+    let base = admin.admin_url.trim_end_matches('/');
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("Content-Type", "application/json")
+        .body(body.map(|b| b.to_string()).unwrap_or_default())
+        .map_err(|e| format!("admin request: {e}"))?;
+    let mut response = agent
+        .run(request)
+        .map_err(|e| format!("admin API at {base}: {e}"))?;
     let status = response.status();
     let body: Value = response
         .body_mut()

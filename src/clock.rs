@@ -7,6 +7,12 @@ pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> SystemTime;
 }
 
+/// `t` truncated to the second: what every store keeps and the API shows.
+pub fn to_second(t: SystemTime) -> SystemTime {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    UNIX_EPOCH + Duration::from_secs(since.as_secs())
+}
+
 /// The wall clock.
 pub struct SystemClock;
 

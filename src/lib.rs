@@ -12,6 +12,7 @@
 //!   outage policy is bounded (SPEC §4a).
 //! - [`cache`]: the per-node key cache in front of the store.
 //! - [`keys`]: key management, the operations behind the admin API.
+//! - [`accounts`]: accounts owning keys and sharing one monthly limit.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.
 //! - [`ledger`]: keys found exhausted, refused without asking the store again for a while.
 //! - [`catalog`]: library files, the immutable snapshot and its reloads.
@@ -36,6 +37,7 @@
 //! - [`locks`]: poison-tolerant std locks and a per-key map of shared entries.
 
 pub mod access_log;
+pub mod accounts;
 pub mod admin;
 pub mod api;
 pub mod auth;

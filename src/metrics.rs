@@ -4,9 +4,11 @@
 //! the registry only gathers them, so the request path never touches the registry.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::route::Route;
 
 /// Latency buckets in seconds: 50 µs to 2.5 s, dense where a gateway call should land.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -19,6 +21,10 @@ pub struct Metrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     quota_denials: IntCounter,
+    /// Handles resolved once: `with_label_values` hashes its labels under a lock, which the
+    /// common answers should not pay per request.
+    latency_by_route: [Histogram; Route::ALL.len()],
+    audio_ok: IntCounter,
 }
 
 impl Default for Metrics {
@@ -53,6 +59,8 @@ impl Metrics {
         .expect("static metric definition");
         let metrics = Self {
             registry: Registry::new(),
+            latency_by_route: Route::ALL.map(|r| latency.with_label_values(&[r.label()])),
+            audio_ok: requests.with_label_values(&[Route::Audio.label(), "200", "ok"]),
             requests,
             latency,
             quota_denials,
@@ -70,12 +78,16 @@ impl Metrics {
         }
     }
 
-    pub fn observe_request(&self, route: &str, status: u16, code: &str, seconds: f64) {
-        let status = status_label(status);
-        self.requests
-            .with_label_values(&[route, &status, code])
-            .inc();
-        self.latency.with_label_values(&[route]).observe(seconds);
+    pub fn observe_request(&self, route: Route, status: u16, code: &str, seconds: f64) {
+        if (route, status, code) == (Route::Audio, 200, "ok") {
+            self.audio_ok.inc();
+        } else {
+            let status = status_label(status);
+            self.requests
+                .with_label_values(&[route.label(), &status, code])
+                .inc();
+        }
+        self.latency_by_route[route.index()].observe(seconds);
         if code == "QUOTA_EXCEEDED" {
             self.quota_denials.inc();
         }

@@ -176,7 +176,9 @@ impl AudioProxy {
             Ok(key) => key,
             Err(e) => return self.respond_error(session, ctx, e, None).await,
         };
-        ctx.key_prefix = Some(key.prefix.clone());
+        if self.access_log.enabled() {
+            ctx.key_prefix = Some(key.key.prefix.clone());
+        }
         let body = match self.read_body(session).await? {
             Some(body) => body,
             None => {
@@ -460,7 +462,7 @@ impl ProxyHttp for AudioProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         self.metrics.observe_request(
-            ctx.route.label(),
+            ctx.route,
             status,
             ctx.code.unwrap_or("ok"),
             elapsed.as_secs_f64(),

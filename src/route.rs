@@ -23,6 +23,21 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route, in the order of [`Route::index`].
+    pub const ALL: [Route; 6] = [
+        Route::Audio,
+        Route::Healthz,
+        Route::Readyz,
+        Route::Passthrough,
+        Route::NotFound,
+        Route::Rejected,
+    ];
+
+    /// This route's position in [`Route::ALL`], for tables indexed by route.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Routes a request path (without the query).
     pub fn of(path: &str, has_upstream: bool) -> Route {
         match normalize(path).as_ref() {

@@ -15,6 +15,7 @@ use pingora::services::listening::Service;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::access_log::AccessLog;
+use crate::accounts::AccountService;
 use crate::admin::AdminApi;
 use crate::api::Gateway;
 use crate::cache::KeyCache;
@@ -42,6 +43,7 @@ pub struct App {
     pub gateway: Arc<Gateway>,
     pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyService>,
+    pub accounts: Arc<AccountService>,
     pub catalog: Arc<CatalogHandle>,
     pub cache: Arc<KeyCache>,
 }
@@ -99,6 +101,12 @@ pub fn build_app_with(
         config.default_plan.clone(),
         clock.clone(),
     ));
+    let accounts = Arc::new(AccountService::new(
+        store.clone(),
+        quota.clone(),
+        keys.clone(),
+        clock.clone(),
+    ));
     let gateway = Arc::new(Gateway::new(
         cache.clone(),
         quota,
@@ -112,6 +120,7 @@ pub fn build_app_with(
         gateway,
         metrics,
         keys,
+        accounts,
         catalog,
         cache,
     })
@@ -282,6 +291,7 @@ fn create_dev_key(keys: &KeyService) -> Result<(), String> {
     let (view, secret) = runtime
         .block_on(keys.create(CreateKey {
             name: "development".into(),
+            account_id: None,
             ..Default::default()
         }))
         .map_err(|e| e.to_string())?;
@@ -432,6 +442,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         "admin".to_string(),
         AdminApi::new(
             app.keys.clone(),
+            app.accounts.clone(),
             app.metrics.clone(),
             config.admin_token.as_ref().map(config::Secret::expose),
         ),

@@ -33,6 +33,8 @@ pub enum KeyStatus {
 pub struct KeyRecord {
     pub id: String,
     pub digest: KeyDigest,
+    /// The account whose monthly limit this key shares (SPEC §9); `None`: the key's own.
+    pub account_id: Option<String>,
     /// The first characters of the key, for people and logs.
     pub prefix: String,
     pub name: String,
@@ -50,6 +52,59 @@ pub struct KeyUpdate {
     pub plan: Option<String>,
     pub monthly_limit: Option<Option<u64>>,
     pub status: Option<KeyStatus>,
+}
+
+/// Lifecycle of an account. Keys of an account that is not `Active` are not served;
+/// `Closed` is final (the account's keys are revoked with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    Active,
+    Disabled,
+    Closed,
+}
+
+impl AccountStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountStatus::Active => "active",
+            AccountStatus::Disabled => "disabled",
+            AccountStatus::Closed => "closed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(AccountStatus::Active),
+            "disabled" => Some(AccountStatus::Disabled),
+            "closed" => Some(AccountStatus::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// A customer owning keys (SPEC §9): its plan's monthly limit is shared by all its keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountRecord {
+    pub id: String,
+    /// Lowercased; unique across accounts.
+    pub email: String,
+    pub name: String,
+    pub plan: String,
+    /// The limit shared by the account's keys; `None` is unlimited.
+    pub monthly_limit: Option<u64>,
+    pub status: AccountStatus,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+}
+
+/// A change to an account; `None` fields stay as they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountUpdate {
+    pub name: Option<String>,
+    pub plan: Option<String>,
+    pub monthly_limit: Option<Option<u64>>,
+    pub status: Option<AccountStatus>,
 }
 
 /// A change to key records made elsewhere, which caches must forget.
@@ -81,6 +136,21 @@ pub trait Store: Send + Sync + 'static {
         update: KeyUpdate,
         now: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError>;
+    /// Adds a new account; `false` (and nothing written) when another account has its email.
+    async fn insert_account(&self, record: AccountRecord) -> Result<bool, StoreError>;
+    async fn account_by_id(&self, id: &str) -> Result<Option<AccountRecord>, StoreError>;
+    /// Every account, oldest first.
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError>;
+    /// Applies `update` and returns the new record, or `None` if there is no such account. A
+    /// closed account stays closed whatever the update says (in the same atomic step).
+    async fn update_account(
+        &self,
+        id: &str,
+        update: AccountUpdate,
+        now: SystemTime,
+    ) -> Result<Option<AccountRecord>, StoreError>;
+    /// The keys of an account, oldest first.
+    async fn keys_of_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError>;
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Tells every node that the key with `digest` changed. A single-process store has no

@@ -16,7 +16,7 @@ use audiolib::quota::{Period, Source};
 use audiolib::server::build_app_with;
 use audiolib::store::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp};
 use audiolib::store::sqlite::SqliteStore;
-use audiolib::store::{KeyRecord, KeyUpdate, Store, StoreError};
+use audiolib::store::{AccountRecord, AccountUpdate, KeyRecord, KeyUpdate, Store, StoreError};
 use tokio::time::Instant;
 
 /// 2026-01-31T23:59:50Z
@@ -61,6 +61,7 @@ async fn quota_starts_afresh_in_a_new_utc_month() {
     let (view, secret) = keys
         .create(CreateKey {
             name: "t".into(),
+            account_id: None,
             plan: None,
             monthly_limit: Some(Some(2)),
         })
@@ -137,6 +138,26 @@ impl Store for DownStore {
         _: KeyUpdate,
         _: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn insert_account(&self, _: AccountRecord) -> Result<bool, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn account_by_id(&self, _: &str) -> Result<Option<AccountRecord>, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn update_account(
+        &self,
+        _: &str,
+        _: AccountUpdate,
+        _: SystemTime,
+    ) -> Result<Option<AccountRecord>, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn keys_of_account(&self, _: &str) -> Result<Vec<KeyRecord>, StoreError> {
         Err(StoreError("down".into()))
     }
     async fn ping(&self) -> Result<(), StoreError> {
@@ -237,6 +258,26 @@ impl Store for Hooked {
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.update_key(id, u, t).await
     }
+    async fn insert_account(&self, r: AccountRecord) -> Result<bool, StoreError> {
+        self.inner.insert_account(r).await
+    }
+    async fn account_by_id(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.account_by_id(id).await
+    }
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.inner.list_accounts().await
+    }
+    async fn update_account(
+        &self,
+        id: &str,
+        u: AccountUpdate,
+        t: SystemTime,
+    ) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.update_account(id, u, t).await
+    }
+    async fn keys_of_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.keys_of_account(id).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -266,6 +307,7 @@ async fn concurrent_misses_of_one_key_read_the_store_once() {
     let (_, secret) = keys
         .create(CreateKey {
             name: "t".into(),
+            account_id: None,
             ..Default::default()
         })
         .await
@@ -322,6 +364,7 @@ async fn a_revocation_during_a_key_fetch_is_not_undone_by_the_fetch() {
     let (view, secret) = keys
         .create(CreateKey {
             name: "t".into(),
+            account_id: None,
             ..Default::default()
         })
         .await
@@ -356,7 +399,7 @@ async fn a_revocation_during_a_key_fetch_is_not_undone_by_the_fetch() {
         .await;
     assert!(matches!(
         reactivate,
-        Err(audiolib::keys::KeyError::Revoked(_))
+        Err(audiolib::keys::AdminError::Revoked(_))
     ));
     let stored = store.update_key(
         &view.id,

@@ -8,13 +8,16 @@ use audiolib::metrics::StoreMetrics;
 use audiolib::quota::{Period, Reservation, Source};
 use audiolib::store::lease::{LeaseBackend, Quota};
 use audiolib::store::sqlite::SqliteStore;
-use audiolib::store::{KeyRecord, KeyStatus, KeyUpdate, Store};
+use audiolib::store::{
+    AccountRecord, AccountStatus, AccountUpdate, KeyRecord, KeyStatus, KeyUpdate, Store,
+};
 
 fn record(id: &str, created: u64) -> KeyRecord {
     let key = mint_key();
     KeyRecord {
         id: id.into(),
         digest: key.digest,
+        account_id: None,
         prefix: key.prefix,
         name: format!("name of {id}"),
         plan: "free".into(),
@@ -191,9 +194,107 @@ async fn revocation_is_final(store: Arc<dyn Store>) {
     }
 }
 
+fn account(id: &str, email: &str, created: u64) -> AccountRecord {
+    AccountRecord {
+        id: id.into(),
+        email: email.into(),
+        name: format!("name of {id}"),
+        plan: "free".into(),
+        monthly_limit: Some(100),
+        status: AccountStatus::Active,
+        created_at: UNIX_EPOCH + Duration::from_secs(created),
+        updated_at: UNIX_EPOCH + Duration::from_secs(created),
+    }
+}
+
+async fn accounts_round_trip(store: Arc<dyn Store>) {
+    let a = account("acct_a", "a@example.com", 2);
+    let b = account("acct_b", "b@example.com", 1);
+    assert!(store.insert_account(a.clone()).await.unwrap());
+    assert!(store.insert_account(b.clone()).await.unwrap());
+    // One account per email: the second claim writes nothing.
+    let twin = account("acct_twin", "a@example.com", 3);
+    assert!(!store.insert_account(twin).await.unwrap());
+    assert_eq!(store.account_by_id("acct_twin").await.unwrap(), None);
+    assert_eq!(
+        store.account_by_id("acct_a").await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(store.account_by_id("acct_{x}").await.unwrap(), None);
+    let ids: Vec<_> = store
+        .list_accounts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, ["acct_b", "acct_a"], "listed oldest first");
+
+    // Keys of an account, oldest first; keys without one are not among them.
+    let mut k1 = record("key_1", 5);
+    k1.account_id = Some("acct_a".into());
+    let mut k2 = record("key_2", 4);
+    k2.account_id = Some("acct_a".into());
+    store.insert_key(k1.clone()).await.unwrap();
+    store.insert_key(k2.clone()).await.unwrap();
+    store.insert_key(record("key_3", 3)).await.unwrap();
+    assert_eq!(
+        store.keys_of_account("acct_a").await.unwrap(),
+        [k2, k1.clone()]
+    );
+    assert_eq!(store.keys_of_account("acct_b").await.unwrap(), []);
+    assert_eq!(store.key_by_digest(&k1.digest).await.unwrap(), Some(k1));
+
+    let later = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let disabled = store
+        .update_account(
+            "acct_a",
+            AccountUpdate {
+                plan: Some("pro".into()),
+                monthly_limit: Some(None),
+                status: Some(AccountStatus::Disabled),
+                ..Default::default()
+            },
+            later,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            disabled.plan.as_str(),
+            disabled.monthly_limit,
+            disabled.status
+        ),
+        ("pro", None, AccountStatus::Disabled)
+    );
+    assert_eq!(disabled.updated_at, later);
+    assert_eq!(store.account_by_id("acct_a").await.unwrap(), Some(disabled));
+    assert_eq!(
+        store
+            .update_account("acct_none", AccountUpdate::default(), later)
+            .await
+            .unwrap(),
+        None
+    );
+    // Closing is final: a later update cannot reopen the account.
+    let close = AccountUpdate {
+        status: Some(AccountStatus::Closed),
+        ..Default::default()
+    };
+    store.update_account("acct_b", close, later).await.unwrap();
+    let reopen = AccountUpdate {
+        status: Some(AccountStatus::Active),
+        ..Default::default()
+    };
+    let after = store.update_account("acct_b", reopen, later).await.unwrap();
+    assert_eq!(after.unwrap().status, AccountStatus::Closed);
+}
+
 /// Runs the contract on fresh stores from `make`, each a key store and a lease backend.
 async fn contract(make: impl Fn() -> (Arc<dyn Store>, Arc<dyn LeaseBackend>)) {
     keys_round_trip(make().0).await;
+    accounts_round_trip(make().0).await;
     revocation_is_final(make().0).await;
     reservations_are_exact(quota(make().1)).await;
     concurrent_reservations_never_exceed_the_limit(quota(make().1)).await;
@@ -228,4 +329,44 @@ async fn redis_store_meets_the_contract() {
         (store.clone(), store)
     })
     .await;
+}
+
+/// A data directory written before accounts existed (schema version 1) opens, keeps its
+/// keys, and takes accounts.
+#[tokio::test]
+async fn a_version_1_data_file_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = record("key_old", 1);
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("audiolib.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE keys (
+                 id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
+                 name TEXT NOT NULL, plan TEXT NOT NULL, monthly_limit INTEGER,
+                 status TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO keys VALUES (?1, ?2, ?3, ?4, 'free', 10, 'active', 1, 1)",
+            [&key.id, &key.digest.to_string(), &key.prefix, &key.name],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(store.key_by_id("key_old").await.unwrap(), Some(key));
+    assert!(
+        store
+            .insert_account(account("acct_new", "new@example.com", 2))
+            .await
+            .unwrap()
+    );
+    let mut owned = record("key_new", 3);
+    owned.account_id = Some("acct_new".into());
+    store.insert_key(owned.clone()).await.unwrap();
+    assert_eq!(store.keys_of_account("acct_new").await.unwrap(), [owned]);
+    drop(store);
+    // Opening it again changes nothing.
+    let again = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(again.list_keys().await.unwrap().len(), 2);
 }

@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 
-use super::{Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
+use super::{AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
 use crate::metrics::StoreMetrics;
 
@@ -62,6 +62,31 @@ impl Store for Instrumented {
         now: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.timed("update_key", self.inner.update_key(id, update, now))
+            .await
+    }
+    async fn insert_account(&self, record: AccountRecord) -> Result<bool, StoreError> {
+        self.timed("insert_account", self.inner.insert_account(record))
+            .await
+    }
+    async fn account_by_id(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.timed("account_by_id", self.inner.account_by_id(id))
+            .await
+    }
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.timed("list_accounts", self.inner.list_accounts())
+            .await
+    }
+    async fn update_account(
+        &self,
+        id: &str,
+        update: AccountUpdate,
+        now: SystemTime,
+    ) -> Result<Option<AccountRecord>, StoreError> {
+        self.timed("update_account", self.inner.update_account(id, update, now))
+            .await
+    }
+    async fn keys_of_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        self.timed("keys_of_account", self.inner.keys_of_account(id))
             .await
     }
     async fn ping(&self) -> Result<(), StoreError> {

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use prometheus::{Histogram, IntCounter};
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
 
@@ -572,7 +573,9 @@ pub trait LeaseBackend: Send + Sync + 'static {
 pub struct Quota {
     book: LeaseBook,
     backend: Arc<dyn LeaseBackend>,
-    metrics: StoreMetrics,
+    /// The `reserve` series of the store metrics, resolved once (every call updates them).
+    reserve_latency: Histogram,
+    reserve_errors: IntCounter,
 }
 
 impl Quota {
@@ -580,7 +583,8 @@ impl Quota {
         Self {
             book: LeaseBook::default(),
             backend,
-            metrics,
+            reserve_latency: metrics.latency.with_label_values(&["reserve"]),
+            reserve_errors: metrics.errors.with_label_values(&["reserve"]),
         }
     }
 
@@ -604,12 +608,10 @@ impl Quota {
                 |op, until| async move { backend.apply(subject, &op, until).await },
             )
             .await;
-        self.metrics
-            .latency
-            .with_label_values(&["reserve"])
+        self.reserve_latency
             .observe(started.elapsed().as_secs_f64());
         if result.is_err() {
-            self.metrics.errors.with_label_values(&["reserve"]).inc();
+            self.reserve_errors.inc();
         }
         result
     }

@@ -35,7 +35,7 @@ use tokio::sync::{OnceCell, mpsc};
 use self::sentinel::{SentinelMaster, SentinelUrl};
 
 use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
-use super::{Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
+use super::{AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
 use crate::auth::KeyDigest;
 use crate::quota::Period;
 
@@ -47,8 +47,8 @@ pub mod sentinel;
 
 use self::conn::{Breaker, Conn, Io, report_durability};
 use self::scripts::{
-    CHANNEL, KEY_LIST, LEASE, UPDATE, digest_key, expire_at, invoke, lease_key, record_key, unix,
-    usage_key,
+    ACCOUNT_LIST, CHANNEL, KEY_LIST, LEASE, UPDATE, account_key, account_keys_key, digest_key,
+    email_key, expire_at, invoke, lease_key, record_key, unix, usage_key,
 };
 pub use self::scripts::{USAGE_GRACE_SECS, Wait};
 
@@ -347,6 +347,27 @@ impl RedisStore {
     }
 
     /// Sends one operation of a sync (background: the patient bound).
+    /// Runs [`UPDATE`] on the hash `key` (`args`: the final status, then field/value pairs).
+    async fn update_hash(
+        &self,
+        key: String,
+        args: Vec<String>,
+    ) -> Result<Option<HashMap<String, String>>, StoreError> {
+        let script = &self.update;
+        let wait = self.wait;
+        self.call_patiently(|mut c| {
+            let (key, args) = (&key, &args);
+            async move {
+                let mut inv = script.key(key);
+                for a in args {
+                    inv.arg(a);
+                }
+                invoke(&mut c, &inv, wait).await
+            }
+        })
+        .await
+    }
+
     async fn report(&self, due: &Due) -> Option<LeaseAnswer> {
         let until = tokio::time::Instant::now() + ADMIN_TIMEOUT;
         self.run_lease(&due.subject, &due.op, until).await.ok()
@@ -359,13 +380,11 @@ impl Store for RedisStore {
         let fields: Vec<(&str, String)> = vec![
             ("id", r.id.clone()),
             ("digest", r.digest.to_string()),
+            ("account_id", r.account_id.clone().unwrap_or_default()),
             ("prefix", r.prefix.clone()),
             ("name", r.name.clone()),
             ("plan", r.plan.clone()),
-            (
-                "monthly_limit",
-                r.monthly_limit.map(|l| l.to_string()).unwrap_or_default(),
-            ),
+            ("monthly_limit", records::limit_str(r.monthly_limit)),
             ("status", records::status_str(r.status).to_string()),
             ("created_at", unix(r.created_at).to_string()),
             ("updated_at", unix(r.updated_at).to_string()),
@@ -374,28 +393,15 @@ impl Store for RedisStore {
         let created = unix(r.created_at);
         let wait = self.wait;
         // The record first, the digest index last: a key is usable only once complete.
-        self.call_patiently(|mut c| async move {
-            let Some(wait) = wait else {
-                let _: () = c.hset_multiple(record_key(&id), &fields).await?;
-                let _: () = c.zadd(KEY_LIST, &id, created).await?;
-                return c.set(digest_key(&r.digest), &id).await;
-            };
-            // Created (201) only once the replicas have it. One pipeline, so WAIT runs on the
-            // connection that wrote: on a new one (after a reconnect) it would wait for
-            // nothing and confirm writes no replica has.
-            let (acked,): (u32,) = redis::pipe()
-                .hset_multiple(record_key(&id), &fields)
-                .ignore()
-                .zadd(KEY_LIST, &id, created)
-                .ignore()
-                .set(digest_key(&r.digest), &id)
-                .ignore()
-                .add_command(wait.cmd())
-                .query_async(&mut c)
-                .await?;
-            wait.check(acked)
-        })
-        .await
+        let mut writes = vec![
+            redis::Cmd::hset_multiple(record_key(&id), &fields),
+            redis::Cmd::zadd(KEY_LIST, &id, created),
+        ];
+        if let Some(account) = &r.account_id {
+            writes.push(redis::Cmd::zadd(account_keys_key(account), &id, created));
+        }
+        writes.push(redis::Cmd::set(digest_key(&r.digest), &id));
+        self.call_patiently(|c| write_all(c, writes, wait)).await
     }
 
     async fn key_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
@@ -412,7 +418,7 @@ impl Store for RedisStore {
     }
 
     async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        if !valid_id(id) {
             return Ok(None);
         }
         let fields = self
@@ -440,10 +446,14 @@ impl Store for RedisStore {
         update: KeyUpdate,
         now: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        if !valid_id(id) {
             return Ok(None);
         }
-        let mut args: Vec<String> = vec!["updated_at".into(), unix(now).to_string()];
+        let mut args: Vec<String> = vec![
+            records::status_str(super::KeyStatus::Revoked).into(),
+            "updated_at".into(),
+            unix(now).to_string(),
+        ];
         if let Some(plan) = update.plan {
             args.extend(["plan".into(), plan]);
         }
@@ -456,21 +466,118 @@ impl Store for RedisStore {
         if let Some(status) = update.status {
             args.extend(["status".into(), records::status_str(status).into()]);
         }
-        let script = &self.update;
-        let wait = self.wait;
-        let fields: Option<HashMap<String, String>> = self
-            .call_patiently(|mut c| async move {
-                let mut inv = script.key(record_key(id));
-                for a in &args {
-                    inv.arg(a);
-                }
-                invoke(&mut c, &inv, wait).await
-            })
-            .await?;
-        match fields {
+        match self.update_hash(record_key(id), args).await? {
             Some(fields) => records::parse_record(fields),
             None => Ok(None),
         }
+    }
+
+    async fn insert_account(&self, r: AccountRecord) -> Result<bool, StoreError> {
+        let fields = records::account_fields(&r);
+        let created = unix(r.created_at);
+        let wait = self.wait;
+        let (id, email) = (&r.id, &r.email);
+        // The email is claimed first: of two accounts created with one email, one wins and
+        // the other writes nothing.
+        let claimed: bool = self
+            .call_patiently(|mut c| async move {
+                let claimed: Option<String> = redis::cmd("SET")
+                    .arg(email_key(email))
+                    .arg(id)
+                    .arg("NX")
+                    .query_async(&mut c)
+                    .await?;
+                Ok(claimed.is_some())
+            })
+            .await?;
+        if !claimed {
+            return Ok(false);
+        }
+        let writes = vec![
+            redis::Cmd::hset_multiple(account_key(id), &fields),
+            redis::Cmd::zadd(ACCOUNT_LIST, id, created),
+        ];
+        let written = self.call_patiently(|c| write_all(c, writes, wait)).await;
+        if let Err(e) = written {
+            // Give the email back so a retry can succeed; if this fails too, the email stays
+            // taken by an account that does not exist (visible as a 409 on retry).
+            let _ = self
+                .call(|mut c| async move { c.del::<_, ()>(email_key(email)).await })
+                .await;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    async fn account_by_id(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let fields = self
+            .call_patiently(|mut c| async move { c.hgetall(account_key(id)).await })
+            .await?;
+        records::parse_account(fields)
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        let ids: Vec<String> = self
+            .call_patiently(|mut c| async move { c.zrange(ACCOUNT_LIST, 0, -1).await })
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(r) = self.account_by_id(&id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn update_account(
+        &self,
+        id: &str,
+        update: AccountUpdate,
+        now: SystemTime,
+    ) -> Result<Option<AccountRecord>, StoreError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let mut args: Vec<String> = vec![
+            super::AccountStatus::Closed.as_str().into(),
+            "updated_at".into(),
+            unix(now).to_string(),
+        ];
+        if let Some(name) = update.name {
+            args.extend(["name".into(), name]);
+        }
+        if let Some(plan) = update.plan {
+            args.extend(["plan".into(), plan]);
+        }
+        if let Some(limit) = update.monthly_limit {
+            args.extend(["monthly_limit".into(), records::limit_str(limit)]);
+        }
+        if let Some(status) = update.status {
+            args.extend(["status".into(), status.as_str().into()]);
+        }
+        match self.update_hash(account_key(id), args).await? {
+            Some(fields) => records::parse_account(fields),
+            None => Ok(None),
+        }
+    }
+
+    async fn keys_of_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        if !valid_id(id) {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = self
+            .call_patiently(|mut c| async move { c.zrange(account_keys_key(id), 0, -1).await })
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for key in ids {
+            if let Some(r) = self.key_by_id(&key).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -527,4 +634,33 @@ impl LeaseBackend for RedisStore {
     fn confirmed_down(&self) -> bool {
         self.breaker.tripped()
     }
+}
+
+/// Runs `writes` in order. With `wait`, in one pipeline ending in `WAIT`, so the write counts
+/// as done (201) only once the replicas have it: WAIT must run on the connection that wrote,
+/// since on a new one (after a reconnect) it would confirm writes no replica has. Without,
+/// one by one, as a cluster needs for writes to several slots.
+async fn write_all(
+    mut c: Conn,
+    writes: Vec<redis::Cmd>,
+    wait: Option<Wait>,
+) -> redis::RedisResult<()> {
+    let Some(wait) = wait else {
+        for write in writes {
+            write.query_async::<()>(&mut c).await?;
+        }
+        return Ok(());
+    };
+    let mut pipe = redis::pipe();
+    for write in writes {
+        pipe.add_command(write).ignore();
+    }
+    let (acked,): (u32,) = pipe.add_command(wait.cmd()).query_async(&mut c).await?;
+    wait.check(acked)
+}
+
+/// Ids are ours (`key_…`, `acct_…`): anything else names no record, and never reaches a key
+/// name where a brace could move it to another cluster slot.
+fn valid_id(id: &str) -> bool {
+    id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }

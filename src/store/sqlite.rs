@@ -17,9 +17,12 @@
 //! usage can only be above the calls served (by at most the unserved part of one block per
 //! key), and no key ever gets more than its limit.
 //!
-//! # Schema (`PRAGMA user_version` 1)
-//! - `keys`: the key records (digest in hex, never the key).
-//! - `usage(subject, period, used)`: calls counted per subject (a key id) and UTC month.
+//! # Schema (`PRAGMA user_version` 2)
+//! - `keys`: the key records (digest in hex, never the key), with the account they belong to.
+//! - `accounts`: the accounts (version 2 added them and `keys.account_id`; a version-1 file is
+//!   upgraded in place when opened).
+//! - `usage(subject, period, used)`: calls counted per subject (a key id, or an account id
+//!   for keys of an account) and UTC month.
 //! - `leases(subject, period, node, held, seq, last_grant)`: units each process holds and
 //!   the last operation of it applied, as in the Redis lease hash.
 //! - `nodes(node, pid, started, heard_at)`: the processes using the file; `started` is the
@@ -37,7 +40,10 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use tokio::sync::mpsc;
 
 use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
-use super::{Invalidation, KeyRecord, KeyStatus, KeyUpdate, Store, StoreError};
+use super::{
+    AccountRecord, AccountStatus, AccountUpdate, Invalidation, KeyRecord, KeyStatus, KeyUpdate,
+    Store, StoreError,
+};
 use crate::auth::KeyDigest;
 use crate::locks::lock;
 use crate::quota::Period;
@@ -58,6 +64,7 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY,
     digest TEXT NOT NULL UNIQUE,
+    account_id TEXT,
     prefix TEXT NOT NULL,
     name TEXT NOT NULL,
     plan TEXT NOT NULL,
@@ -67,6 +74,17 @@ CREATE TABLE IF NOT EXISTS keys (
     updated_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, id);
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    email TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    monthly_limit INTEGER,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS accounts_by_creation ON accounts (created_at, id);
 CREATE TABLE IF NOT EXISTS usage (
     subject TEXT NOT NULL,
     period TEXT NOT NULL,
@@ -93,7 +111,12 @@ CREATE TABLE IF NOT EXISTS key_changes (
     digest TEXT NOT NULL,
     at INTEGER NOT NULL
 );
-PRAGMA user_version = 1;
+";
+
+/// After [`SCHEMA`]: what a version-1 file lacks, then the version.
+const MIGRATE: &str = "
+CREATE INDEX IF NOT EXISTS keys_by_account ON keys (account_id, created_at, id);
+PRAGMA user_version = 2;
 ";
 
 /// The connections: writes go through one, reads (key lookups, usage, polling) through the
@@ -151,22 +174,43 @@ fn parse_status(s: &str) -> Option<KeyStatus> {
 }
 
 const KEY_COLUMNS: &str =
-    "id, digest, prefix, name, plan, monthly_limit, status, created_at, updated_at";
+    "id, digest, prefix, name, plan, monthly_limit, status, created_at, updated_at, account_id";
+
+const ACCOUNT_COLUMNS: &str =
+    "id, email, name, plan, monthly_limit, status, created_at, updated_at";
+
+fn bad_column(i: usize, what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        i,
+        rusqlite::types::Type::Text,
+        format!("bad {what}").into(),
+    )
+}
+
+fn account_from_row(row: &Row) -> rusqlite::Result<AccountRecord> {
+    let status: String = row.get(5)?;
+    let limit: Option<i64> = row.get(4)?;
+    Ok(AccountRecord {
+        id: row.get(0)?,
+        email: row.get(1)?,
+        name: row.get(2)?,
+        plan: row.get(3)?,
+        monthly_limit: limit.map(|l| l.max(0) as u64),
+        status: AccountStatus::parse(&status).ok_or_else(|| bad_column(5, "status"))?,
+        created_at: from_unix(row.get(6)?),
+        updated_at: from_unix(row.get(7)?),
+    })
+}
 
 fn key_from_row(row: &Row) -> rusqlite::Result<KeyRecord> {
-    let bad = |i, what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(
-            i,
-            rusqlite::types::Type::Text,
-            format!("bad {what}").into(),
-        )
-    };
+    let bad = bad_column;
     let digest: String = row.get(1)?;
     let status: String = row.get(6)?;
     let limit: Option<i64> = row.get(5)?;
     Ok(KeyRecord {
         id: row.get(0)?,
         digest: KeyDigest::parse_hex(&digest).ok_or_else(|| bad(1, "digest"))?,
+        account_id: row.get(9)?,
         prefix: row.get(2)?,
         name: row.get(3)?,
         plan: row.get(4)?,
@@ -266,6 +310,17 @@ impl Db {
         Ok(conn)
     }
 
+    /// Brings a file of an earlier schema version up to date.
+    fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+        let has_account_id = conn
+            .prepare("SELECT 1 FROM pragma_table_info('keys') WHERE name = 'account_id'")?
+            .exists([])?;
+        if !has_account_id {
+            conn.execute_batch("ALTER TABLE keys ADD COLUMN account_id TEXT")?;
+        }
+        conn.execute_batch(MIGRATE)
+    }
+
     /// Copies the write-ahead log into the database without blocking writers (PASSIVE).
     fn checkpoint(path: &Path) -> rusqlite::Result<()> {
         let conn = Self::open(path)?;
@@ -345,6 +400,7 @@ impl SqliteStore {
         let fail = |e: rusqlite::Error| format!("embedded store {}: {e}", path.display());
         let write = Db::open(&path).map_err(fail)?;
         write.execute_batch(SCHEMA).map_err(fail)?;
+        Db::migrate(&write).map_err(fail)?;
         let read = Db::open(&path).map_err(fail)?;
         let node = crate::auth::new_id("node");
         let pid = std::process::id();
@@ -408,7 +464,7 @@ impl Store for SqliteStore {
         self.call(move |db| {
             lock(&db.write).execute(
                 &format!(
-                    "INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                    "INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
                 ),
                 params![
                     r.id,
@@ -419,7 +475,8 @@ impl Store for SqliteStore {
                     r.monthly_limit.map(|l| l as i64),
                     status_str(r.status),
                     unix(r.created_at),
-                    unix(r.updated_at)
+                    unix(r.updated_at),
+                    r.account_id
                 ],
             )?;
             Ok(())
@@ -506,6 +563,117 @@ impl Store for SqliteStore {
             )?;
             tx.commit()?;
             Ok(Some(record))
+        })
+        .await
+    }
+
+    async fn insert_account(&self, r: AccountRecord) -> Result<bool, StoreError> {
+        self.call(move |db| {
+            let inserted = lock(&db.write).execute(
+                &format!(
+                    "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (email) DO NOTHING"
+                ),
+                params![
+                    r.id,
+                    r.email,
+                    r.name,
+                    r.plan,
+                    r.monthly_limit.map(|l| l as i64),
+                    r.status.as_str(),
+                    unix(r.created_at),
+                    unix(r.updated_at)
+                ],
+            )?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+
+    async fn account_by_id(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |db| {
+            lock(&db.read)
+                .query_row(
+                    &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"),
+                    [id],
+                    account_from_row,
+                )
+                .optional()
+        })
+        .await
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.call(|db| {
+            lock(&db.read)
+                .prepare(&format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id"
+                ))?
+                .query_map([], account_from_row)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn update_account(
+        &self,
+        id: &str,
+        update: AccountUpdate,
+        now: SystemTime,
+    ) -> Result<Option<AccountRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |db| {
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let select = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1");
+            let Some(mut record) = tx.query_row(&select, [&id], account_from_row).optional()?
+            else {
+                return Ok(None);
+            };
+            // Closing is final, decided inside the transaction.
+            if record.status != AccountStatus::Closed {
+                if let Some(name) = update.name {
+                    record.name = name;
+                }
+                if let Some(plan) = update.plan {
+                    record.plan = plan;
+                }
+                if let Some(limit) = update.monthly_limit {
+                    record.monthly_limit = limit;
+                }
+                if let Some(status) = update.status {
+                    record.status = status;
+                }
+                record.updated_at = from_unix(unix(now));
+            }
+            tx.execute(
+                "UPDATE accounts SET name = ?2, plan = ?3, monthly_limit = ?4, status = ?5, updated_at = ?6
+                 WHERE id = ?1",
+                params![
+                    id,
+                    record.name,
+                    record.plan,
+                    record.monthly_limit.map(|l| l as i64),
+                    record.status.as_str(),
+                    unix(record.updated_at)
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Some(record))
+        })
+        .await
+    }
+
+    async fn keys_of_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |db| {
+            lock(&db.read)
+                .prepare(&format!(
+                    "SELECT {KEY_COLUMNS} FROM keys WHERE account_id = ?1 ORDER BY created_at, id"
+                ))?
+                .query_map([id], key_from_row)?
+                .collect()
         })
         .await
     }

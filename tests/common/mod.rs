@@ -73,7 +73,7 @@ impl Reply {
     }
 
     /// Asserts the error shape of the spec: status, code, and nothing but `error` and `code`
-    /// (plus `limit` and `reset_at` on 429).
+    /// (plus `limit` and `reset_at` on 429, `field` on INVALID_FIELD).
     pub fn assert_error(&self, status: u16, code: &str) -> Value {
         let body = self.json();
         assert_eq!(self.status, status, "body: {body}");
@@ -82,10 +82,11 @@ impl Reply {
             body["error"].as_str().is_some_and(|m| !m.is_empty()),
             "{body}"
         );
-        let allowed: &[&str] = if status == 429 {
-            &["error", "code", "limit", "reset_at"]
-        } else {
-            &["error", "code"]
+        let allowed: &[&str] = match (status, code) {
+            (429, _) => &["error", "code", "limit", "reset_at"],
+            // The admin API names the field it refuses.
+            (400, "INVALID_FIELD") => &["error", "code", "field"],
+            _ => &["error", "code"],
         };
         for k in body.as_object().unwrap().keys() {
             assert!(

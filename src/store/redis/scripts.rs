@@ -12,6 +12,7 @@ use crate::quota::Period;
 pub const USAGE_GRACE_SECS: i64 = 7 * 86_400;
 pub(super) const CHANNEL: &str = "audiolib:invalidate";
 pub(super) const KEY_LIST: &str = "audiolib:keys";
+pub(super) const ACCOUNT_LIST: &str = "audiolib:accounts";
 
 /// The quota lease protocol, one call per node and subject for many requests (see
 /// [`crate::store::lease`]). Per UTC month, `KEYS[1]` counts calls served (usage) and `KEYS[2]` holds,
@@ -75,13 +76,14 @@ redis.call('EXPIREAT', KEYS[2], ARGV[8])
 return {grant, used, held + grant, live}
 ";
 
-/// Update fields of an existing record; returns the record or nil. Revocation is final: a
-/// revoked record keeps its status whatever the update says.
+/// Update fields of an existing record (a key or an account); returns the record or nil.
+/// ARGV[1] is the final status (`revoked`, `closed`): a record in it keeps its status whatever
+/// the update says. Field/value pairs follow.
 pub(super) const UPDATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
-local revoked = redis.call('HGET', KEYS[1], 'status') == 'revoked'
-for i = 1, #ARGV, 2 do
-  if not (revoked and ARGV[i] == 'status') then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local final = redis.call('HGET', KEYS[1], 'status') == ARGV[1]
+for i = 2, #ARGV, 2 do
+  if not (final and ARGV[i] == 'status') then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 return redis.call('HGETALL', KEYS[1])
 ";
@@ -153,6 +155,20 @@ pub(super) fn usage_key(id: &str, period: Period) -> String {
 
 pub(super) fn lease_key(id: &str, period: Period) -> String {
     format!("audiolib:{{{id}}}:lease:{period}")
+}
+
+pub(super) fn account_key(id: &str) -> String {
+    format!("audiolib:{{{id}}}:account")
+}
+
+/// The keys of an account, by creation time.
+pub(super) fn account_keys_key(id: &str) -> String {
+    format!("audiolib:{{{id}}}:keys")
+}
+
+/// The index that makes account emails unique.
+pub(super) fn email_key(email: &str) -> String {
+    format!("audiolib:email:{email}")
 }
 
 pub(super) fn digest_key(digest: &KeyDigest) -> String {
