@@ -170,6 +170,7 @@ fn store_and_cache(c: &mut Criterion) {
             account_id: None,
             plan: Some("unlimited".into()),
             monthly_limit: None,
+            ..Default::default()
         }))
         .unwrap();
     let digest = KeyDigest::of(&secret);

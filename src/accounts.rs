@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::auth::new_id;
 use crate::clock::Clock;
 use crate::keys::{AdminError, KeyService, KeyView};
-use crate::quota::Period;
+use crate::quota::{Day, Period};
 use crate::store::lease::Quota;
 use crate::store::{AccountRecord, AccountStatus, AccountUpdate, Store, rfc3339};
 
@@ -153,6 +153,17 @@ impl AccountService {
         let used = self.quota.usage(&record.id, period).await?;
         let keys = self.keys.of_account(&record).await?;
         Ok((AccountView::from(&record), period, used, keys))
+    }
+
+    /// The account's calls (all its keys) per UTC day from `from` to `to`.
+    pub async fn history(
+        &self,
+        id: &str,
+        from: Day,
+        to: Day,
+    ) -> Result<Vec<(Day, u64)>, AdminError> {
+        let record = self.find(id).await?;
+        Ok(self.quota.history(&record.id, from, to).await?)
     }
 
     pub async fn change(&self, id: &str, change: ChangeAccount) -> Result<AccountView, AdminError> {

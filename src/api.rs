@@ -3,6 +3,7 @@
 //! `proxy` feeds it headers and the body and writes out what it returns, so tests and
 //! benches drive the same code the server runs.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,8 +15,10 @@ use crate::catalog::CatalogHandle;
 use crate::clock::Clock;
 use crate::config::FailurePolicy;
 use crate::error::ApiError;
+use crate::last_used::LastUsed;
 use crate::ledger::Ledger;
 use crate::quota::{LocalAdmission, Period, RateInfo, Reservation, Source};
+use crate::rate::{Rate, RateLimiter};
 use crate::sign::Presigner;
 use crate::store::Store;
 use crate::store::lease::Quota;
@@ -49,6 +52,10 @@ pub struct Gateway {
     clock: Arc<dyn Clock>,
     failure_policy: FailurePolicy,
     ledger: Ledger,
+    last_used: LastUsed,
+    /// Per-second rates of the plans that have one, by plan name.
+    rates: BTreeMap<String, Rate>,
+    limiter: RateLimiter,
     /// The body limit of row 6, enforced by the caller while reading.
     pub max_body_bytes: usize,
 }
@@ -71,6 +78,9 @@ impl Gateway {
             clock,
             failure_policy,
             ledger: Ledger::new(),
+            last_used: LastUsed::default(),
+            rates: BTreeMap::new(),
+            limiter: RateLimiter::default(),
             max_body_bytes,
         }
     }
@@ -88,6 +98,35 @@ impl Gateway {
         &self.quota
     }
 
+    /// The per-second rates of plans, by name (row 5b).
+    pub fn with_rates(mut self, rates: BTreeMap<String, Rate>) -> Self {
+        self.rates = rates;
+        self
+    }
+
+    /// Row 5b: a caller whose plan has a rate gets `RATE_LIMITED` above it. Checked before the
+    /// body is read and the quota consulted, so refused calls are not counted.
+    pub fn check_rate(&self, caller: &Caller) -> Result<(), ApiError> {
+        if self.rates.is_empty() {
+            return Ok(());
+        }
+        match self.rates.get(caller.plan()) {
+            Some(rate) if !self.limiter.check(caller.subject(), *rate) => {
+                Err(ApiError::RateLimited)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// When keys were last used, for the background sync to write.
+    pub fn last_used(&self) -> &LastUsed {
+        &self.last_used
+    }
+
     /// Rows 3–5: the `Authorization` header values to an active key.
     pub async fn authenticate<'a, I>(&self, authorization: I) -> Result<Arc<Caller>, ApiError>
     where
@@ -95,18 +134,21 @@ impl Gateway {
     {
         let token = bearer_token(authorization)?;
         check_format(token)?;
+        let digest = KeyDigest::of(token);
         let record = self
             .keys
-            .get(KeyDigest::of(token))
+            .get(digest)
             .await
             .map_err(|e| {
                 log::warn!("key lookup failed: {e}");
                 self.store_down()
             })?
             .ok_or(ApiError::InvalidKey)?;
-        if !record.active() {
+        let now = self.clock.now();
+        if !record.serves(&digest, now) {
             return Err(ApiError::InvalidKey);
         }
+        self.last_used.note(&record, now);
         Ok(record)
     }
 

@@ -18,22 +18,31 @@ use moka::future::Cache;
 use crate::auth::KeyDigest;
 use crate::config::KeyCacheConfig;
 use crate::metrics::CacheMetrics;
-use crate::store::{AccountRecord, AccountStatus, KeyRecord, KeyStatus, Store, StoreError};
+use std::time::SystemTime;
+
+use crate::store::{AccountRecord, AccountStatus, KeyRecord, Store, StoreError};
 
 /// An API key as the request path needs it: its record and, for a key of an account, the
 /// account whose status and monthly limit apply to it (SPEC §9). Changes to an account are
 /// announced as changes to each of its keys, so the two are always cached together.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Caller {
     pub key: KeyRecord,
     /// `None` for a key without an account.
     pub account: Option<AccountRecord>,
+    /// The minute a call was last noted in ([`crate::last_used::LastUsed`]).
+    pub last_minute: AtomicU64,
 }
 
 impl Caller {
     /// Whose quota a call counts against: the account for a key of one, else the key.
     pub fn subject(&self) -> &str {
         self.account.as_ref().map_or(&self.key.id, |a| &a.id)
+    }
+
+    /// The plan that applies: the account's for a key of one.
+    pub fn plan(&self) -> &str {
+        self.account.as_ref().map_or(&self.key.plan, |a| &a.plan)
     }
 
     /// The monthly limit shared by the subject's calls; `None` is unlimited.
@@ -44,15 +53,17 @@ impl Caller {
         }
     }
 
-    /// Served only while the key is active, and its account too when it has one (an account
-    /// that no longer exists serves nothing).
-    pub fn active(&self) -> bool {
+    /// Whether the secret with `digest` is served at `now`: the key must open with it
+    /// ([`KeyRecord::serves`]: active, unexpired, the current secret or the previous one in
+    /// its grace), and its account, when it has one, be active (one that no longer exists
+    /// serves nothing).
+    pub fn serves(&self, digest: &KeyDigest, now: SystemTime) -> bool {
         let account_ok = match (&self.key.account_id, &self.account) {
             (None, _) => true,
             (Some(_), Some(account)) => account.status == AccountStatus::Active,
             (Some(_), None) => false,
         };
-        self.key.status == KeyStatus::Active && account_ok
+        account_ok && self.key.serves(digest, now)
     }
 }
 
@@ -117,7 +128,11 @@ impl KeyCache {
                     None => None,
                     Some(id) => store.account_by_id(id).await.map_err(Miss::Store)?,
                 };
-                Ok(Arc::new(Caller { key, account }))
+                Ok(Arc::new(Caller {
+                    key,
+                    account,
+                    last_minute: AtomicU64::new(0),
+                }))
             })
             .await;
         // A change announced during the fetch: the answer may predate it, so it is used for

@@ -34,6 +34,17 @@ enum Command {
     Keys(KeysArgs),
     /// Manage accounts (which own keys and share one monthly limit) through the admin API.
     Accounts(AccountsArgs),
+    /// List the audit log of admin changes, newest first.
+    Audit {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Entries per page (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// The `next_cursor` of the previous page.
+        #[arg(long)]
+        before: Option<String>,
+    },
     /// Catalog tools.
     Catalog {
         #[command(subcommand)]
@@ -113,6 +124,37 @@ enum AccountsCommand {
     },
     /// Close an account and revoke its keys (final).
     Close { id: String },
+    /// Calls per UTC day of all the account's keys.
+    Usage {
+        id: String,
+        #[command(flatten)]
+        range: RangeArgs,
+    },
+}
+
+/// The days of a usage history; by default the 30 up to today.
+#[derive(Args)]
+struct RangeArgs {
+    /// First day, YYYY-MM-DD.
+    #[arg(long)]
+    from: Option<String>,
+    /// Last day, YYYY-MM-DD.
+    #[arg(long)]
+    to: Option<String>,
+}
+
+impl RangeArgs {
+    fn query(&self) -> String {
+        let params: Vec<String> = [("from", &self.from), ("to", &self.to)]
+            .into_iter()
+            .filter_map(|(name, v)| v.as_ref().map(|v| format!("{name}={v}")))
+            .collect();
+        if params.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", params.join("&"))
+        }
+    }
 }
 
 #[derive(Args)]
@@ -155,6 +197,19 @@ enum KeysCommand {
     Show { id: String },
     /// Revoke a key (final).
     Revoke { id: String },
+    /// Give a key a new secret (printed once); the old one works for the grace.
+    Rotate {
+        id: String,
+        /// Seconds the old secret keeps working (at most 604800, 7 days; 0: none).
+        #[arg(long, default_value_t = 0)]
+        grace_secs: u64,
+    },
+    /// Calls per UTC day (the key's account's, for a key of one).
+    Usage {
+        id: String,
+        #[command(flatten)]
+        range: RangeArgs,
+    },
     /// Change a key's plan, limit or status.
     Update {
         id: String,
@@ -182,6 +237,19 @@ pub fn main() -> ExitCode {
         Command::Serve { config, upgrade } => serve(config, upgrade),
         Command::Keys(args) => keys(args),
         Command::Accounts(args) => accounts(args),
+        Command::Audit {
+            admin,
+            limit,
+            before,
+        } => {
+            let before = before.map(|b| format!("&before={b}")).unwrap_or_default();
+            admin_call(
+                &admin,
+                "GET",
+                &format!("/admin/audit?limit={limit}{before}"),
+                None,
+            )
+        }
         Command::Catalog {
             command: CatalogCommand::Check { dir },
         } => catalog_check(dir),
@@ -285,6 +353,16 @@ fn keys(args: KeysArgs) -> Result<(), String> {
         KeysCommand::List => ("GET", "/admin/keys".to_string(), None),
         KeysCommand::Show { id } => ("GET", format!("/admin/keys/{id}"), None),
         KeysCommand::Revoke { id } => ("DELETE", format!("/admin/keys/{id}"), None),
+        KeysCommand::Rotate { id, grace_secs } => (
+            "POST",
+            format!("/admin/keys/{id}/rotate"),
+            Some(json!({ "grace_secs": grace_secs })),
+        ),
+        KeysCommand::Usage { id, range } => (
+            "GET",
+            format!("/admin/keys/{id}/usage{}", range.query()),
+            None,
+        ),
         KeysCommand::Update {
             id,
             plan,
@@ -328,6 +406,11 @@ fn accounts(args: AccountsArgs) -> Result<(), String> {
             ("PATCH", format!("/admin/accounts/{id}"), Some(body))
         }
         AccountsCommand::Close { id } => ("DELETE", format!("/admin/accounts/{id}"), None),
+        AccountsCommand::Usage { id, range } => (
+            "GET",
+            format!("/admin/accounts/{id}/usage{}", range.query()),
+            None,
+        ),
     };
     admin_call(&args.admin, method, &path, body)
 }

@@ -3,17 +3,26 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::Serialize;
+use std::time::{Duration, SystemTime};
 
-use crate::auth::{NewKey, mint_key, new_id};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::auth::{KeyDigest, NewKey, mint_key, new_id};
 use crate::cache::KeyCache;
 use crate::clock::Clock;
 use crate::config::Plan;
-use crate::quota::Period;
+use crate::quota::{Day, Period};
 use crate::store::lease::Quota;
 use crate::store::{
-    AccountRecord, AccountStatus, KeyRecord, KeyStatus, KeyUpdate, Store, StoreError, rfc3339,
+    AccountRecord, AccountStatus, KeyRecord, KeyStatus, KeyUpdate, Rotation, Store, StoreError,
+    rfc3339,
 };
+
+/// Longest rotation grace (SPEC §9).
+pub const MAX_GRACE: Duration = Duration::from_secs(7 * 86_400);
+/// Largest `meta` object, as JSON text.
+pub const MAX_META_BYTES: usize = 1024;
 
 /// A key as the admin API shows it: never the secret, never the digest.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -25,15 +34,24 @@ pub struct KeyView {
     pub name: String,
     pub plan: String,
     pub monthly_limit: Option<u64>,
+    /// `expired` once past `expires_at`.
     pub status: KeyStatus,
+    pub expires_at: Option<String>,
+    /// The admin's own data about the key: an object, or null.
+    pub meta: Value,
+    /// The minute of the last call, as reported by the nodes (about a minute behind).
+    pub last_used_at: Option<String>,
+    /// Until when the secret replaced by the last rotation still works; absent when none does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_expires_at: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
 
 impl KeyView {
-    /// The key as shown: a key of an account shows its account's plan and limit, the ones
-    /// that apply to it.
-    fn of(r: &KeyRecord, account: Option<&AccountRecord>) -> Self {
+    /// The key as shown at `now`: a key of an account shows its account's plan and limit,
+    /// the ones that apply to it.
+    fn of(r: &KeyRecord, account: Option<&AccountRecord>, now: SystemTime) -> Self {
         Self {
             id: r.id.clone(),
             account_id: r.account_id.clone(),
@@ -41,10 +59,47 @@ impl KeyView {
             name: r.name.clone(),
             plan: account.map_or(&r.plan, |a| &a.plan).clone(),
             monthly_limit: account.map_or(r.monthly_limit, |a| a.monthly_limit),
-            status: r.status,
+            status: r.state(now),
+            expires_at: r.expires_at.map(rfc3339),
+            meta: r
+                .meta
+                .as_deref()
+                .and_then(|m| serde_json::from_str(m).ok())
+                .unwrap_or(Value::Null),
+            last_used_at: r.last_used_at.map(rfc3339),
+            previous_expires_at: r
+                .previous_expires_at
+                .filter(|t| *t > now && r.previous_digest.is_some())
+                .map(rfc3339),
             created_at: rfc3339(r.created_at),
             updated_at: rfc3339(r.updated_at),
         }
+    }
+}
+
+/// `expires_at` as given: absent, `null` (no expiry) or a future instant.
+pub fn check_expiry(t: Option<SystemTime>, now: SystemTime) -> Result<(), AdminError> {
+    match t {
+        Some(t) if t <= now => Err(AdminError::field("expires_at", "must be in the future")),
+        _ => Ok(()),
+    }
+}
+
+/// `meta` as stored: an object of at most [`MAX_META_BYTES`] as JSON text, or `None`.
+pub fn meta_text(meta: Value) -> Result<Option<String>, AdminError> {
+    match meta {
+        Value::Null => Ok(None),
+        Value::Object(_) => {
+            let text = meta.to_string();
+            if text.len() > MAX_META_BYTES {
+                return Err(AdminError::field(
+                    "meta",
+                    format!("must be at most {MAX_META_BYTES} bytes of JSON"),
+                ));
+            }
+            Ok(Some(text))
+        }
+        _ => Err(AdminError::field("meta", "must be a JSON object or null")),
     }
 }
 
@@ -58,6 +113,9 @@ pub struct CreateKey {
     pub plan: Option<String>,
     /// `None`: the plan's default; `Some(None)`: unlimited.
     pub monthly_limit: Option<Option<u64>>,
+    pub expires_at: Option<SystemTime>,
+    /// An object or null (checked by [`meta_text`]).
+    pub meta: Option<Value>,
 }
 
 /// A change requested through `PATCH`.
@@ -66,6 +124,18 @@ pub struct ChangeKey {
     pub plan: Option<String>,
     pub monthly_limit: Option<Option<u64>>,
     pub status: Option<KeyStatus>,
+    /// `Some(None)` removes the expiry.
+    pub expires_at: Option<Option<SystemTime>>,
+    pub meta: Option<Value>,
+}
+
+/// A key's new secret, shown once, and the key as it is after the rotation.
+#[derive(Debug)]
+pub struct Rotated {
+    pub view: KeyView,
+    pub secret: String,
+    /// Until when the old secret works (`None`: it stopped at once).
+    pub previous_expires_at: Option<SystemTime>,
 }
 
 /// Why a key or account operation was refused.
@@ -77,8 +147,6 @@ pub enum AdminError {
     NotFound(String),
     #[error("key '{0}' is revoked; revocation is final")]
     Revoked(String),
-    #[error("{0}")]
-    Invalid(String),
     /// A field of the request that cannot be used as given.
     #[error("{field}: {message}")]
     InvalidField {
@@ -174,23 +242,14 @@ impl KeyService {
     pub async fn create(&self, req: CreateKey) -> Result<(KeyView, String), AdminError> {
         let name = req.name.trim();
         if name.is_empty() || name.len() > 200 {
-            return Err(AdminError::Invalid(
-                "name must be 1 to 200 characters".into(),
-            ));
+            return Err(AdminError::field("name", "must be 1 to 200 characters"));
         }
+        let now = self.now();
+        check_expiry(req.expires_at, now)?;
+        let meta = meta_text(req.meta.unwrap_or(Value::Null))?;
         let account = match &req.account_id {
             Some(id) => {
-                for (field, given) in [
-                    ("plan", req.plan.is_some()),
-                    ("monthly_limit", req.monthly_limit.is_some()),
-                ] {
-                    if given {
-                        return Err(AdminError::field(
-                            field,
-                            "a key of an account uses its account's plan and limit",
-                        ));
-                    }
-                }
+                accounts_plan_only(req.plan.is_some(), req.monthly_limit.is_some())?;
                 Some(self.owning_account(id).await?)
             }
             None => None,
@@ -210,27 +269,23 @@ impl KeyService {
             digest,
             prefix,
         } = mint_key();
-        let now = self.now();
         let record = KeyRecord {
-            id: new_id("key"),
-            digest,
             account_id: req.account_id,
-            prefix,
-            name: name.to_string(),
             plan: plan_name,
             monthly_limit,
-            status: KeyStatus::Active,
-            created_at: now,
-            updated_at: now,
+            expires_at: req.expires_at,
+            meta,
+            ..KeyRecord::new(new_id("key"), digest, prefix, name.to_string(), now)
         };
         self.store.insert_key(record.clone()).await?;
         // A negative entry from someone guessing this very key must not outlive its creation.
         self.forget(&digest).await;
-        Ok((KeyView::of(&record, account.as_ref()), secret))
+        Ok((KeyView::of(&record, account.as_ref(), now), secret))
     }
 
     pub async fn list(&self) -> Result<Vec<KeyView>, AdminError> {
         let records = self.store.list_keys().await?;
+        let now = self.clock.now();
         // Each account read once, however many of its keys are listed.
         let mut accounts: BTreeMap<String, Option<AccountRecord>> = BTreeMap::new();
         let mut views = Vec::with_capacity(records.len());
@@ -243,7 +298,7 @@ impl KeyService {
                 Some(id) => accounts[id].as_ref(),
                 None => None,
             };
-            views.push(KeyView::of(r, account));
+            views.push(KeyView::of(r, account, now));
         }
         Ok(views)
     }
@@ -251,7 +306,11 @@ impl KeyService {
     /// The keys of `account`, as shown.
     pub async fn of_account(&self, account: &AccountRecord) -> Result<Vec<KeyView>, AdminError> {
         let keys = self.store.keys_of_account(&account.id).await?;
-        Ok(keys.iter().map(|k| KeyView::of(k, Some(account))).collect())
+        let now = self.clock.now();
+        Ok(keys
+            .iter()
+            .map(|k| KeyView::of(k, Some(account), now))
+            .collect())
     }
 
     /// The key and its usage in the current month: for a key of an account, the account's
@@ -262,7 +321,30 @@ impl KeyService {
         let period = Period::containing(self.clock.now());
         let subject = account.as_ref().map_or(&record.id, |a| &a.id);
         let used = self.quota.usage(subject, period).await?;
-        Ok((KeyView::of(&record, account.as_ref()), period, used))
+        Ok((
+            KeyView::of(&record, account.as_ref(), self.clock.now()),
+            period,
+            used,
+        ))
+    }
+
+    /// Calls per UTC day from `from` to `to`, of the key's quota subject: the key, or for a
+    /// key of an account the account (all its keys). Returns the subject with the days.
+    pub async fn history(
+        &self,
+        id: &str,
+        from: Day,
+        to: Day,
+    ) -> Result<(String, Vec<(Day, u64)>), AdminError> {
+        let record = self.find(id).await?;
+        let subject = record.account_id.unwrap_or(record.id);
+        let days = self.quota.history(&subject, from, to).await?;
+        Ok((subject, days))
+    }
+
+    /// Today on this node's clock, for the default range of a history.
+    pub fn today(&self) -> Day {
+        Day::containing(self.clock.now())
     }
 
     pub async fn change(&self, id: &str, change: ChangeKey) -> Result<KeyView, AdminError> {
@@ -271,18 +353,18 @@ impl KeyService {
             return Err(AdminError::Revoked(id.to_string()));
         }
         if record.account_id.is_some() {
-            for (field, given) in [
-                ("plan", change.plan.is_some()),
-                ("monthly_limit", change.monthly_limit.is_some()),
-            ] {
-                if given {
-                    return Err(AdminError::field(
-                        field,
-                        "a key of an account uses its account's plan and limit: change the account",
-                    ));
-                }
-            }
+            accounts_plan_only(change.plan.is_some(), change.monthly_limit.is_some())?;
         }
+        if change.status == Some(KeyStatus::Expired) {
+            return Err(AdminError::field(
+                "status",
+                "a key expires at its expires_at: set that instead",
+            ));
+        }
+        if let Some(expires_at) = change.expires_at {
+            check_expiry(expires_at, self.clock.now())?;
+        }
+        let meta = change.meta.map(meta_text).transpose()?;
         // A new plan brings its default limit unless a limit is given too.
         let monthly_limit = match (&change.plan, change.monthly_limit) {
             (_, Some(limit)) => Some(limit),
@@ -296,6 +378,8 @@ impl KeyService {
             plan: change.plan,
             monthly_limit,
             status: change.status,
+            expires_at: change.expires_at,
+            meta,
         };
         let reactivating = update.status.is_some_and(|s| s != KeyStatus::Revoked);
         let updated = self
@@ -309,7 +393,54 @@ impl KeyService {
             return Err(AdminError::Revoked(id.to_string()));
         }
         let account = self.account_of(&updated).await?;
-        Ok(KeyView::of(&updated, account.as_ref()))
+        Ok(KeyView::of(&updated, account.as_ref(), self.clock.now()))
+    }
+
+    /// Gives the key a new secret; the old one keeps working for `grace` (at most
+    /// [`MAX_GRACE`]; zero: it stops at once), on every node: the cached key carries the
+    /// instant. Usage, limits and metadata stay with the key.
+    pub async fn rotate(&self, id: &str, grace: Duration) -> Result<Rotated, AdminError> {
+        if grace > MAX_GRACE {
+            return Err(AdminError::field(
+                "grace_secs",
+                format!("must be at most {} (7 days)", MAX_GRACE.as_secs()),
+            ));
+        }
+        let NewKey {
+            secret,
+            digest,
+            prefix,
+        } = mint_key();
+        let now = self.now();
+        let previous_expires_at = (!grace.is_zero()).then(|| now + grace);
+        let rotation = Rotation {
+            digest,
+            prefix,
+            previous_expires_at,
+        };
+        let (record, dropped) = self
+            .store
+            .rotate_key(id, rotation, now)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(id.to_string()))?;
+        if record.digest != digest {
+            return Err(AdminError::Revoked(id.to_string()));
+        }
+        // Every node forgets what it cached under each secret; the old one's entry comes
+        // back with its end of grace.
+        for d in dropped
+            .iter()
+            .chain([&digest])
+            .chain(&record.previous_digest)
+        {
+            self.forget(d).await;
+        }
+        let account = self.account_of(&record).await?;
+        Ok(Rotated {
+            view: KeyView::of(&record, account.as_ref(), now),
+            secret,
+            previous_expires_at,
+        })
     }
 
     pub async fn revoke(&self, id: &str) -> Result<KeyView, AdminError> {
@@ -324,7 +455,7 @@ impl KeyService {
     }
 
     /// Drops the key from this node's cache and tells the other nodes to do the same.
-    pub(crate) async fn forget(&self, digest: &crate::auth::KeyDigest) {
+    pub(crate) async fn forget(&self, digest: &KeyDigest) {
         self.cache.invalidate(digest).await;
         if let Err(e) = self.store.announce(digest).await {
             // The other nodes' cache TTL is the backstop.
@@ -338,4 +469,17 @@ impl KeyService {
             .await?
             .ok_or_else(|| AdminError::NotFound(id.to_string()))
     }
+}
+
+/// A key of an account takes its account's plan and limit: neither may be given for it.
+fn accounts_plan_only(plan_given: bool, limit_given: bool) -> Result<(), AdminError> {
+    for (field, given) in [("plan", plan_given), ("monthly_limit", limit_given)] {
+        if given {
+            return Err(AdminError::field(
+                field,
+                "a key of an account uses its account's plan and limit: change the account",
+            ));
+        }
+    }
+    Ok(())
 }

@@ -13,7 +13,9 @@
 //! - [`cache`]: the per-node key cache in front of the store.
 //! - [`keys`]: key management, the operations behind the admin API.
 //! - [`accounts`]: accounts owning keys and sharing one monthly limit.
+//! - [`last_used`]: when each key was last used, written in the background.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.
+//! - [`rate`]: per-second rate limits of plans, a token bucket per subject and node.
 //! - [`ledger`]: keys found exhausted, refused without asking the store again for a while.
 //! - [`catalog`]: library files, the immutable snapshot and its reloads.
 //! - [`sign`]: SigV4 presigned S3 URLs.
@@ -29,6 +31,7 @@
 //! - [`tls`]: HTTPS on the public listener: the certificate pair and its reloads.
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
 //! - [`admin`]: the admin API on its own listener.
+//! - [`audit`]: the audit log of every change made through it.
 //! - [`server`]: builds the app from the config and runs the services.
 //! - [`shutdown`]: signals, draining in-flight requests, and the upgrade handoff.
 //! - [`systemd`]: readiness and main-process notices for `Type=notify` units.
@@ -40,6 +43,7 @@ pub mod access_log;
 pub mod accounts;
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod catalog;
@@ -50,11 +54,13 @@ pub mod connection;
 pub mod error;
 pub mod forwarding;
 pub mod keys;
+pub mod last_used;
 pub mod ledger;
 pub mod locks;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;
+pub mod rate;
 pub mod request_id;
 pub mod route;
 pub mod server;

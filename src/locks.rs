@@ -45,6 +45,19 @@ impl<T: Default> PerKey<T> {
         write(&self.map).entry(key.to_string()).or_default().clone()
     }
 
+    /// Keeps only the entries `keep` says yes to.
+    pub fn retain(&self, keep: impl FnMut(&String, &mut Arc<T>) -> bool) {
+        write(&self.map).retain(keep);
+    }
+
+    pub fn len(&self) -> usize {
+        read(&self.map).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The whole map, for walking every entry.
     pub fn all(&self) -> RwLockReadGuard<'_, HashMap<String, Arc<T>>> {
         read(&self.map)

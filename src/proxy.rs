@@ -179,6 +179,9 @@ impl AudioProxy {
         if self.access_log.enabled() {
             ctx.key_prefix = Some(key.key.prefix.clone());
         }
+        if let Err(e) = self.gateway.check_rate(&key) {
+            return self.respond_error(session, ctx, e, None).await;
+        }
         let body = match self.read_body(session).await? {
             Some(body) => body,
             None => {

@@ -72,6 +72,45 @@ impl Period {
     }
 }
 
+/// A UTC day, as days since the Unix epoch: the unit of usage history (SPEC §9).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Day(pub u32);
+
+impl Day {
+    /// How long the stores keep a day's count (the spec asks for at least 90 days).
+    pub const KEPT: u32 = 100;
+
+    pub fn containing(t: SystemTime) -> Self {
+        Day(t
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 86_400) as u32)
+    }
+
+    /// `YYYY-MM-DD`, or `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.len() != 10 {
+            return None;
+        }
+        let date = NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
+        let epoch = NaiveDate::from_ymd_opt(1970, 1, 1)?;
+        u32::try_from((date - epoch).num_days()).ok().map(Day)
+    }
+
+    /// Unix seconds of the day's end.
+    pub fn end_unix(self) -> i64 {
+        (i64::from(self.0) + 1) * 86_400
+    }
+}
+
+/// `YYYY-MM-DD`.
+impl fmt::Display for Day {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let date =
+            DateTime::<Utc>::from_timestamp(i64::from(self.0) * 86_400, 0).unwrap_or_default();
+        write!(f, "{}", date.format("%Y-%m-%d"))
+    }
+}
+
 /// `YYYY-MM`, the period's name in storage and in the admin API.
 impl fmt::Display for Period {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -154,6 +193,18 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn days_are_utc_calendar_days() {
+        let day = Day::containing(at(1_795_000_000));
+        assert_eq!(day.to_string(), "2026-11-18");
+        assert_eq!(Day::parse("2026-11-18"), Some(day));
+        assert_eq!(Day::containing(at(day.end_unix() as u64 - 1)), day);
+        assert_eq!(Day::containing(at(day.end_unix() as u64)), Day(day.0 + 1));
+        for bad in ["2026-11-31", "2026-1-18", "18-11-2026", "", "1969-12-31"] {
+            assert_eq!(Day::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

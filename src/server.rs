@@ -18,6 +18,7 @@ use crate::access_log::AccessLog;
 use crate::accounts::AccountService;
 use crate::admin::AdminApi;
 use crate::api::Gateway;
+use crate::audit::Audit;
 use crate::cache::KeyCache;
 use crate::catalog::{CatalogError, CatalogHandle};
 use crate::clock::{Clock, SystemClock};
@@ -44,6 +45,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyService>,
     pub accounts: Arc<AccountService>,
+    pub audit: Arc<Audit>,
     pub catalog: Arc<CatalogHandle>,
     pub cache: Arc<KeyCache>,
 }
@@ -77,7 +79,8 @@ pub fn build_app_with(
     let metrics = Arc::new(Metrics::new());
     let store_metrics = StoreMetrics::new();
     store_metrics.register_in(&metrics);
-    let quota = Arc::new(Quota::new(lease_backend, store_metrics.clone()));
+    let quota =
+        Arc::new(Quota::new(lease_backend, store_metrics.clone()).with_clock(clock.clone()));
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(keys_backend, store_metrics));
     let catalog = Arc::new(CatalogHandle::new(&config.catalog_dir));
     catalog.metrics.register_in(&metrics);
@@ -107,20 +110,31 @@ pub fn build_app_with(
         keys.clone(),
         clock.clone(),
     ));
-    let gateway = Arc::new(Gateway::new(
-        cache.clone(),
-        quota,
-        catalog.clone(),
-        presigner,
-        clock,
-        config.failure_policy,
-        config.max_body_bytes,
-    ));
+    let audit = Arc::new(Audit::new(store.clone(), clock.clone()));
+    let gateway = Arc::new(
+        Gateway::new(
+            cache.clone(),
+            quota,
+            catalog.clone(),
+            presigner,
+            clock,
+            config.failure_policy,
+            config.max_body_bytes,
+        )
+        .with_rates(
+            config
+                .plans
+                .iter()
+                .filter_map(|(name, plan)| Some((name.clone(), plan.rate?)))
+                .collect(),
+        ),
+    );
     Ok(App {
         gateway,
         metrics,
         keys,
         accounts,
+        audit,
         catalog,
         cache,
     })
@@ -233,9 +247,13 @@ impl CatalogReloader {
     }
 }
 
+/// How often the minutes keys were last used in are written (each key at most once a minute,
+/// whatever this is).
+const LAST_USED_EVERY: Duration = Duration::from_secs(1);
+
 /// Keeps this node in step with the shared store: applies key changes announced by other
 /// nodes to the key cache, reports quota used from leases (calls counted during an outage
-/// included) and returns idle units.
+/// included), returns idle units and writes when keys were last used.
 struct StoreSync {
     gateway: Arc<Gateway>,
     cache: Arc<KeyCache>,
@@ -250,6 +268,7 @@ impl BackgroundService for StoreSync {
         self.gateway.store().watch(tx);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_used = tokio::time::interval(LAST_USED_EVERY);
         loop {
             tokio::select! {
                 Some(change) = changes.recv() => match change {
@@ -264,9 +283,14 @@ impl BackgroundService for StoreSync {
                     }
                 },
                 _ = tick.tick() => self.gateway.quota().sync(false).await,
+                _ = last_used.tick() => {
+                    self.gateway.last_used().flush(self.gateway.store().as_ref()).await;
+                    self.gateway.limiter().prune();
+                }
                 _ = shutdown.changed() => {
                     // Hand over what was counted and held; the process waits for it (within
                     // the grace period).
+                    self.gateway.last_used().flush(self.gateway.store().as_ref()).await;
                     loop {
                         self.gateway.quota().sync(true).await;
                         if self.lifecycle.in_flight() == 0 && !self.gateway.quota().unsynced() {
@@ -443,6 +467,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         AdminApi::new(
             app.keys.clone(),
             app.accounts.clone(),
+            app.audit.clone(),
             app.metrics.clone(),
             config.admin_token.as_ref().map(config::Secret::expose),
         ),

@@ -19,13 +19,36 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::KeyDigest;
 
-/// Lifecycle of a key. Only `Active` keys are served; `Revoked` is final.
+/// Lifecycle of a key (SPEC §9). Only `Active` keys are served; `Revoked` is final.
+/// `Expired` is never stored: it is how an active key past its `expires_at` is shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyStatus {
     Active,
-    Inactive,
+    Disabled,
     Revoked,
+    Expired,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Disabled => "disabled",
+            KeyStatus::Revoked => "revoked",
+            KeyStatus::Expired => "expired",
+        }
+    }
+
+    /// A stored status; `inactive` is what records written before `disabled` say.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(KeyStatus::Active),
+            "disabled" | "inactive" => Some(KeyStatus::Disabled),
+            "revoked" => Some(KeyStatus::Revoked),
+            _ => None,
+        }
+    }
 }
 
 /// What is kept about a key: never the key itself, only its digest (SPEC §3).
@@ -42,8 +65,85 @@ pub struct KeyRecord {
     /// `None` is unlimited: usage is metered, never refused.
     pub monthly_limit: Option<u64>,
     pub status: KeyStatus,
+    /// After this instant the key is no longer served (shown as `expired`).
+    pub expires_at: Option<SystemTime>,
+    /// The admin's JSON object about the key (at most 1 KiB), as text; never shown to clients.
+    pub meta: Option<String>,
+    /// The last minute the key was used in, as last reported by a node.
+    pub last_used_at: Option<SystemTime>,
+    /// The secret replaced by the last rotation, served until `previous_expires_at`.
+    pub previous_digest: Option<KeyDigest>,
+    pub previous_expires_at: Option<SystemTime>,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
+}
+
+impl KeyRecord {
+    /// A new active key with nothing optional set.
+    pub fn new(
+        id: String,
+        digest: KeyDigest,
+        prefix: String,
+        name: String,
+        now: SystemTime,
+    ) -> Self {
+        Self {
+            id,
+            digest,
+            account_id: None,
+            prefix,
+            name,
+            plan: String::new(),
+            monthly_limit: None,
+            status: KeyStatus::Active,
+            expires_at: None,
+            meta: None,
+            last_used_at: None,
+            previous_digest: None,
+            previous_expires_at: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Whether the secret with `digest` opens this key at `now`: the current one while the
+    /// key is active and unexpired, the previous one also only within its rotation grace.
+    pub fn serves(&self, digest: &KeyDigest, now: SystemTime) -> bool {
+        let secret_ok = if *digest == self.digest {
+            true
+        } else {
+            self.previous_digest.as_ref() == Some(digest)
+                && self.previous_expires_at.is_some_and(|t| now < t)
+        };
+        secret_ok && self.state(now) == KeyStatus::Active
+    }
+
+    /// Applies `rotation` at `now`; returns the digests that no longer open the key.
+    pub fn rotate(&mut self, rotation: Rotation, now: SystemTime) -> Vec<KeyDigest> {
+        let old = std::mem::replace(&mut self.digest, rotation.digest);
+        let mut dropped: Vec<KeyDigest> = self.previous_digest.take().into_iter().collect();
+        match rotation.previous_expires_at {
+            Some(until) if until > now => {
+                self.previous_digest = Some(old);
+                self.previous_expires_at = Some(until);
+            }
+            _ => {
+                dropped.push(old);
+                self.previous_expires_at = None;
+            }
+        }
+        self.prefix = rotation.prefix;
+        self.updated_at = now;
+        dropped
+    }
+
+    /// The status as shown at `now`: an active key past its expiry is `Expired`.
+    pub fn state(&self, now: SystemTime) -> KeyStatus {
+        match (self.status, self.expires_at) {
+            (KeyStatus::Active, Some(t)) if now >= t => KeyStatus::Expired,
+            (status, _) => status,
+        }
+    }
 }
 
 /// A change to a key; `None` fields stay as they are.
@@ -52,6 +152,17 @@ pub struct KeyUpdate {
     pub plan: Option<String>,
     pub monthly_limit: Option<Option<u64>>,
     pub status: Option<KeyStatus>,
+    pub expires_at: Option<Option<SystemTime>>,
+    pub meta: Option<Option<String>>,
+}
+
+/// A rotation: the new secret's digest and prefix, and until when the old one still works
+/// (`None`: not at all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    pub digest: KeyDigest,
+    pub prefix: String,
+    pub previous_expires_at: Option<SystemTime>,
 }
 
 /// Lifecycle of an account. Keys of an account that is not `Active` are not served;
@@ -107,6 +218,23 @@ pub struct AccountUpdate {
     pub status: Option<AccountStatus>,
 }
 
+/// One recorded change (SPEC §9 audit log): who did what to which record, and the fields
+/// given. Never a key: the admin API and the portal never take one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// Assigned by the store, increasing; the page cursor.
+    pub seq: u64,
+    pub at: SystemTime,
+    /// `admin`, or the account id for changes made in the portal.
+    pub actor: String,
+    /// `key.created`, `account.closed`, …
+    pub action: String,
+    /// The id of the key or account changed.
+    pub target: String,
+    /// The changed fields as a JSON object (text).
+    pub changes: String,
+}
+
 /// A change to key records made elsewhere, which caches must forget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invalidation {
@@ -136,6 +264,31 @@ pub trait Store: Send + Sync + 'static {
         update: KeyUpdate,
         now: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError>;
+    /// Replaces the key's secret; the old one keeps working until `previous_expires_at`, an
+    /// older previous one stops at once. `None` if there is no such key. A revoked key is not
+    /// rotated (returned unchanged). Returns the record and the digests that no longer open it.
+    async fn rotate_key(
+        &self,
+        id: &str,
+        rotation: Rotation,
+        now: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError>;
+    /// Records the minute each key was last used in (keeping the later of what is stored and
+    /// what is given).
+    async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError>;
+    /// Appends an entry (its `seq` is ignored and assigned); entries older than `keep_after`
+    /// may be dropped on the way.
+    async fn append_audit(
+        &self,
+        entry: AuditEntry,
+        keep_after: SystemTime,
+    ) -> Result<(), StoreError>;
+    /// Up to `limit` entries, newest first, all older than the entry `before` if given.
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
     /// Adds a new account; `false` (and nothing written) when another account has its email.
     async fn insert_account(&self, record: AccountRecord) -> Result<bool, StoreError>;
     async fn account_by_id(&self, id: &str) -> Result<Option<AccountRecord>, StoreError>;

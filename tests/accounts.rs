@@ -437,3 +437,62 @@ fn cli_manages_accounts_through_the_admin_api() {
     assert!(!ok);
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+#[test]
+fn usage_history_per_day_for_keys_and_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = with_plans(dir.path()).start();
+    let account = create_account(&gw, "h@example.com", "team");
+    let acct = account["id"].as_str().unwrap();
+    let (key_id, key) = create_account_key(&gw, acct);
+    let (own_id, own) = gw.create_key("free", None);
+    for _ in 0..3 {
+        assert_eq!(gw.post_audio(&key, BODY).status, 200);
+    }
+    assert_eq!(gw.post_audio(&own, BODY).status, 200);
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let history = |path: &str| {
+        let reply = gw.admin("GET", path, None);
+        assert_eq!(reply.status, 200, "{:?}", reply.json());
+        reply.json()
+    };
+    // The default range: the 30 days up to today, every day listed.
+    wait_until("the calls reported", Duration::from_secs(10), || {
+        history(&format!("/admin/accounts/{acct}/usage"))["days"][29]["calls"] == 3
+    });
+    let account_days = history(&format!("/admin/accounts/{acct}/usage"));
+    assert_eq!(account_days["days"].as_array().unwrap().len(), 30);
+    assert_eq!(account_days["days"][29], json!({"date": today, "calls": 3}));
+    assert_eq!(account_days["days"][0]["calls"], 0);
+    // A key of an account: the account's history, which its keys share.
+    let of_key = history(&format!(
+        "/admin/keys/{key_id}/usage?from={today}&to={today}"
+    ));
+    assert_eq!(
+        of_key,
+        json!({"subject": acct, "days": [{"date": today, "calls": 3}]})
+    );
+    wait_until("the other key reported", Duration::from_secs(10), || {
+        history(&format!("/admin/keys/{own_id}/usage?from={today}"))["days"][0]["calls"] == 1
+    });
+
+    let path = format!("/admin/keys/{own_id}/usage");
+    let field = |query: &str, name: &str| {
+        let body = gw
+            .admin("GET", &format!("{path}?{query}"), None)
+            .assert_error(400, "INVALID_FIELD");
+        assert_eq!(body["field"], name, "{query}: {body}");
+    };
+    field("from=2026-13-01", "from");
+    field("to=yesterday", "to");
+    field("from=2026-11-02&to=2026-11-01", "from");
+    field("from=2026-01-01&to=2026-12-01", "from");
+    gw.admin("GET", &format!("{path}?day=2026-11-01"), None)
+        .assert_error(400, "INVALID_REQUEST");
+    gw.admin("GET", "/admin/keys/key_nosuch/usage", None)
+        .assert_error(404, "KEY_NOT_FOUND");
+    gw.admin("GET", "/admin/accounts/acct_nosuch/usage", None)
+        .assert_error(404, "ACCOUNT_NOT_FOUND");
+    gw.admin("POST", &path, None)
+        .assert_error(405, "METHOD_NOT_ALLOWED");
+}

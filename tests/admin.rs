@@ -148,26 +148,20 @@ fn create_with_explicit_limits() {
 fn bad_admin_requests_get_clear_errors() {
     let gw = Gateway::start();
     let cases = [
-        (
-            "POST",
-            "/admin/keys",
-            Some(json!({})),
-            400,
-            "INVALID_REQUEST",
-        ),
+        ("POST", "/admin/keys", Some(json!({})), 400, "INVALID_FIELD"),
         (
             "POST",
             "/admin/keys",
             Some(json!({"name": ""})),
             400,
-            "INVALID_REQUEST",
+            "INVALID_FIELD",
         ),
         (
             "POST",
             "/admin/keys",
             Some(json!({"name": 5})),
             400,
-            "INVALID_REQUEST",
+            "INVALID_FIELD",
         ),
         (
             "POST",
@@ -181,14 +175,14 @@ fn bad_admin_requests_get_clear_errors() {
             "/admin/keys",
             Some(json!({"name": "n", "monthly_limit": -1})),
             400,
-            "INVALID_REQUEST",
+            "INVALID_FIELD",
         ),
         (
             "POST",
             "/admin/keys",
             Some(json!({"name": "n", "monthly_limit": "5"})),
             400,
-            "INVALID_REQUEST",
+            "INVALID_FIELD",
         ),
         (
             "POST",
@@ -292,7 +286,7 @@ fn cli_manages_keys_through_the_admin_api() {
 
     let (ok, _, err) = cli(
         &gw,
-        &["update", &id, "--plan", "pro", "--status", "inactive"],
+        &["update", &id, "--plan", "pro", "--status", "disabled"],
     );
     assert!(ok, "{err}");
     gw.post_audio(&key, BODY).assert_error(401, "INVALID_KEY");

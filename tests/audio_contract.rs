@@ -226,7 +226,7 @@ fn row_5_unknown_inactive_or_revoked_key() {
     let patch = gw.admin(
         "PATCH",
         &format!("/admin/keys/{id}"),
-        Some(json!({"status": "inactive"})),
+        Some(json!({"status": "disabled"})),
     );
     assert_eq!(patch.status, 200);
     gw.post_audio(&key, BODY).assert_error(401, "INVALID_KEY");

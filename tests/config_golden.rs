@@ -51,18 +51,21 @@ fn shipped_config_parses_to_exactly_this() {
                 "free".to_string(),
                 Plan {
                     monthly_limit: Some(1000),
+                    rate: None,
                 },
             ),
             (
                 "pro".to_string(),
                 Plan {
                     monthly_limit: Some(100_000),
+                    rate: None,
                 },
             ),
             (
                 "unlimited".to_string(),
                 Plan {
                     monthly_limit: None,
+                    rate: None,
                 },
             ),
         ]),

@@ -12,11 +12,13 @@ use audiolib::clock::{Clock, ManualClock};
 use audiolib::config::{Config, FailurePolicy, FileConfig};
 use audiolib::error::ApiError;
 use audiolib::keys::{CreateKey, KeyService};
-use audiolib::quota::{Period, Source};
+use audiolib::quota::{Day, Period, Source};
 use audiolib::server::build_app_with;
 use audiolib::store::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp};
 use audiolib::store::sqlite::SqliteStore;
-use audiolib::store::{AccountRecord, AccountUpdate, KeyRecord, KeyUpdate, Store, StoreError};
+use audiolib::store::{
+    AccountRecord, AccountUpdate, AuditEntry, KeyRecord, KeyUpdate, Rotation, Store, StoreError,
+};
 use tokio::time::Instant;
 
 /// 2026-01-31T23:59:50Z
@@ -64,6 +66,7 @@ async fn quota_starts_afresh_in_a_new_utc_month() {
             account_id: None,
             plan: None,
             monthly_limit: Some(Some(2)),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -140,6 +143,23 @@ impl Store for DownStore {
     ) -> Result<Option<KeyRecord>, StoreError> {
         Err(StoreError("down".into()))
     }
+    async fn rotate_key(
+        &self,
+        _: &str,
+        _: Rotation,
+        _: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn touch_keys(&self, _: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn append_audit(&self, _: AuditEntry, _: SystemTime) -> Result<(), StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn audit_page(&self, _: Option<u64>, _: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        Err(StoreError("down".into()))
+    }
     async fn insert_account(&self, _: AccountRecord) -> Result<bool, StoreError> {
         Err(StoreError("down".into()))
     }
@@ -174,6 +194,9 @@ impl LeaseBackend for DownStore {
         vec![None; due.len()]
     }
     async fn used(&self, _: &str, _: Period) -> Result<u64, StoreError> {
+        Err(StoreError("down".into()))
+    }
+    async fn days(&self, _: &str, _: Day, _: Day) -> Result<Vec<(Day, u64)>, StoreError> {
         Err(StoreError("down".into()))
     }
     fn timeout(&self) -> Duration {
@@ -258,6 +281,23 @@ impl Store for Hooked {
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.update_key(id, u, t).await
     }
+    async fn rotate_key(
+        &self,
+        id: &str,
+        r: Rotation,
+        t: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        self.inner.rotate_key(id, r, t).await
+    }
+    async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        self.inner.touch_keys(used).await
+    }
+    async fn append_audit(&self, e: AuditEntry, keep: SystemTime) -> Result<(), StoreError> {
+        self.inner.append_audit(e, keep).await
+    }
+    async fn audit_page(&self, b: Option<u64>, n: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit_page(b, n).await
+    }
     async fn insert_account(&self, r: AccountRecord) -> Result<bool, StoreError> {
         self.inner.insert_account(r).await
     }
@@ -293,6 +333,9 @@ impl LeaseBackend for Hooked {
     }
     async fn used(&self, s: &str, p: Period) -> Result<u64, StoreError> {
         self.inner.used(s, p).await
+    }
+    async fn days(&self, s: &str, from: Day, to: Day) -> Result<Vec<(Day, u64)>, StoreError> {
+        self.inner.days(s, from, to).await
     }
     fn timeout(&self) -> Duration {
         self.inner.timeout()
@@ -414,4 +457,64 @@ async fn a_revocation_during_a_key_fetch_is_not_undone_by_the_fetch() {
         audiolib::store::KeyStatus::Revoked,
         "a racing re-activation cannot undo a revocation"
     );
+}
+
+/// Usage history (SPEC §9): calls on two days of the gateway's clock are counted on each, on
+/// both stores. The clock starts 10 s before the end of today (Redis drops counters whose
+/// expiry, reckoned from the day, has passed on its own clock).
+async fn history_follows_the_clock<S: Store + LeaseBackend>(store: Arc<S>) {
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let end_of_today = (now / 86_400 + 1) * 86_400;
+    let clock = Arc::new(ManualClock::at_unix(end_of_today - 10));
+    let (gw, keys) = gateway(store, clock.clone(), FailurePolicy::FailClosed);
+    let (view, secret) = keys
+        .create(CreateKey {
+            name: "h".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let header = auth(&secret);
+    let key = gw
+        .authenticate(std::iter::once(header.as_bytes()))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(gw.audio(&key, BODY).await.result.is_ok());
+    }
+    gw.quota().sync(true).await;
+    clock.set_unix(end_of_today + 5);
+    for _ in 0..2 {
+        assert!(gw.audio(&key, BODY).await.result.is_ok());
+    }
+    gw.quota().sync(true).await;
+    let today = Day((now / 86_400) as u32);
+    let (subject, days) = keys
+        .history(&view.id, Day(today.0 - 1), Day(today.0 + 2))
+        .await
+        .unwrap();
+    assert_eq!(subject, view.id);
+    let counts: Vec<u64> = days.iter().map(|(_, n)| *n).collect();
+    assert_eq!(counts, [0, 3, 2, 0], "{days:?}");
+    assert_eq!(days[1].0, today);
+}
+
+#[tokio::test]
+async fn usage_history_counts_each_day_on_the_embedded_store() {
+    let data = tempfile::tempdir().unwrap();
+    history_follows_the_clock(Arc::new(SqliteStore::open(data.path()).unwrap())).await;
+}
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[tokio::test]
+async fn usage_history_counts_each_day_on_redis() {
+    let redis = common::RedisServer::start();
+    let store =
+        audiolib::store::redis::RedisStore::new(&redis.url(), Duration::from_secs(1)).unwrap();
+    history_follows_the_clock(Arc::new(store)).await;
 }

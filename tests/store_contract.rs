@@ -9,22 +9,21 @@ use audiolib::quota::{Period, Reservation, Source};
 use audiolib::store::lease::{LeaseBackend, Quota};
 use audiolib::store::sqlite::SqliteStore;
 use audiolib::store::{
-    AccountRecord, AccountStatus, AccountUpdate, KeyRecord, KeyStatus, KeyUpdate, Store,
+    AccountRecord, AccountStatus, AccountUpdate, KeyRecord, KeyStatus, KeyUpdate, Rotation, Store,
 };
 
 fn record(id: &str, created: u64) -> KeyRecord {
     let key = mint_key();
     KeyRecord {
-        id: id.into(),
-        digest: key.digest,
-        account_id: None,
-        prefix: key.prefix,
-        name: format!("name of {id}"),
         plan: "free".into(),
         monthly_limit: Some(10),
-        status: KeyStatus::Active,
-        created_at: UNIX_EPOCH + Duration::from_secs(created),
-        updated_at: UNIX_EPOCH + Duration::from_secs(created),
+        ..KeyRecord::new(
+            id.into(),
+            key.digest,
+            key.prefix,
+            format!("name of {id}"),
+            UNIX_EPOCH + Duration::from_secs(created),
+        )
     }
 }
 
@@ -72,7 +71,8 @@ async fn keys_round_trip(store: Arc<dyn Store>) {
             KeyUpdate {
                 plan: Some("unlimited".into()),
                 monthly_limit: Some(None),
-                status: Some(KeyStatus::Inactive),
+                status: Some(KeyStatus::Disabled),
+                ..Default::default()
             },
             later,
         )
@@ -81,7 +81,7 @@ async fn keys_round_trip(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(updated.plan, "unlimited");
     assert_eq!(updated.monthly_limit, None);
-    assert_eq!(updated.status, KeyStatus::Inactive);
+    assert_eq!(updated.status, KeyStatus::Disabled);
     assert_eq!(updated.updated_at, later);
     assert_eq!(updated.created_at, a.created_at);
     assert_eq!(store.key_by_digest(&a.digest).await.unwrap(), Some(updated));
@@ -185,7 +185,7 @@ async fn revocation_is_final(store: Arc<dyn Store>) {
     };
     let revoked = store.update_key("key_r", update(KeyStatus::Revoked), now);
     assert_eq!(revoked.await.unwrap().unwrap().status, KeyStatus::Revoked);
-    for status in [KeyStatus::Active, KeyStatus::Inactive] {
+    for status in [KeyStatus::Active, KeyStatus::Disabled] {
         let after = store
             .update_key("key_r", update(status), now)
             .await
@@ -291,10 +291,95 @@ async fn accounts_round_trip(store: Arc<dyn Store>) {
     assert_eq!(after.unwrap().status, AccountStatus::Closed);
 }
 
+async fn rotation_and_touch(store: Arc<dyn Store>) {
+    let t = |secs| UNIX_EPOCH + Duration::from_secs(secs);
+    let key = record("key_r", 1);
+    store.insert_key(key.clone()).await.unwrap();
+    let first = mint_key();
+    let rotation = Rotation {
+        digest: first.digest,
+        prefix: first.prefix.clone(),
+        previous_expires_at: Some(t(500)),
+    };
+    let (rotated, dropped) = store
+        .rotate_key("key_r", rotation, t(100))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(dropped.is_empty(), "the old secret lives on in its grace");
+    assert_eq!(
+        (
+            rotated.digest,
+            rotated.previous_digest,
+            rotated.previous_expires_at
+        ),
+        (first.digest, Some(key.digest), Some(t(500)))
+    );
+    assert_eq!(
+        (rotated.prefix.as_str(), rotated.updated_at),
+        (first.prefix.as_str(), t(100))
+    );
+    // Found by either secret; which one still opens it is decided by `serves`.
+    for digest in [first.digest, key.digest] {
+        let found = store.key_by_digest(&digest).await.unwrap().unwrap();
+        assert_eq!(found, rotated);
+        assert!(found.serves(&digest, t(499)));
+    }
+    assert!(!rotated.serves(&key.digest, t(500)), "the grace is over");
+
+    // A second rotation without grace drops both older secrets.
+    let second = mint_key();
+    let rotation = Rotation {
+        digest: second.digest,
+        prefix: second.prefix,
+        previous_expires_at: None,
+    };
+    let (rotated, mut dropped) = store
+        .rotate_key("key_r", rotation, t(200))
+        .await
+        .unwrap()
+        .unwrap();
+    dropped.sort_by_key(|d| d.0);
+    let mut expected = vec![key.digest, first.digest];
+    expected.sort_by_key(|d| d.0);
+    assert_eq!(dropped, expected);
+    assert_eq!(rotated.previous_digest, None);
+    for digest in [key.digest, first.digest] {
+        let found = store.key_by_digest(&digest).await.unwrap();
+        assert!(found.is_none_or(|r| !r.serves(&digest, t(201))));
+    }
+    assert_eq!(
+        store
+            .rotate_key(
+                "key_none",
+                Rotation {
+                    digest: mint_key().digest,
+                    prefix: "x".into(),
+                    previous_expires_at: None
+                },
+                t(1)
+            )
+            .await
+            .unwrap(),
+        None
+    );
+
+    // last_used_at only moves forward; unknown keys are ignored.
+    store
+        .touch_keys(&[("key_r".into(), t(600)), ("key_none".into(), t(600))])
+        .await
+        .unwrap();
+    store.touch_keys(&[("key_r".into(), t(540))]).await.unwrap();
+    let r = store.key_by_id("key_r").await.unwrap().unwrap();
+    assert_eq!(r.last_used_at, Some(t(600)));
+    assert_eq!(store.key_by_id("key_none").await.unwrap(), None);
+}
+
 /// Runs the contract on fresh stores from `make`, each a key store and a lease backend.
 async fn contract(make: impl Fn() -> (Arc<dyn Store>, Arc<dyn LeaseBackend>)) {
     keys_round_trip(make().0).await;
     accounts_round_trip(make().0).await;
+    rotation_and_touch(make().0).await;
     revocation_is_final(make().0).await;
     reservations_are_exact(quota(make().1)).await;
     concurrent_reservations_never_exceed_the_limit(quota(make().1)).await;

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::file::{FileConfig, KeyCacheFile, LimitsFile, LogFile, S3File, StoreFile, TlsFile};
+use super::file::{
+    FileConfig, KeyCacheFile, LimitsFile, LogFile, PlanFile, S3File, StoreFile, TlsFile,
+};
 use super::settings::{self as s, Env, Problems, Setting};
 use super::{
     CorsOrigins, DEFAULT_UPGRADE_SOCK, FailurePolicy, KeyCacheConfig, Limits, Plan, RedisKind,
@@ -17,6 +19,7 @@ use super::{
 };
 use crate::access_log::LogFormat;
 use crate::forwarding::Cidr;
+use crate::rate::Rate;
 use crate::sign::{Credentials, MAX_TTL_SECS, S3Location};
 use crate::store::redis::Wait;
 use crate::tls::{TlsError, TlsFiles};
@@ -356,12 +359,12 @@ pub fn plans(
         Some(plans) => plans
             .into_iter()
             .map(|(name, plan)| {
-                (
-                    name,
-                    Plan {
-                        monthly_limit: plan.monthly_limit,
-                    },
-                )
+                let rate = plan_rate(p, &name, &plan);
+                let plan = Plan {
+                    monthly_limit: plan.monthly_limit,
+                    rate,
+                };
+                (name, plan)
             })
             .collect(),
         None => [
@@ -370,7 +373,13 @@ pub fn plans(
             ("unlimited", None),
         ]
         .into_iter()
-        .map(|(name, monthly_limit)| (name.to_string(), Plan { monthly_limit }))
+        .map(|(name, monthly_limit)| {
+            let plan = Plan {
+                monthly_limit,
+                rate: None,
+            };
+            (name.to_string(), plan)
+        })
         .collect(),
     };
     if plans.is_empty() {
@@ -386,6 +395,30 @@ pub fn plans(
         );
     }
     (plans, default_plan)
+}
+
+/// A plan's per-second rate: `rate_per_sec` of at least 1, `burst` (at least 1) only with it.
+fn plan_rate(p: &mut Problems, name: &str, plan: &PlanFile) -> Option<Rate> {
+    let setting = |field: &str| format!("plans.{name}.{field}");
+    match (plan.rate_per_sec, plan.burst) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            p.plain(&setting("burst"), "needs rate_per_sec");
+            None
+        }
+        (Some(0), _) => {
+            p.plain(&setting("rate_per_sec"), "must be at least 1");
+            None
+        }
+        (Some(_), Some(0)) => {
+            p.plain(&setting("burst"), "must be at least 1");
+            None
+        }
+        (Some(per_sec), burst) => Some(Rate {
+            per_sec,
+            burst: burst.unwrap_or(per_sec),
+        }),
+    }
 }
 
 fn secs(value: Option<u64>, default: u64) -> Duration {

@@ -85,6 +85,10 @@ pub struct S3File {
 pub struct PlanFile {
     /// Absent: unlimited (metered, never refused).
     pub monthly_limit: Option<u64>,
+    /// Calls a second per key (per account for its keys) on each node; absent: no rate.
+    pub rate_per_sec: Option<u32>,
+    /// Calls at once above the rate; absent: `rate_per_sec` (a second's worth).
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

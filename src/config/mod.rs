@@ -26,6 +26,7 @@ pub use settings::{Env, ProcessEnv};
 
 use crate::access_log::LogFormat;
 use crate::forwarding::Cidr;
+use crate::rate::Rate;
 use crate::sign::{Credentials, S3Location};
 use crate::store::redis::Wait;
 use crate::store::redis::sentinel::{self, SentinelUrl};
@@ -38,9 +39,11 @@ pub enum FailurePolicy {
     FailClosed,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub monthly_limit: Option<u64>,
+    /// `None`: no per-second rate.
+    pub rate: Option<Rate>,
 }
 
 /// Where passthrough traffic goes.

@@ -7,7 +7,10 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 
-use super::{AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
+use super::{
+    AccountRecord, AccountUpdate, AuditEntry, Invalidation, KeyRecord, KeyUpdate, Rotation, Store,
+    StoreError,
+};
 use crate::auth::KeyDigest;
 use crate::metrics::StoreMetrics;
 
@@ -62,6 +65,34 @@ impl Store for Instrumented {
         now: SystemTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.timed("update_key", self.inner.update_key(id, update, now))
+            .await
+    }
+    async fn rotate_key(
+        &self,
+        id: &str,
+        rotation: Rotation,
+        now: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        self.timed("rotate_key", self.inner.rotate_key(id, rotation, now))
+            .await
+    }
+    async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        self.timed("touch_keys", self.inner.touch_keys(used)).await
+    }
+    async fn append_audit(
+        &self,
+        entry: AuditEntry,
+        keep_after: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.timed("append_audit", self.inner.append_audit(entry, keep_after))
+            .await
+    }
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.timed("audit_page", self.inner.audit_page(before, limit))
             .await
     }
     async fn insert_account(&self, record: AccountRecord) -> Result<bool, StoreError> {

@@ -31,7 +31,7 @@
 //! Time is Tokio's [`Instant`], so tests drive it with a paused clock.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,9 +40,10 @@ use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
 
 use super::StoreError;
+use crate::clock::{Clock, SystemClock};
 use crate::locks::PerKey;
 use crate::metrics::StoreMetrics;
-use crate::quota::{LocalAdmission, Period, Reservation, Source};
+use crate::quota::{Day, LocalAdmission, Period, Reservation, Source};
 
 /// Unused units go back to the store after this long without a call.
 pub const IDLE_RETURN: Duration = Duration::from_secs(2);
@@ -82,6 +83,9 @@ pub struct LeaseOp {
     /// Units asked for.
     pub want: u64,
     pub limit: Option<u64>,
+    /// The UTC day (on this node's clock) the calls of `consumed` and `extra` are counted on
+    /// in the usage history: the day of the report, a second at most after the calls.
+    pub day: Day,
 }
 
 /// The store's answer to a [`LeaseOp`].
@@ -161,7 +165,7 @@ impl Lease {
     }
 
     /// The next operation: the parked one again, or a new one carrying what is owed.
-    fn next_op(&mut self, want: u64, now: Instant) -> LeaseOp {
+    fn next_op(&mut self, want: u64, now: Instant, day: Day) -> LeaseOp {
         if let Some(op) = self.parked.take() {
             return op;
         }
@@ -175,6 +179,7 @@ impl Lease {
             extra: std::mem::take(&mut self.extra),
             want,
             limit: self.limit,
+            day,
         }
     }
 
@@ -259,9 +264,19 @@ pub struct LeaseBook {
     // A Tokio lock per subject, held across the store call that refills it so concurrent
     // calls of one subject share one refill.
     subjects: PerKey<Entry>,
+    /// The UTC day new operations are dated with ([`LeaseOp::day`]), set by [`Quota`].
+    today: AtomicU32,
 }
 
 impl LeaseBook {
+    fn today(&self) -> Day {
+        Day(self.today.load(Ordering::Relaxed))
+    }
+
+    pub fn set_today(&self, day: Day) {
+        self.today.store(day.0, Ordering::Relaxed);
+    }
+
     fn entry(&self, subject: &str) -> Arc<Entry> {
         self.subjects.get_or_default(subject)
     }
@@ -322,7 +337,7 @@ impl LeaseBook {
                 // Running low: top the block up now, without the lock, so the calls behind
                 // this one keep being served from what is left instead of waiting for the
                 // store (on the embedded store, for an fsync). Only this call waits for it.
-                let op = lease.next_op(lease.want(0), now);
+                let op = lease.next_op(lease.want(0), now, self.today());
                 lease.parked = Some(op.clone());
                 drop(leases);
                 let sent = Instant::now();
@@ -351,7 +366,8 @@ impl LeaseBook {
                     "the store failed a refill this call waited for".into(),
                 ));
             }
-            let op = lease.next_op(lease.want(entry.waiting.load(Ordering::Relaxed)), now);
+            let waiting = entry.waiting.load(Ordering::Relaxed);
+            let op = lease.next_op(lease.want(waiting), now, self.today());
             // Parked before sending: if this call is abandoned midway, the operation is
             // replayed later rather than lost.
             lease.parked = Some(op.clone());
@@ -479,7 +495,7 @@ impl LeaseBook {
                     || lease.returned > 0
                     || now - lease.last_report >= REPORT_EVERY;
                 if lease.owes() && report_due {
-                    let op = lease.next_op(0, now);
+                    let op = lease.next_op(0, now, self.today());
                     lease.parked = Some(op.clone());
                     ops.push(Due {
                         subject: subject.clone(),
@@ -557,6 +573,9 @@ pub trait LeaseBackend: Send + Sync + 'static {
     async fn apply_all(&self, ops: &[Due]) -> Vec<Option<LeaseAnswer>>;
     /// Calls reported for `subject` in `period`.
     async fn used(&self, subject: &str, period: Period) -> Result<u64, StoreError>;
+    /// Calls reported for `subject` on each day from `from` to `to` (both included; days
+    /// without calls may be left out).
+    async fn days(&self, subject: &str, from: Day, to: Day) -> Result<Vec<(Day, u64)>, StoreError>;
     /// The bound on a refill made while a call waits.
     fn timeout(&self) -> Duration;
     /// Housekeeping once per sync.
@@ -573,6 +592,8 @@ pub trait LeaseBackend: Send + Sync + 'static {
 pub struct Quota {
     book: LeaseBook,
     backend: Arc<dyn LeaseBackend>,
+    /// Dates the usage history.
+    clock: Arc<dyn Clock>,
     /// The `reserve` series of the store metrics, resolved once (every call updates them).
     reserve_latency: Histogram,
     reserve_errors: IntCounter,
@@ -583,9 +604,35 @@ impl Quota {
         Self {
             book: LeaseBook::default(),
             backend,
+            clock: Arc::new(SystemClock),
             reserve_latency: metrics.latency.with_label_values(&["reserve"]),
             reserve_errors: metrics.errors.with_label_values(&["reserve"]),
         }
+    }
+
+    /// Dates the usage history by `clock` (the system clock by default).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Calls of `subject` per UTC day from `from` to `to`, every day listed (zero when none),
+    /// as reported by the nodes so far (within a second or so of the calls).
+    pub async fn history(
+        &self,
+        subject: &str,
+        from: Day,
+        to: Day,
+    ) -> Result<Vec<(Day, u64)>, StoreError> {
+        let counted: std::collections::HashMap<Day, u64> = self
+            .backend
+            .days(subject, from, to)
+            .await?
+            .into_iter()
+            .collect();
+        Ok((from.0..=to.0)
+            .map(|d| (Day(d), counted.get(&Day(d)).copied().unwrap_or(0)))
+            .collect())
     }
 
     /// Counts one call for `subject` in `period` unless `limit` is reached. An `Err` means the
@@ -597,6 +644,7 @@ impl Quota {
         limit: Option<u64>,
     ) -> Result<Reservation, StoreError> {
         let started = std::time::Instant::now();
+        self.book.set_today(Day::containing(self.clock.now()));
         let backend = &self.backend;
         let result = self
             .book
@@ -644,6 +692,7 @@ impl Quota {
     /// Reports use and gives back idle units (`all`: everything held, before exit). Called a
     /// few times a second.
     pub async fn sync(&self, all: bool) {
+        self.book.set_today(Day::containing(self.clock.now()));
         self.backend.upkeep().await;
         let due = self.book.due(all).await;
         if due.is_empty() {

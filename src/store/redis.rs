@@ -35,9 +35,12 @@ use tokio::sync::{OnceCell, mpsc};
 use self::sentinel::{SentinelMaster, SentinelUrl};
 
 use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
-use super::{AccountRecord, AccountUpdate, Invalidation, KeyRecord, KeyUpdate, Store, StoreError};
+use super::{
+    AccountRecord, AccountUpdate, AuditEntry, Invalidation, KeyRecord, KeyStatus, KeyUpdate,
+    Rotation, Store, StoreError,
+};
 use crate::auth::KeyDigest;
-use crate::quota::Period;
+use crate::quota::{Day, Period};
 
 mod conn;
 mod pubsub;
@@ -47,8 +50,9 @@ pub mod sentinel;
 
 use self::conn::{Breaker, Conn, Io, report_durability};
 use self::scripts::{
-    ACCOUNT_LIST, CHANNEL, KEY_LIST, LEASE, UPDATE, account_key, account_keys_key, digest_key,
-    email_key, expire_at, invoke, lease_key, record_key, unix, usage_key,
+    ACCOUNT_LIST, AUDIT_STREAM, CHANNEL, KEY_LIST, LEASE, SET_IF, TOUCH, UPDATE, account_key,
+    account_keys_key, day_expire_at, day_key, digest_key, email_key, expire_at, invoke, lease_key,
+    record_key, unix, usage_key,
 };
 pub use self::scripts::{USAGE_GRACE_SECS, Wait};
 
@@ -71,6 +75,8 @@ pub struct RedisStore {
     node: String,
     lease: Script,
     update: Script,
+    set_if: Script,
+    touch: Script,
 }
 
 impl RedisStore {
@@ -140,6 +146,8 @@ impl RedisStore {
             node: crate::auth::new_id("node"),
             lease: Script::new(LEASE),
             update: Script::new(UPDATE),
+            set_if: Script::new(SET_IF),
+            touch: Script::new(TOUCH),
         };
         store.check_persistence();
         Ok(store)
@@ -326,6 +334,7 @@ impl RedisStore {
             .call_within(left, |mut c| async move {
                 let mut inv = script.key(usage_key(key_id, op.period));
                 inv.key(lease_key(key_id, op.period))
+                    .key(day_key(key_id, op.day))
                     .arg(node)
                     .arg(op.seq)
                     .arg(op.consumed)
@@ -334,7 +343,8 @@ impl RedisStore {
                     .arg(op.want)
                     .arg(op.limit.map(|l| l.to_string()).unwrap_or_default())
                     .arg(expire_at(op.period))
-                    .arg(STALE_AFTER.as_secs());
+                    .arg(STALE_AFTER.as_secs())
+                    .arg(day_expire_at(op.day));
                 invoke(&mut c, &inv, wait).await
             })
             .await?;
@@ -377,18 +387,7 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn insert_key(&self, r: KeyRecord) -> Result<(), StoreError> {
-        let fields: Vec<(&str, String)> = vec![
-            ("id", r.id.clone()),
-            ("digest", r.digest.to_string()),
-            ("account_id", r.account_id.clone().unwrap_or_default()),
-            ("prefix", r.prefix.clone()),
-            ("name", r.name.clone()),
-            ("plan", r.plan.clone()),
-            ("monthly_limit", records::limit_str(r.monthly_limit)),
-            ("status", records::status_str(r.status).to_string()),
-            ("created_at", unix(r.created_at).to_string()),
-            ("updated_at", unix(r.updated_at).to_string()),
-        ];
+        let fields = records::key_fields(&r);
         let id = r.id.clone();
         let created = unix(r.created_at);
         let wait = self.wait;
@@ -450,10 +449,16 @@ impl Store for RedisStore {
             return Ok(None);
         }
         let mut args: Vec<String> = vec![
-            records::status_str(super::KeyStatus::Revoked).into(),
+            KeyStatus::Revoked.as_str().into(),
             "updated_at".into(),
             unix(now).to_string(),
         ];
+        if let Some(expires_at) = update.expires_at {
+            args.extend(["expires_at".into(), records::time_str(expires_at)]);
+        }
+        if let Some(meta) = update.meta {
+            args.extend(["meta".into(), meta.unwrap_or_default()]);
+        }
         if let Some(plan) = update.plan {
             args.extend(["plan".into(), plan]);
         }
@@ -464,12 +469,144 @@ impl Store for RedisStore {
             ]);
         }
         if let Some(status) = update.status {
-            args.extend(["status".into(), records::status_str(status).into()]);
+            args.extend(["status".into(), status.as_str().into()]);
         }
         match self.update_hash(record_key(id), args).await? {
             Some(fields) => records::parse_record(fields),
             None => Ok(None),
         }
+    }
+
+    /// Read, rotate in memory ([`KeyRecord::rotate`]), write back if the digest is still the
+    /// one read (else another rotation won: read again). The new digest's index is written
+    /// first and the dropped ones' removed last; in between, an index that points at a
+    /// record whose digests do not match opens nothing ([`KeyRecord::serves`]).
+    async fn rotate_key(
+        &self,
+        id: &str,
+        rotation: Rotation,
+        now: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let wait = self.wait;
+        let (new_index, owner) = (digest_key(&rotation.digest), id.to_string());
+        self.call_patiently(|c| write_all(c, vec![redis::Cmd::set(&new_index, &owner)], wait))
+            .await?;
+        for _ in 0..8 {
+            let Some(mut record) = self.key_by_id(id).await? else {
+                return Ok(None);
+            };
+            if record.status == KeyStatus::Revoked {
+                return Ok(Some((record, Vec::new())));
+            }
+            let read = record.digest.to_string();
+            let dropped = record.rotate(rotation.clone(), now);
+            let mut args: Vec<String> = vec!["digest".into(), read];
+            for (name, value) in records::key_fields(&record) {
+                if matches!(
+                    name,
+                    "digest" | "prefix" | "previous_digest" | "previous_expires_at" | "updated_at"
+                ) {
+                    args.extend([name.to_string(), value]);
+                }
+            }
+            let script = &self.set_if;
+            let applied: i64 = self
+                .call_patiently(|mut c| {
+                    let args = &args;
+                    async move {
+                        let mut inv = script.key(record_key(id));
+                        for a in args {
+                            inv.arg(a);
+                        }
+                        invoke(&mut c, &inv, wait).await
+                    }
+                })
+                .await?;
+            if applied == 1 {
+                let stale: Vec<redis::Cmd> = dropped
+                    .iter()
+                    .map(|d| redis::Cmd::del(digest_key(d)))
+                    .collect();
+                self.call_patiently(|c| write_all(c, stale, wait)).await?;
+                return Ok(Some((record, dropped)));
+            }
+        }
+        Err(StoreError("key rotation: the record kept changing".into()))
+    }
+
+    async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        let script = &self.touch;
+        for (id, at) in used.iter().filter(|(id, _)| valid_id(id)) {
+            let at = unix(*at);
+            let _: i64 = self
+                .call_patiently(|mut c| async move {
+                    script
+                        .key(record_key(id))
+                        .arg(at)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A stream: its ids are the entries' order, and `MINID` drops the old ones as it goes.
+    async fn append_audit(&self, e: AuditEntry, keep_after: SystemTime) -> Result<(), StoreError> {
+        let minid = keep_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut add = redis::cmd("XADD");
+        add.arg(AUDIT_STREAM)
+            .arg("MINID")
+            .arg("~")
+            .arg(minid)
+            .arg("*")
+            .arg("at")
+            .arg(unix(e.at))
+            .arg("actor")
+            .arg(&e.actor)
+            .arg("action")
+            .arg(&e.action)
+            .arg("target")
+            .arg(&e.target)
+            .arg("changes")
+            .arg(&e.changes);
+        let wait = self.wait;
+        self.call_patiently(|c| write_all(c, vec![add], wait)).await
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let end = match before {
+            Some(seq) => format!("({}", records::stream_id(seq)),
+            None => "+".to_string(),
+        };
+        let entries: Vec<(String, HashMap<String, String>)> = self
+            .call_patiently(|mut c| {
+                let end = &end;
+                async move {
+                    redis::cmd("XREVRANGE")
+                        .arg(AUDIT_STREAM)
+                        .arg(end)
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(limit)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        entries
+            .into_iter()
+            .map(|(id, fields)| records::parse_audit(&id, fields))
+            .collect()
     }
 
     async fn insert_account(&self, r: AccountRecord) -> Result<bool, StoreError> {
@@ -625,6 +762,26 @@ impl LeaseBackend for RedisStore {
             .call_patiently(|mut c| async move { c.get(usage_key(subject, period)).await })
             .await?;
         Ok(used.unwrap_or(0))
+    }
+
+    /// One `MGET` of the day counters, which share the subject's slot.
+    async fn days(&self, subject: &str, from: Day, to: Day) -> Result<Vec<(Day, u64)>, StoreError> {
+        let days: Vec<Day> = (from.0..=to.0).map(Day).collect();
+        if days.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = days.iter().map(|d| day_key(subject, *d)).collect();
+        let counts: Vec<Option<i64>> = self
+            .call_patiently(|mut c| {
+                let keys = &keys;
+                async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await }
+            })
+            .await?;
+        Ok(days
+            .into_iter()
+            .zip(counts)
+            .filter_map(|(d, n)| Some((d, n?.max(0) as u64)))
+            .collect())
     }
 
     fn timeout(&self) -> Duration {

@@ -23,10 +23,13 @@
 //!   upgraded in place when opened).
 //! - `usage(subject, period, used)`: calls counted per subject (a key id, or an account id
 //!   for keys of an account) and UTC month.
+//! - `usage_days(subject, day, calls)`: the same per UTC day (days since the epoch), kept
+//!   [`Day::KEPT`] days: the usage history.
 //! - `leases(subject, period, node, held, seq, last_grant)`: units each process holds and
 //!   the last operation of it applied, as in the Redis lease hash.
 //! - `nodes(node, pid, started, heard_at)`: the processes using the file; `started` is the
 //!   kernel's start time of the pid, so a reused pid is not mistaken for a live process.
+//! - `audit(seq, at, actor, action, target, changes)`: the audit log, newest by `seq`.
 //! - `key_changes(seq, digest, at)`: changes to key records, polled by the other process so its
 //!   key cache forgets them (the embedded analogue of Redis pub/sub).
 
@@ -41,12 +44,12 @@ use tokio::sync::mpsc;
 
 use super::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp, STALE_AFTER};
 use super::{
-    AccountRecord, AccountStatus, AccountUpdate, Invalidation, KeyRecord, KeyStatus, KeyUpdate,
-    Store, StoreError,
+    AccountRecord, AccountStatus, AccountUpdate, AuditEntry, Invalidation, KeyRecord, KeyStatus,
+    KeyUpdate, Rotation, Store, StoreError,
 };
 use crate::auth::KeyDigest;
 use crate::locks::lock;
-use crate::quota::Period;
+use crate::quota::{Day, Period};
 
 /// The database file inside the data directory.
 pub const FILE_NAME: &str = "audiolib.db";
@@ -65,6 +68,11 @@ CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY,
     digest TEXT NOT NULL UNIQUE,
     account_id TEXT,
+    expires_at INTEGER,
+    meta TEXT,
+    last_used_at INTEGER,
+    previous_digest TEXT,
+    previous_expires_at INTEGER,
     prefix TEXT NOT NULL,
     name TEXT NOT NULL,
     plan TEXT NOT NULL,
@@ -91,6 +99,12 @@ CREATE TABLE IF NOT EXISTS usage (
     used INTEGER NOT NULL,
     PRIMARY KEY (subject, period)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_days (
+    subject TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    calls INTEGER NOT NULL,
+    PRIMARY KEY (subject, day)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (
     subject TEXT NOT NULL,
     period TEXT NOT NULL,
@@ -106,6 +120,14 @@ CREATE TABLE IF NOT EXISTS nodes (
     started INTEGER NOT NULL,
     heard_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    changes TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS key_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     digest TEXT NOT NULL,
@@ -116,6 +138,7 @@ CREATE TABLE IF NOT EXISTS key_changes (
 /// After [`SCHEMA`]: what a version-1 file lacks, then the version.
 const MIGRATE: &str = "
 CREATE INDEX IF NOT EXISTS keys_by_account ON keys (account_id, created_at, id);
+CREATE INDEX IF NOT EXISTS keys_by_previous_digest ON keys (previous_digest);
 PRAGMA user_version = 2;
 ";
 
@@ -156,25 +179,18 @@ fn from_unix(secs: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
 }
 
-fn status_str(status: KeyStatus) -> &'static str {
-    match status {
-        KeyStatus::Active => "active",
-        KeyStatus::Inactive => "inactive",
-        KeyStatus::Revoked => "revoked",
-    }
-}
+const KEY_COLUMNS: &str = "id, digest, prefix, name, plan, monthly_limit, status, created_at, \
+    updated_at, account_id, expires_at, meta, last_used_at, previous_digest, previous_expires_at";
 
-fn parse_status(s: &str) -> Option<KeyStatus> {
-    match s {
-        "active" => Some(KeyStatus::Active),
-        "inactive" => Some(KeyStatus::Inactive),
-        "revoked" => Some(KeyStatus::Revoked),
-        _ => None,
-    }
-}
-
-const KEY_COLUMNS: &str =
-    "id, digest, prefix, name, plan, monthly_limit, status, created_at, updated_at, account_id";
+/// Columns added to `keys` after version 1, with their types.
+const KEY_COLUMNS_ADDED: [(&str, &str); 6] = [
+    ("account_id", "TEXT"),
+    ("expires_at", "INTEGER"),
+    ("meta", "TEXT"),
+    ("last_used_at", "INTEGER"),
+    ("previous_digest", "TEXT"),
+    ("previous_expires_at", "INTEGER"),
+];
 
 const ACCOUNT_COLUMNS: &str =
     "id, email, name, plan, monthly_limit, status, created_at, updated_at";
@@ -207,6 +223,10 @@ fn key_from_row(row: &Row) -> rusqlite::Result<KeyRecord> {
     let digest: String = row.get(1)?;
     let status: String = row.get(6)?;
     let limit: Option<i64> = row.get(5)?;
+    let time = |i| -> rusqlite::Result<Option<SystemTime>> {
+        Ok(row.get::<_, Option<i64>>(i)?.map(from_unix))
+    };
+    let previous: Option<String> = row.get(13)?;
     Ok(KeyRecord {
         id: row.get(0)?,
         digest: KeyDigest::parse_hex(&digest).ok_or_else(|| bad(1, "digest"))?,
@@ -215,7 +235,15 @@ fn key_from_row(row: &Row) -> rusqlite::Result<KeyRecord> {
         name: row.get(3)?,
         plan: row.get(4)?,
         monthly_limit: limit.map(|l| l.max(0) as u64),
-        status: parse_status(&status).ok_or_else(|| bad(6, "status"))?,
+        status: KeyStatus::parse(&status).ok_or_else(|| bad(6, "status"))?,
+        expires_at: time(10)?,
+        meta: row.get(11)?,
+        last_used_at: time(12)?,
+        previous_digest: match previous {
+            Some(hex) => Some(KeyDigest::parse_hex(&hex).ok_or_else(|| bad(13, "digest"))?),
+            None => None,
+        },
+        previous_expires_at: time(14)?,
         created_at: from_unix(row.get(7)?),
         updated_at: from_unix(row.get(8)?),
     })
@@ -227,6 +255,16 @@ fn process_start(pid: u32) -> Option<i64> {
     // The command name is in parentheses and may hold anything; fields follow the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Adds `calls` to `subject`'s count of `day`.
+fn count_day(tx: &Transaction, subject: &str, day: Day, calls: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO usage_days (subject, day, calls) VALUES (?1, ?2, ?3)
+         ON CONFLICT (subject, day) DO UPDATE SET calls = MAX(0, calls + excluded.calls)",
+        params![subject, day.0, calls],
+    )?;
+    Ok(())
 }
 
 /// Applies one lease operation of `node` (the same steps as the Redis script).
@@ -262,7 +300,11 @@ fn apply(
             live_others: 0,
         });
     }
-    let used = (used + op.consumed + op.extra as i64).max(0);
+    let delta = op.consumed + op.extra as i64;
+    let used = (used + delta).max(0);
+    if delta != 0 {
+        count_day(tx, subject, op.day, delta)?;
+    }
     tx.execute(
         "INSERT INTO usage (subject, period, used) VALUES (?1, ?2, ?3)
          ON CONFLICT (subject, period) DO UPDATE SET used = excluded.used",
@@ -312,11 +354,13 @@ impl Db {
 
     /// Brings a file of an earlier schema version up to date.
     fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-        let has_account_id = conn
-            .prepare("SELECT 1 FROM pragma_table_info('keys') WHERE name = 'account_id'")?
-            .exists([])?;
-        if !has_account_id {
-            conn.execute_batch("ALTER TABLE keys ADD COLUMN account_id TEXT")?;
+        for (column, kind) in KEY_COLUMNS_ADDED {
+            let present = conn
+                .prepare("SELECT 1 FROM pragma_table_info('keys') WHERE name = ?1")?
+                .exists([column])?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE keys ADD COLUMN {column} {kind}"))?;
+            }
         }
         conn.execute_batch(MIGRATE)
     }
@@ -365,12 +409,14 @@ impl Db {
                 .query_map([&node], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut units = 0u64;
+            let today = Day::containing(SystemTime::now());
             for (subject, period, n) in held {
                 tx.execute(
                     "INSERT INTO usage (subject, period, used) VALUES (?1, ?2, ?3)
                      ON CONFLICT (subject, period) DO UPDATE SET used = used + excluded.used",
                     params![subject, period, n],
                 )?;
+                count_day(&tx, &subject, today, n)?;
                 units += n as u64;
             }
             tx.execute("DELETE FROM leases WHERE node = ?1", [&node])?;
@@ -386,6 +432,10 @@ impl Db {
             "DELETE FROM key_changes WHERE at < ?1",
             [unix_now() - CHANGES_KEEP_SECS],
         )?;
+        let oldest = Day::containing(SystemTime::now())
+            .0
+            .saturating_sub(Day::KEPT);
+        tx.execute("DELETE FROM usage_days WHERE day < ?1", [oldest])?;
         tx.commit()?;
         Ok(folded)
     }
@@ -464,7 +514,8 @@ impl Store for SqliteStore {
         self.call(move |db| {
             lock(&db.write).execute(
                 &format!(
-                    "INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                    "INSERT INTO keys ({KEY_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
                 ),
                 params![
                     r.id,
@@ -473,10 +524,15 @@ impl Store for SqliteStore {
                     r.name,
                     r.plan,
                     r.monthly_limit.map(|l| l as i64),
-                    status_str(r.status),
+                    r.status.as_str(),
                     unix(r.created_at),
                     unix(r.updated_at),
-                    r.account_id
+                    r.account_id,
+                    r.expires_at.map(unix),
+                    r.meta,
+                    r.last_used_at.map(unix),
+                    r.previous_digest.map(|d| d.to_string()),
+                    r.previous_expires_at.map(unix)
                 ],
             )?;
             Ok(())
@@ -489,7 +545,11 @@ impl Store for SqliteStore {
         self.call(move |db| {
             lock(&db.read)
                 .query_row(
-                    &format!("SELECT {KEY_COLUMNS} FROM keys WHERE digest = ?1"),
+                    // A rotated key is found by its previous secret too; whether that one
+                    // still opens it is the caller's decision (KeyRecord::serves).
+                    &format!(
+                        "SELECT {KEY_COLUMNS} FROM keys WHERE digest = ?1 OR previous_digest = ?1"
+                    ),
                     [digest],
                     key_from_row,
                 )
@@ -550,19 +610,121 @@ impl Store for SqliteStore {
             {
                 record.status = status;
             }
+            if let Some(expires_at) = update.expires_at {
+                record.expires_at = expires_at;
+            }
+            if let Some(meta) = update.meta {
+                record.meta = meta;
+            }
             record.updated_at = from_unix(unix(now));
             tx.execute(
-                "UPDATE keys SET plan = ?2, monthly_limit = ?3, status = ?4, updated_at = ?5 WHERE id = ?1",
+                "UPDATE keys SET plan = ?2, monthly_limit = ?3, status = ?4, updated_at = ?5,
+                 expires_at = ?6, meta = ?7 WHERE id = ?1",
                 params![
                     id,
                     record.plan,
                     record.monthly_limit.map(|l| l as i64),
-                    status_str(record.status),
-                    unix(now)
+                    record.status.as_str(),
+                    unix(now),
+                    record.expires_at.map(unix),
+                    record.meta
                 ],
             )?;
             tx.commit()?;
             Ok(Some(record))
+        })
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        rotation: Rotation,
+        now: SystemTime,
+    ) -> Result<Option<(KeyRecord, Vec<KeyDigest>)>, StoreError> {
+        let id = id.to_string();
+        self.call(move |db| {
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let select = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
+            let Some(mut record) = tx.query_row(&select, [&id], key_from_row).optional()? else {
+                return Ok(None);
+            };
+            if record.status == KeyStatus::Revoked {
+                return Ok(Some((record, Vec::new())));
+            }
+            let dropped = record.rotate(rotation, now);
+            tx.execute(
+                "UPDATE keys SET digest = ?2, prefix = ?3, previous_digest = ?4,
+                 previous_expires_at = ?5, updated_at = ?6 WHERE id = ?1",
+                params![
+                    id,
+                    record.digest.to_string(),
+                    record.prefix,
+                    record.previous_digest.map(|d| d.to_string()),
+                    record.previous_expires_at.map(unix),
+                    unix(record.updated_at)
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Some((record, dropped)))
+        })
+        .await
+    }
+
+    async fn touch_keys(&self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        let used: Vec<(String, i64)> = used.iter().map(|(id, t)| (id.clone(), unix(*t))).collect();
+        self.call(move |db| {
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (id, at) in &used {
+                tx.execute(
+                    "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) WHERE id = ?1",
+                    params![id, at],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn append_audit(&self, e: AuditEntry, keep_after: SystemTime) -> Result<(), StoreError> {
+        self.call(move |db| {
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO audit (at, actor, action, target, changes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![unix(e.at), e.actor, e.action, e.target, e.changes],
+            )?;
+            tx.execute("DELETE FROM audit WHERE at < ?1", [unix(keep_after)])?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        self.call(move |db| {
+            lock(&db.read)
+                .prepare(
+                    "SELECT seq, at, actor, action, target, changes FROM audit
+                     WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+                )?
+                .query_map(params![before, limit as i64], |r| {
+                    Ok(AuditEntry {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        at: from_unix(r.get(1)?),
+                        actor: r.get(2)?,
+                        action: r.get(3)?,
+                        target: r.get(4)?,
+                        changes: r.get(5)?,
+                    })
+                })?
+                .collect()
         })
         .await
     }
@@ -781,6 +943,21 @@ impl LeaseBackend for SqliteStore {
                 )
                 .optional()
                 .map(|u| u.unwrap_or(0).max(0) as u64)
+        })
+        .await
+    }
+
+    async fn days(&self, subject: &str, from: Day, to: Day) -> Result<Vec<(Day, u64)>, StoreError> {
+        let subject = subject.to_string();
+        self.call(move |db| {
+            lock(&db.read)
+                .prepare(
+                    "SELECT day, calls FROM usage_days WHERE subject = ?1 AND day BETWEEN ?2 AND ?3",
+                )?
+                .query_map(params![subject, from.0, to.0], |r| {
+                    Ok((Day(r.get(0)?), r.get::<_, i64>(1)?.max(0) as u64))
+                })?
+                .collect()
         })
         .await
     }

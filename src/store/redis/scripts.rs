@@ -6,22 +6,25 @@ use redis::{Cmd, FromRedisValue, ScriptInvocation};
 
 use super::conn::Conn;
 use crate::auth::KeyDigest;
-use crate::quota::Period;
+use crate::quota::{Day, Period};
 
 /// Counters outlive their month by this much, for late reads and reconciliation.
 pub const USAGE_GRACE_SECS: i64 = 7 * 86_400;
 pub(super) const CHANNEL: &str = "audiolib:invalidate";
 pub(super) const KEY_LIST: &str = "audiolib:keys";
 pub(super) const ACCOUNT_LIST: &str = "audiolib:accounts";
+pub(super) const AUDIT_STREAM: &str = "audiolib:audit";
 
 /// The quota lease protocol, one call per node and subject for many requests (see
 /// [`crate::store::lease`]). Per UTC month, `KEYS[1]` counts calls served (usage) and `KEYS[2]` holds,
 /// per node, the units leased and not yet reported (`held:`), the last operation applied
 /// (`seq:`), its grant (`last:`) and when the node was last heard from (`at:`).
 ///
+/// `KEYS[3]` counts the calls of one UTC day (usage history), kept [`Day::KEPT`] days.
+///
 /// ARGV: node, seq, consumed (served from the lease; negative for refunds), returned (unused
 /// units given back), extra (served without a lease during an outage), want, limit (empty for
-/// none), expiry, silent-after seconds. An operation whose seq was already applied answers its
+/// none), expiry, silent-after seconds, the day counter's expiry. An operation whose seq was already applied answers its
 /// earlier grant again without applying anything: a retry after a lost answer is exact.
 /// Units of a node silent for longer than silent-after are never handed to anyone else (the
 /// node may have served some before it fell silent); they are reported apart as not live.
@@ -43,6 +46,10 @@ local consumed, returned, extra = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber
 local want = tonumber(ARGV[6])
 local used = redis.call('INCRBY', KEYS[1], consumed + extra)
 if used < 0 then redis.call('SET', KEYS[1], 0); used = 0 end
+if consumed + extra ~= 0 then
+  redis.call('INCRBY', KEYS[3], consumed + extra)
+  redis.call('EXPIREAT', KEYS[3], ARGV[10])
+end
 local settled = consumed + returned
 if settled ~= 0 then
   local mine = redis.call('HINCRBY', KEYS[2], 'held:' .. node, 0 - settled)
@@ -86,6 +93,23 @@ for i = 2, #ARGV, 2 do
   if not (final and ARGV[i] == 'status') then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 return redis.call('HGETALL', KEYS[1])
+";
+
+/// Sets fields of a record only while its field ARGV[1] still has the value ARGV[2] (and the
+/// record exists): a compare-and-set for changes computed from a read, such as a rotation.
+/// Field/value pairs follow. Returns 1 when applied.
+pub(super) const SET_IF: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+";
+
+/// Raises a key's `last_used_at` to ARGV[1] (seconds) if the key exists and it is later.
+pub(super) const TOUCH: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local seen = tonumber(redis.call('HGET', KEYS[1], 'last_used_at') or '') or 0
+if tonumber(ARGV[1]) > seen then redis.call('HSET', KEYS[1], 'last_used_at', ARGV[1]) end
+return 1
 ";
 
 /// `WAIT replicas timeout` after every lease operation and key write (SPEC §4a.6).
@@ -155,6 +179,16 @@ pub(super) fn usage_key(id: &str, period: Period) -> String {
 
 pub(super) fn lease_key(id: &str, period: Period) -> String {
     format!("audiolib:{{{id}}}:lease:{period}")
+}
+
+/// Calls of `id` (a key or an account) on `day`.
+pub(super) fn day_key(id: &str, day: Day) -> String {
+    format!("audiolib:{{{id}}}:day:{day}")
+}
+
+/// When a day's counter is dropped.
+pub(super) fn day_expire_at(day: Day) -> i64 {
+    day.end_unix() + i64::from(Day::KEPT) * 86_400
 }
 
 pub(super) fn account_key(id: &str) -> String {
