@@ -1,7 +1,8 @@
 //! A benchmark ceiling: the least a Pingora service can do per request — answer a fixed body
 //! from `request_filter`. The load benchmark compares the gateway with it.
 //!
-//! usage: fixed_body LISTEN BODY_FILE [THREADS]
+//! usage: fixed_body LISTEN BODY_FILE [THREADS [CERT KEY]]   (HTTPS with ALPN h2 and
+//! http/1.1 when a certificate and key are given, as the gateway's TLS listener)
 
 // The gateway's allocator, so the ceiling is measured on equal terms.
 #[global_allocator]
@@ -43,7 +44,7 @@ impl ProxyHttp for Fixed {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(listen), Some(body_file)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: fixed_body LISTEN BODY_FILE [THREADS]");
+        eprintln!("usage: fixed_body LISTEN BODY_FILE [THREADS [CERT KEY]]");
         std::process::exit(2);
     };
     let body = std::fs::read(body_file).expect("body file");
@@ -62,7 +63,15 @@ fn main() {
             body: Bytes::from(body),
         },
     );
-    service.add_tcp(listen);
+    match (args.get(4), args.get(5)) {
+        (Some(cert), Some(key)) => {
+            let mut tls = pingora::listeners::tls::TlsSettings::intermediate(cert, key)
+                .expect("TLS settings");
+            tls.enable_h2();
+            service.add_tls_with_settings(listen, None, tls);
+        }
+        _ => service.add_tcp(listen),
+    }
     server.add_service(service);
     server.run_forever();
 }

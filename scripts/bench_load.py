@@ -13,6 +13,10 @@ Targets (all on 127.0.0.1, 2 server threads each unless --threads):
                  confirmed on the replica before its units are used), a huge-limit key
   pingora-proxy  examples/plain_proxy in front of a small upstream (passthrough ceiling)
   passthrough    the gateway proxying the same upstream
+  pingora-fixed-tls  examples/fixed_body over TLS, HTTP/1.1 keep-alive (TLS ceiling)
+  embedded-tls   the gateway over TLS (HTTP/1.1 keep-alive), embedded store, one key
+  pingora-fixed-h2   examples/fixed_body over TLS, HTTP/2 (h2load; HTTP/2 ceiling)
+  embedded-h2    the gateway over TLS, HTTP/2 (h2load: -c connections, --h2-streams each)
 
 Every target is driven with the same wrk settings, one after another within a round, for
 several rounds; medians are reported, with each server's CPU time per answer (user + system
@@ -181,6 +185,36 @@ end
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
+def make_certificate(work):
+    """A self-signed certificate for 127.0.0.1 (clients here do not verify it)."""
+    cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def run_h2load(url, key, args, work):
+    """HTTP/2 over TLS: h2load with -c connections and --h2-streams streams each. It reports
+    no percentiles: p50 is its mean request time, p99 its mean + 2 standard deviations."""
+    body = os.path.join(work, "h2body.json")
+    with open(body, "w") as f:
+        f.write(BODY)
+    cmd = ["h2load", f"-t{args.wrk_threads}", f"-c{args.connections}", f"-m{args.h2_streams}",
+           f"-D{args.duration}", "-d", body,
+           "-H", f"authorization: Bearer {key}", "-H", "content-type: application/json", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    m = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    mean, sd = float(m.group(1)) * UNITS[m.group(2)], float(m.group(3)) * UNITS[m.group(4)]
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    done = re.search(r"requests: \d+ total, \d+ started, \d+ done, \d+ succeeded, (\d+) failed, (\d+) errored", out)
+    non2xx = sum(int(codes.group(i)) for i in (2, 3, 4)) if codes else 0
+    return {"rps": rps, "p50": mean, "p99": mean + 2 * sd, "non2xx": non2xx,
+            "errors": f"failed {done.group(1)} errored {done.group(2)}" if done else ""}
+
+
 def run_wrk(url, script, args):
     cmd = ["wrk", f"-t{args.wrk_threads}", f"-c{args.connections}", f"-d{args.duration}s",
            "--latency", "-s", script, url]
@@ -204,6 +238,8 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--wrk-threads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="server threads / nginx workers")
+    ap.add_argument("--h2-streams", type=int, default=10,
+                    help="concurrent streams per HTTP/2 connection (h2load -m)")
     ap.add_argument("--only", help="comma list of targets")
     ap.add_argument("--baseline", action="append", default=[],
                     help="NAME=BIN: another audiolib binary to measure beside this one")
@@ -291,7 +327,20 @@ http {{
         many = create_keys(red_admin, 10_000, "free", 10**12)
         print(f"created 10,000 keys in {time.time() - t:.1f}s", file=sys.stderr)
 
-        # name -> (url, wrk script, pid whose CPU is counted)
+        # TLS: the gateway and the fixed-body ceiling with the same certificate.
+        cert, key_file = make_certificate(work)
+        fixed_tls_port = free_port()
+        fixed_tls = procs.start([os.path.join(RELEASE, "examples", "fixed_body"),
+                                 f"127.0.0.1:{fixed_tls_port}", body_file, str(args.threads),
+                                 cert, key_file])
+        tls, tls_port, tls_admin = start_gateway(
+            procs, work, "embedded-tls", args.threads,
+            {"AUDIOLIB_DATA_DIR": os.path.join(work, "data-tls"),
+             "AUDIOLIB_TLS_CERT": cert, "AUDIOLIB_TLS_KEY": key_file})
+        wait_port(fixed_tls_port)
+        tls_key = create_keys(tls_admin, 1, "free", 10**12)[0]
+
+        # name -> (url, wrk script or ("h2", key) for h2load, pid whose CPU is counted)
         targets = {
             "nginx": (f"http://127.0.0.1:{nginx_port}/v1/audio", wrk_script(work, "nginx", [key]), ngx.pid),
             "pingora-fixed": (f"http://127.0.0.1:{fixed_port}/v1/audio", wrk_script(work, "fixed", [key]), fixed.pid),
@@ -302,6 +351,10 @@ http {{
             "redis-wait": (f"http://127.0.0.1:{wai_port}/v1/audio", wrk_script(work, "wait", waited), wai.pid),
             "pingora-proxy": (f"http://127.0.0.1:{proxy_port}/static/x", wrk_script(work, "proxy", [key], "GET", ""), plain.pid),
             "passthrough": (f"http://127.0.0.1:{pas_port}/static/x", wrk_script(work, "pass", [key], "GET", ""), pas.pid),
+            "pingora-fixed-tls": (f"https://127.0.0.1:{fixed_tls_port}/v1/audio", wrk_script(work, "fixed-tls", [tls_key]), fixed_tls.pid),
+            "embedded-tls": (f"https://127.0.0.1:{tls_port}/v1/audio", wrk_script(work, "tls", [tls_key]), tls.pid),
+            "pingora-fixed-h2": (f"https://127.0.0.1:{fixed_tls_port}/v1/audio", ("h2", tls_key), fixed_tls.pid),
+            "embedded-h2": (f"https://127.0.0.1:{tls_port}/v1/audio", ("h2", tls_key), tls.pid),
         }
         for spec in args.baseline:
             name, _, binary = spec.partition("=")
@@ -318,7 +371,10 @@ http {{
         for r in range(args.rounds):
             for name, (url, script, pid) in targets.items():
                 before = cpu_ticks(pid)
-                res = run_wrk(url, script, args)
+                if isinstance(script, tuple):
+                    res = run_h2load(url, script[1], args, work)
+                else:
+                    res = run_wrk(url, script, args)
                 # Server CPU per answer: steadier than req/s on a shared machine, since it
                 # does not depend on how much of the cores the server got.
                 res["cpu"] = (cpu_ticks(pid) - before) * TICK_US / max(1, res["rps"] * args.duration)
@@ -337,7 +393,8 @@ http {{
         print(f"{'target':16} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us':>7} "
               f"{'/nginx':>7} {'/pingora':>8}")
         for name, m in med.items():
-            base = "pingora-proxy" if name == "passthrough" else "pingora-fixed"
+            base = {"passthrough": "pingora-proxy", "embedded-tls": "pingora-fixed-tls",
+                    "embedded-h2": "pingora-fixed-h2"}.get(name, "pingora-fixed")
             print(f"{name:16} {m['rps']:>10.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} {m['cpu']:>7.1f} "
                   f"{ratio(name, 'nginx'):>7} {ratio(name, base):>8}")
         for spec in args.baseline:

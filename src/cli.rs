@@ -25,6 +25,10 @@ enum Command {
         /// Config file; default conf/audiolib.toml when present, else built-in defaults.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Take the listening sockets over from the running gateway (send it SIGQUIT), which
+        /// then drains: a restart without a refused connection.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Manage API keys through the admin API.
     Keys(KeysArgs),
@@ -226,8 +230,11 @@ fn default_admin_url() -> String {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Serve { config: None }) {
-        Command::Serve { config } => serve(config),
+    let result = match cli.command.unwrap_or(Command::Serve {
+        config: None,
+        upgrade: false,
+    }) {
+        Command::Serve { config, upgrade } => serve(config, upgrade),
         Command::Keys(args) => keys(args),
         Command::Accounts(args) => accounts(args),
         Command::Audit {
@@ -268,9 +275,9 @@ fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
         .map_err(|problems| format!("invalid configuration:\n  {}", problems.join("\n  ")))
 }
 
-fn serve(config: Option<PathBuf>) -> Result<(), String> {
+fn serve(config: Option<PathBuf>, upgrade: bool) -> Result<(), String> {
     init_logging();
-    crate::server::run(load_config(config)?)
+    crate::server::run(load_config(config)?, upgrade)
 }
 
 fn catalog_check(dir: PathBuf) -> Result<(), String> {

@@ -28,11 +28,13 @@
 //!   connection cap.
 //! - [`request_id`]: the `X-Request-Id` kept or generated for each request.
 //! - [`route`]: which route a request takes, however its path is spelled.
+//! - [`tls`]: HTTPS on the public listener: the certificate pair and its reloads.
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
 //! - [`admin`]: the admin API on its own listener.
 //! - [`audit`]: the audit log of every change made through it.
 //! - [`server`]: builds the app from the config and runs the services.
-//! - [`shutdown`]: signals and draining in-flight requests.
+//! - [`shutdown`]: signals, draining in-flight requests, and the upgrade handoff.
+//! - [`systemd`]: readiness and main-process notices for `Type=notify` units.
 //! - [`cli`]: the `audiolib` command.
 //! - [`clock`]: injectable time.
 //! - [`locks`]: poison-tolerant std locks and a per-key map of shared entries.
@@ -65,4 +67,6 @@ pub mod server;
 pub mod shutdown;
 pub mod sign;
 pub mod store;
+pub mod systemd;
+pub mod tls;
 pub mod upstream;

@@ -329,6 +329,14 @@ impl ProxyHttp for AudioProxy {
                     .await?
             }
         }
+        // Answered before its body was read (a refused key, say): over HTTP/1.1 the
+        // connection closes; an HTTP/2 stream would be reset instead (RST_STREAM NO_ERROR,
+        // RFC 9113 §8.1), which some clients (curl 7.88) take for a failed request even after
+        // the whole answer. So a body within the limit is read and dropped first, within the
+        // body timeout; a bigger one still gets the reset.
+        if session.is_http2() && !session.is_body_done() {
+            let _ = self.read_body(session).await;
+        }
         Ok(true)
     }
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use notify::{RecursiveMode, Watcher};
-use pingora::server::configuration::ServerConf;
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::ServiceReadyNotifier;
 use pingora::services::background::{BackgroundService, background_service};
@@ -26,7 +27,7 @@ use crate::connection::{ClientConnections, ConnectionCap};
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
 use crate::proxy::AudioProxy;
-use crate::shutdown::{Lifecycle, Signals};
+use crate::shutdown::{DrainOnShutdown, Lifecycle, Signals};
 use crate::sign::Presigner;
 use crate::store::Invalidation;
 use crate::store::Store;
@@ -34,6 +35,8 @@ use crate::store::instrumented::Instrumented;
 use crate::store::lease::{LeaseBackend, Quota};
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
+use crate::systemd::NotifyReady;
+use crate::tls::{CertReloader, Certificates};
 use crate::upstream::{Resolver, UpstreamPeers};
 
 /// Everything a running gateway holds, built without starting any listener.
@@ -144,6 +147,10 @@ pub fn build_app_with(
 struct CatalogReloader {
     catalog: Arc<CatalogHandle>,
     watch: bool,
+    /// Hold the listeners back until the first load has ended: set when taking over from a
+    /// running process (`serve --upgrade`), which keeps serving meanwhile, so no call hears
+    /// 503 while this one loads.
+    ready_after_load: bool,
 }
 
 #[async_trait]
@@ -167,13 +174,21 @@ impl BackgroundService for CatalogReloader {
             None
         };
         // Listeners start only after this, so a SIGHUP can never meet the default action.
-        ready.notify_ready();
+        let mut ready = Some(ready);
+        if !self.ready_after_load
+            && let Some(ready) = ready.take()
+        {
+            ready.notify_ready();
+        }
         if let Err(e) = self.reload().await {
             log::error!(
                 "stopping: the catalog in {} cannot be served: {e}",
                 self.catalog.dir().display()
             );
             std::process::exit(1);
+        }
+        if let Some(ready) = ready.take() {
+            ready.notify_ready();
         }
         loop {
             tokio::select! {
@@ -314,8 +329,25 @@ fn create_dev_key(keys: &KeyService) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the gateway until a signal stops it.
-pub fn run(config: Config) -> Result<(), String> {
+/// Runs the gateway until a signal stops it. With `upgrade`, first takes the listening
+/// sockets over from the running process (which is told to hand them over with SIGQUIT).
+pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
+    // Pingora binds in a service thread and panics there on a taken address, leaving a process
+    // that serves nothing: find out first, and say which setting. (With `upgrade` the
+    // addresses are the running process's, and come with its sockets.)
+    if !upgrade {
+        for (addr, setting, env) in [
+            (config.listen, "listen", "AUDIOLIB_LISTEN"),
+            (config.admin_listen, "admin_listen", "AUDIOLIB_ADMIN_LISTEN"),
+        ] {
+            std::net::TcpListener::bind(addr).map_err(|e| {
+                format!(
+                    "cannot listen on {addr} (setting `{setting}`, {env}): {e}; to take over \
+                     from a gateway running there, start this one with `serve --upgrade`"
+                )
+            })?;
+        }
+    }
     let app = build_app(&config, Arc::new(SystemClock))?;
     // The embedded store starts empty: it gets a development key.
     if config.redis_url.is_none() {
@@ -330,17 +362,24 @@ pub fn run(config: Config) -> Result<(), String> {
             .upstream_ca_file
             .as_ref()
             .map(|p| p.to_string_lossy().into_owned()),
+        upgrade_sock: config.upgrade_sock.to_string_lossy().into_owned(),
         ..Default::default()
     };
     let lifecycle = Lifecycle::new();
     let gateway = app.gateway.clone();
     lifecycle.hold_exit_while(move || gateway.quota().unsynced());
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = upgrade.then(|| Opt {
+        upgrade: true,
+        ..Default::default()
+    });
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // With `upgrade`, this waits for the old process's sockets (see docs/operations.md).
     server.bootstrap();
 
     let reloader = server.add_service(background_service(
         "catalog reloader",
         CatalogReloader {
+            ready_after_load: upgrade,
             catalog: app.catalog.clone(),
             watch: config.catalog_watch,
         },
@@ -377,6 +416,11 @@ pub fn run(config: Config) -> Result<(), String> {
         server.configuration.clone(),
     );
     proxy.handle_init_modules();
+    let mut options = HttpServerOptions::default();
+    options.h2c = config.h2c;
+    // An idle HTTP/2 connection closes like an idle HTTP/1.1 keep-alive one.
+    options.h2_idle_timeout = Some(config.limits.keepalive);
+    proxy.server_options = Some(options);
     let capped = ConnectionCap::new(
         Arc::new(ClientConnections {
             app: Arc::new(proxy),
@@ -390,8 +434,29 @@ pub fn run(config: Config) -> Result<(), String> {
     app.metrics.register(capped.open_gauge.clone());
     app.metrics.register(capped.refused.clone());
     let mut proxy = Service::new("audiolib proxy".to_string(), capped);
-    proxy.add_tcp(&config.listen.to_string());
+    let cert_reloader = match &config.tls {
+        Some(files) => {
+            let certificates = Certificates::load(files.clone()).map_err(|e| e.to_string())?;
+            app.metrics.register(certificates.reloads.clone());
+            proxy.add_tls_with_settings(
+                &config.listen.to_string(),
+                None,
+                certificates.listener_settings(),
+            );
+            Some(server.add_service(background_service(
+                "certificate reloader",
+                CertReloader { certificates },
+            )))
+        }
+        None => {
+            proxy.add_tcp(&config.listen.to_string());
+            None
+        }
+    };
     let proxy = server.add_service(proxy);
+    if let Some(cert_reloader) = &cert_reloader {
+        proxy.add_dependency(cert_reloader);
+    }
     proxy.add_dependency(&reloader);
     if let Some(resolver) = &resolver {
         proxy.add_dependency(resolver);
@@ -411,8 +476,22 @@ pub fn run(config: Config) -> Result<(), String> {
     admin.threads = Some(1);
     server.add_service(admin);
 
+    let notify = server.add_service(background_service("systemd notify", NotifyReady));
+    notify.add_dependency(&proxy);
+    server.add_service(background_service(
+        "drain on shutdown",
+        DrainOnShutdown {
+            lifecycle: lifecycle.clone(),
+        },
+    ));
+
     log::info!(
-        "serving on {} (admin on {}), loading the catalog from {}",
+        "serving {} on {} (admin on {}), loading the catalog from {}",
+        match (&config.tls, config.h2c) {
+            (Some(_), _) => "HTTPS (HTTP/2 and HTTP/1.1)",
+            (None, true) => "HTTP (HTTP/1.1 and HTTP/2 with prior knowledge)",
+            (None, false) => "HTTP",
+        },
         config.listen,
         config.admin_listen,
         config.catalog_dir.display(),

@@ -1,6 +1,8 @@
 //! Signals and draining (SPEC §7): SIGTERM stops accepting, lets in-flight requests finish and
-//! exits as soon as none is left, at the latest after the grace period; SIGINT exits at once.
-//! (SIGHUP reloads the catalog, see `server`.)
+//! exits as soon as none is left, at the latest after the grace period; SIGINT exits at once;
+//! SIGQUIT hands the listening sockets to a process started with `serve --upgrade` (SPEC §7b),
+//! keeps serving beside it for Pingora's close timeout (5 s), then drains the same way.
+//! (SIGHUP reloads the catalog and the TLS certificate, see `server` and `tls`.)
 //!
 //! Pingora on its own always waits the whole grace period after SIGTERM, busy or not. Here
 //! every request holds an [`InFlight`] guard, and once shutdown has begun a watcher ends the
@@ -19,6 +21,8 @@ use tokio::signal::unix::{SignalKind, signal};
 pub struct Lifecycle {
     in_flight: AtomicUsize,
     draining: AtomicBool,
+    /// The exit watcher has been started.
+    exiting: AtomicBool,
     /// Other work that must finish before exit (calls counted locally during a store outage
     /// and not yet written back).
     unfinished: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
@@ -52,9 +56,19 @@ impl Lifecycle {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Starts the watcher that exits the process once nothing is in flight.
-    fn drain(self: &Arc<Self>) {
+    /// From now on answers carry `Connection: close`, so clients move to new connections
+    /// (which, during an upgrade, the new process may accept).
+    fn stop_reuse(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Starts the watcher that exits the process once nothing is in flight (once, however
+    /// often it is called).
+    pub fn drain(self: &Arc<Self>) {
+        self.stop_reuse();
+        if self.exiting.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let lifecycle = self.clone();
         std::thread::spawn(move || {
             // Give Pingora a moment to close its listeners and wake idle keep-alive
@@ -114,10 +128,35 @@ impl ShutdownSignalWatch for Signals {
                 ShutdownSignal::GracefulTerminate
             }
             _ = quit.recv() => {
-                log::info!("SIGQUIT: draining like SIGTERM");
-                self.lifecycle.drain();
-                ShutdownSignal::GracefulTerminate
+                // Pingora sends the listening sockets to `upgrade_sock` (where a process
+                // started with `serve --upgrade` waits), keeps accepting beside it for its
+                // close timeout, then broadcasts shutdown; [`DrainOnShutdown`] then drains.
+                // Without a new process the sockets cannot be sent and the same follows.
+                log::info!("SIGQUIT: handing the listening sockets over, then draining");
+                self.lifecycle.stop_reuse();
+                ShutdownSignal::GracefulUpgrade
             }
         }
+    }
+}
+
+/// Starts draining when Pingora broadcasts shutdown: after SIGQUIT that is once the sockets
+/// are handed over and the close timeout has passed, so the process never exits before the
+/// new one has the listeners.
+pub struct DrainOnShutdown {
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for DrainOnShutdown {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        if !*shutdown.borrow() {
+            let _ = shutdown.changed().await;
+        }
+        log::info!(
+            "shutting down: draining {} in-flight requests",
+            self.lifecycle.in_flight()
+        );
+        self.lifecycle.drain();
     }
 }

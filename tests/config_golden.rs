@@ -85,6 +85,9 @@ fn shipped_config_parses_to_exactly_this() {
         },
         shutdown_grace: Duration::from_secs(10),
         log_format: LogFormat::Text,
+        tls: None,
+        h2c: false,
+        upgrade_sock: PathBuf::from("/tmp/audiolib-upgrade.sock"),
     };
     assert_eq!(config, expected);
 }
@@ -178,4 +181,43 @@ fn config_check_warns_about_an_upstream_name_that_does_not_resolve() {
     );
     let (ok, out) = check("", &[("AUDIOLIB_UPSTREAM", "localhost:443")]);
     assert!(ok && !out.contains("warning"), "{out}");
+}
+
+#[test]
+fn the_settings_table_is_the_readmes() {
+    // One table pairs each setting with its variable (audiolib::config::settings); the
+    // README's settings table, which operators script against, lists the same pairs.
+    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
+    let table = &readme[readme.find("## Settings").unwrap()..];
+    let start = table.find('|').unwrap();
+    let table = &table[start..start + table[start..].find("\n\n").unwrap()];
+    for setting in audiolib::config::settings::ALL {
+        let row = table
+            .lines()
+            .find(|l| {
+                l.split('|')
+                    .nth(1)
+                    .is_some_and(|first| first.contains(&format!("`{}", setting.name)))
+            })
+            .unwrap_or_else(|| panic!("{} is not in the README's table", setting.name));
+        if let Some(env) = setting.env {
+            assert!(
+                row.contains(env),
+                "{} should name {env}: {row}",
+                setting.name
+            );
+        }
+    }
+    let known: Vec<&str> = audiolib::config::settings::ALL
+        .iter()
+        .filter_map(|s| s.env)
+        .collect();
+    for word in table.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("AUDIOLIB_") || word.starts_with("AWS_") {
+            assert!(
+                known.contains(&word),
+                "{word} is in the README but not a setting"
+            );
+        }
+    }
 }

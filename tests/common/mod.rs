@@ -117,9 +117,13 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub dev_key: String,
     pub log: PathBuf,
-    _dir: tempfile::TempDir,
+    /// How it was started, for [`Gateway::upgrade`].
+    spec: GatewayBuilder,
+    /// The working directory (and data directory), shared with an upgraded process.
+    dir: std::sync::Arc<tempfile::TempDir>,
 }
 
+#[derive(Clone)]
 pub struct GatewayBuilder {
     env: Vec<(String, String)>,
     args: Vec<String>,
@@ -146,8 +150,7 @@ impl GatewayBuilder {
     }
 
     pub fn start(self) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("gateway.log");
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
         let port = free_port();
         let mut admin_port = free_port();
         while admin_port == port {
@@ -155,12 +158,28 @@ impl GatewayBuilder {
         }
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        let gateway = self.spawn(dir, addr, admin, "gateway.log", &[]);
+        gateway.wait_until_ready();
+        gateway
+    }
+
+    /// Starts the process in `dir` on `addr` and `admin`, reads its development key.
+    fn spawn(
+        self,
+        dir: std::sync::Arc<tempfile::TempDir>,
+        addr: SocketAddr,
+        admin: SocketAddr,
+        log_name: &str,
+        extra_args: &[&str],
+    ) -> Gateway {
+        let log = dir.path().join(log_name);
         // AUDIOLIB_TEST_BIN runs the suite against another build (an older release, say).
         let bin = std::env::var("AUDIOLIB_TEST_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_audiolib").to_string());
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .args(&self.args)
+            .args(extra_args)
             // Run from an empty directory so conf/audiolib.toml is not picked up by accident.
             .current_dir(dir.path())
             .env_clear()
@@ -178,6 +197,11 @@ impl GatewayBuilder {
             .env("AWS_SECRET_ACCESS_KEY", "test-secret")
             // Tests share two cores; only the fault tests want the 50 ms production bound.
             .env("AUDIOLIB_STORE_TIMEOUT_MS", "1000")
+            // Each gateway's own handoff socket, so parallel tests never meet.
+            .env(
+                "AUDIOLIB_UPGRADE_SOCK",
+                dir.path().join("upgrade.sock").to_str().unwrap(),
+            )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in &self.env {
@@ -212,30 +236,79 @@ impl GatewayBuilder {
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut stdout, &mut std::io::sink());
         });
-        let gateway = Gateway {
+        Gateway {
             child,
             addr,
             admin,
             dev_key,
             log,
-            _dir: dir,
-        };
-        let url = gateway.url("/healthz");
-        let admin_url = format!("http://{}/admin/keys", gateway.admin);
-        wait_until("gateway health", Duration::from_secs(20), || {
-            agent().get(&url).call().is_ok_and(|r| r.status() == 200)
-                && agent().get(&admin_url).call().is_ok()
-        });
-        if self.wait_for_catalog {
-            wait_until("the first catalog load", Duration::from_secs(60), || {
-                gateway.catalog_version() > 0
-            });
+            spec: self,
+            dir,
         }
-        gateway
     }
 }
 
 impl Gateway {
+    /// Polls until the public and admin listeners answer (and the catalog is loaded, unless
+    /// the builder said not to wait for it).
+    fn wait_until_ready(&self) {
+        let url = self.url("/healthz");
+        let admin_url = format!("http://{}/admin/keys", self.admin);
+        // An HTTPS listener is up once it accepts (the tests' TLS clients are their own).
+        let tls = self
+            .spec
+            .env
+            .iter()
+            .any(|(k, v)| k == "AUDIOLIB_TLS_CERT" && !v.is_empty());
+        wait_until("gateway health", Duration::from_secs(20), || {
+            let public = if tls {
+                TcpStream::connect(self.addr).is_ok()
+            } else {
+                agent().get(&url).call().is_ok_and(|r| r.status() == 200)
+            };
+            public && agent().get(&admin_url).call().is_ok()
+        });
+        if self.spec.wait_for_catalog {
+            wait_until("the first catalog load", Duration::from_secs(60), || {
+                self.catalog_version() > 0
+            });
+        }
+    }
+
+    /// Starts `serve --upgrade` with the same settings and directory, which waits for this
+    /// process's listening sockets (send this one SIGQUIT); returns once it has printed its
+    /// development key, before it has the sockets.
+    pub fn upgrade(&self) -> Gateway {
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        self.spec.clone().spawn(
+            self.dir.clone(),
+            self.addr,
+            self.admin,
+            &format!("gateway-upgraded-{n}.log"),
+            &["--upgrade"],
+        )
+    }
+
+    /// The path of the handoff socket.
+    pub fn upgrade_sock(&self) -> PathBuf {
+        self.dir.path().join("upgrade.sock")
+    }
+
+    /// Waits for the process to exit and returns its code (-1 for a signal).
+    pub fn wait_exit(&mut self, limit: Duration) -> i32 {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(code) = self.try_wait() {
+                return code;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn builder() -> GatewayBuilder {
         GatewayBuilder {
             env: Vec::new(),
