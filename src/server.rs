@@ -257,8 +257,6 @@ const LAST_USED_EVERY: Duration = Duration::from_secs(1);
 struct StoreSync {
     gateway: Arc<Gateway>,
     cache: Arc<KeyCache>,
-    /// Requests still in flight after shutdown begins may take units; they are handed back too.
-    lifecycle: Arc<Lifecycle>,
 }
 
 #[async_trait]
@@ -288,17 +286,15 @@ impl BackgroundService for StoreSync {
                     self.gateway.limiter().prune();
                 }
                 _ = shutdown.changed() => {
-                    // Hand over what was counted and held; the process waits for it (within
-                    // the grace period).
-                    self.gateway.last_used().flush(self.gateway.store().as_ref()).await;
+                    // Hand over what was counted and held, again and again until the process
+                    // exits (it waits for that, within the grace period: see `shutdown`): a
+                    // call that still arrives on an open connection may take a new block,
+                    // which must go back too, or the next process counts it as used.
                     loop {
+                        self.gateway.last_used().flush(self.gateway.store().as_ref()).await;
                         self.gateway.quota().sync(true).await;
-                        if self.lifecycle.in_flight() == 0 && !self.gateway.quota().unsynced() {
-                            break;
-                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    break;
                 }
             }
         }
@@ -390,7 +386,6 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         StoreSync {
             gateway: app.gateway.clone(),
             cache: app.cache.clone(),
-            lifecycle: lifecycle.clone(),
         },
     ));
 
