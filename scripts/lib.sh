@@ -32,10 +32,10 @@ s3s_fs_bin() {
 # A Python environment in .venv with the reference clients the tests run.
 need_venv() {
     local py=.venv/bin/python
-    if [ -x "$py" ] && "$py" -c 'import botocore, requests' 2>/dev/null; then
+    if [ -x "$py" ] && "$py" -c 'import botocore, requests, schemathesis, openapi_spec_validator' 2>/dev/null; then
         return 0
     fi
-    echo "creating .venv with botocore and requests" >&2
+    echo "creating .venv with botocore, requests, schemathesis and openapi-spec-validator" >&2
     python3 -m venv .venv
     "$py" -m pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
 }
