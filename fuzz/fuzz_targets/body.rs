@@ -18,7 +18,9 @@ fuzz_target!(|data: &[u8]| {
         Err(ApiError::MissingLibrary) => {
             let value = reference.expect("MISSING_LIBRARY for a body serde_json refuses");
             let object = value.as_object().expect("MISSING_LIBRARY for a non-object");
-            assert!(!matches!(object.get("library"), Some(serde_json::Value::String(s)) if !s.is_empty()));
+            assert!(
+                !matches!(object.get("library"), Some(serde_json::Value::String(s)) if !s.is_empty())
+            );
         }
         Err(e) => panic!("unexpected {e:?}"),
     }
