@@ -20,7 +20,7 @@ need_s3s_fs() {
     if command -v s3s-fs >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/s3s-fs" ]; then
         return 0
     fi
-    echo "installing s3s-fs $S3S_FS_VERSION (about 4 minutes)" >&2
+    echo "installing s3s-fs $S3S_FS_VERSION (12 minutes measured with one build job on a shared machine)" >&2
     cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked --quiet
 }
 
