@@ -1,5 +1,6 @@
 //! The admin API (SPEC §7) on its own listener: key management for any store, guarded by a
-//! bearer token. `audiolib keys …` is a thin client of it.
+//! bearer token. `audiolib keys …` is a thin client of it. `/metrics` and the OpenAPI
+//! documents of both APIs (`docs/openapi/`, compiled in) are served without a token.
 
 use std::sync::Arc;
 

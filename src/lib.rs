@@ -26,7 +26,8 @@
 //! - [`request_id`]: the `X-Request-Id` kept or generated for each request.
 //! - [`route`]: which route a request takes, however its path is spelled.
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
-//! - [`admin`]: the admin API on its own listener.
+//! - [`admin`]: the admin API on its own listener; it also serves the OpenAPI documents
+//!   (`docs/openapi/`).
 //! - [`server`]: builds the app from the config and runs the services.
 //! - [`shutdown`]: signals and draining in-flight requests.
 //! - [`cli`]: the `audiolib` command.
