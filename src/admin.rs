@@ -1,5 +1,7 @@
 //! The admin API (SPEC §7, §9) on its own listener: keys and accounts for any store, guarded
 //! by a bearer token. `audiolib keys …` and `audiolib accounts …` are thin clients of it.
+//! `/metrics` and the OpenAPI documents of both APIs (`docs/openapi/`, compiled in) are served
+//! without a token.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -22,6 +24,10 @@ use crate::store::{AccountStatus, KeyStatus, rfc3339};
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 /// An import of [`crate::keys::MAX_IMPORT`] keys with names and metadata.
 const MAX_IMPORT_BODY: usize = 8 * 1024 * 1024;
+
+/// The OpenAPI 3.1 documents of the public and the admin API, served as kept in the repo.
+pub const PUBLIC_OPENAPI: &str = include_str!("../docs/openapi/public.json");
+pub const ADMIN_OPENAPI: &str = include_str!("../docs/openapi/admin.json");
 
 pub struct AdminApi {
     keys: Arc<KeyService>,
@@ -78,6 +84,16 @@ enum Target {
 }
 
 impl Target {
+    /// The methods of the route, for the `Allow` header of a 405.
+    fn allow(&self) -> &'static str {
+        match self {
+            Target::Keys(None) | Target::Accounts(None) => "GET, POST",
+            Target::Keys(Some(_)) | Target::Accounts(Some(_)) => "GET, PATCH, DELETE",
+            Target::Import | Target::Rotate(_) => "POST",
+            Target::KeyUsage(_) | Target::AccountUsage(_) | Target::Audit => "GET",
+        }
+    }
+
     fn of(path: &str) -> Option<Target> {
         let member = |prefix: &str, action: &str| {
             path.strip_prefix(prefix)
@@ -478,6 +494,44 @@ fn method_not_allowed() -> Reply {
     )
 }
 
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, Reply> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_JSON",
+            "request body must be a JSON object",
+        )),
+    }
+}
+
+/// What an admin body parser refused: the answer's status and code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: String,
+}
+
+impl From<Reply> for Refusal {
+    fn from(Reply(status, body): Reply) -> Self {
+        Self {
+            status: status.as_u16(),
+            code: body["code"].as_str().unwrap_or_default().to_string(),
+        }
+    }
+}
+
+/// A `POST /admin/keys` body as received, parsed as the handler does (the fuzz targets'
+/// entry point).
+pub fn parse_create_body(body: &[u8]) -> Result<CreateKey, Refusal> {
+    Ok(parse_create(json_object(body)?)?)
+}
+
+/// A `PATCH /admin/keys/{id}` body as received, parsed as the handler does.
+pub fn parse_change_body(body: &[u8]) -> Result<ChangeKey, Refusal> {
+    Ok(parse_change(json_object(body)?)?)
+}
+
 fn invalid(message: impl Into<String>) -> Reply {
     error(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
 }
@@ -496,13 +550,21 @@ fn only_fields(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), Reply>
     }
 }
 
-/// `monthly_limit`: absent → `None`, `null` → unlimited, a non-negative integer → that.
+/// `monthly_limit`: absent → `None`, `null` → unlimited, a non-negative integer → that. An
+/// integer may be written with a zero fraction (`100.0`), as JSON Schema's `integer` allows,
+/// up to 2^53 where floating point is still exact.
 fn parse_limit(body: &Map<String, Value>) -> Result<Option<Option<u64>>, Reply> {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
     match body.get("monthly_limit") {
         None => Ok(None),
         Some(Value::Null) => Ok(Some(None)),
         Some(v) => v
             .as_u64()
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && (0.0..=EXACT).contains(f))
+                    .map(|f| f as u64)
+            })
             .map(|n| Some(Some(n)))
             .ok_or_else(|| bad_field("monthly_limit", "must be a non-negative integer or null")),
     }
@@ -629,30 +691,60 @@ fn parse_rotate(body: Map<String, Value>) -> Result<Duration, Reply> {
 #[async_trait]
 impl ServeHttp for AdminApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        // Scrapers carry no token: /metrics is open to whoever reaches the admin listener.
-        if session.req_header().uri.path() == "/metrics" {
-            let body = self.metrics.render().into_bytes();
+        // Scrapers and API tools carry no token: /metrics and the API documents are open to
+        // whoever reaches the admin listener.
+        let path = session.req_header().uri.path();
+        let read_only = matches!(session.req_header().method, Method::GET | Method::HEAD);
+        let open = match path {
+            "/metrics" | "/openapi.json" | "/openapi/admin.json" if !read_only => {
+                return reply(
+                    error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "METHOD_NOT_ALLOWED",
+                        "method not allowed on this route",
+                    ),
+                    "GET, HEAD",
+                );
+            }
+            "/metrics" => Some((
+                "text/plain; version=0.0.4",
+                self.metrics.render().into_bytes(),
+            )),
+            "/openapi.json" => Some(("application/json", PUBLIC_OPENAPI.as_bytes().to_vec())),
+            "/openapi/admin.json" => Some(("application/json", ADMIN_OPENAPI.as_bytes().to_vec())),
+            _ => None,
+        };
+        if let Some((content_type, body)) = open {
             return Response::builder()
                 .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                .header(header::CONTENT_TYPE, content_type)
                 .header(header::CONTENT_LENGTH, body.len())
                 .body(body)
                 .unwrap_or_default();
         }
-        let Reply(status, body) = self.route(session).await.unwrap_or_else(|e| e);
-        let mut builder = Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::CACHE_CONTROL, "no-store");
-        if status == StatusCode::UNAUTHORIZED {
-            builder = builder.header(header::WWW_AUTHENTICATE, "Bearer");
-        }
-        let body = serde_json::to_vec(&body).unwrap_or_default();
-        builder
-            .header(header::CONTENT_LENGTH, body.len())
-            .body(body)
-            .unwrap_or_default()
+        let allow = Target::of(path).map_or("GET, POST", |t| t.allow());
+        let answer = self.route(session).await.unwrap_or_else(|e| e);
+        reply(answer, allow)
     }
+}
+
+/// The HTTP answer for a reply; `allow` is the route's methods, for the `Allow` header of a 405.
+fn reply(Reply(status, body): Reply, allow: &str) -> Response<Vec<u8>> {
+    let mut builder = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store");
+    if status == StatusCode::UNAUTHORIZED {
+        builder = builder.header(header::WWW_AUTHENTICATE, "Bearer");
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        builder = builder.header(header::ALLOW, allow);
+    }
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    builder
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .unwrap_or_default()
 }
 
 /// A string field whose errors name it (`INVALID_FIELD`).
@@ -699,4 +791,62 @@ fn parse_change_account(body: Map<String, Value>) -> Result<ChangeAccount, Reply
         plan: parse_field_string(&body, "plan")?,
         status,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(code: &str) -> Refusal {
+        Refusal {
+            status: 400,
+            code: code.into(),
+        }
+    }
+
+    #[test]
+    fn monthly_limit_is_an_integer_with_or_without_a_zero_fraction() {
+        let limit = |body: &str| parse_create_body(body.as_bytes()).map(|c| c.monthly_limit);
+        assert_eq!(limit(r#"{"name":"a"}"#), Ok(None));
+        assert_eq!(
+            limit(r#"{"name":"a","monthly_limit":null}"#),
+            Ok(Some(None))
+        );
+        assert_eq!(
+            limit(r#"{"name":"a","monthly_limit":100}"#),
+            Ok(Some(Some(100)))
+        );
+        // Found by schemathesis: JSON Schema's `integer` includes 60222.0.
+        assert_eq!(
+            limit(r#"{"name":"a","monthly_limit":60222.0}"#),
+            Ok(Some(Some(60222)))
+        );
+        assert_eq!(
+            limit(r#"{"name":"a","monthly_limit":1e3}"#),
+            Ok(Some(Some(1000)))
+        );
+        for bad in ["1.5", "-1", "-1.0", "1e300", "\"5\"", "true"] {
+            let body = format!(r#"{{"name":"a","monthly_limit":{bad}}}"#);
+            assert_eq!(limit(&body), Err(refusal("INVALID_FIELD")), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bodies_are_objects_with_known_fields() {
+        assert_eq!(
+            parse_create_body(b"[1]").map(|_| ()),
+            Err(refusal("INVALID_JSON"))
+        );
+        assert_eq!(
+            parse_create_body(br#"{"name":"a","bogus":1}"#).map(|_| ()),
+            Err(refusal("INVALID_REQUEST"))
+        );
+        assert_eq!(
+            parse_change_body(br#"{"status":"gone"}"#).map(|_| ()),
+            Err(refusal("INVALID_FIELD"))
+        );
+        let change = parse_change_body(br#"{"status":"inactive","plan":"pro"}"#).unwrap();
+        assert_eq!(change.status, Some(KeyStatus::Disabled));
+        assert_eq!(change.plan.as_deref(), Some("pro"));
+    }
 }

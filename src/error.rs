@@ -6,7 +6,10 @@ use serde::Serialize;
 /// Every failure a client can be told about. Status, code and message live only here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiError {
-    MethodNotAllowed,
+    /// The route exists but not for this method; `allow` is the `Allow` header's value.
+    MethodNotAllowed {
+        allow: &'static str,
+    },
     MissingAuth,
     InvalidKeyFormat,
     InvalidKey,
@@ -43,7 +46,7 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
-            Self::MethodNotAllowed => 405,
+            Self::MethodNotAllowed { .. } => 405,
             Self::MissingAuth | Self::InvalidKeyFormat | Self::InvalidKey => 401,
             Self::PayloadTooLarge { .. } => 413,
             Self::InvalidJson | Self::MissingLibrary | Self::BadRequest => 400,
@@ -58,7 +61,7 @@ impl ApiError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             Self::MissingAuth => "MISSING_AUTH",
             Self::InvalidKeyFormat => "INVALID_KEY_FORMAT",
             Self::InvalidKey => "INVALID_KEY",
@@ -81,7 +84,7 @@ impl ApiError {
 
     pub fn message(&self) -> String {
         match self {
-            Self::MethodNotAllowed => "Method not allowed; use POST".into(),
+            Self::MethodNotAllowed { allow } => format!("Method not allowed; allowed: {allow}"),
             Self::MissingAuth => {
                 "Authorization header is missing or malformed; expected 'Bearer <key>'".into()
             }

@@ -30,7 +30,8 @@
 //! - [`route`]: which route a request takes, however its path is spelled.
 //! - [`tls`]: HTTPS on the public listener: the certificate pair and its reloads.
 //! - [`upstream`]: the passthrough upstream's addresses, resolved in the background.
-//! - [`admin`]: the admin API on its own listener.
+//! - [`admin`]: the admin API on its own listener; it also serves the OpenAPI documents
+//!   (`docs/openapi/`).
 //! - [`audit`]: the audit log of every change made through it.
 //! - [`server`]: builds the app from the config and runs the services.
 //! - [`shutdown`]: signals, draining in-flight requests, and the upgrade handoff.

@@ -125,8 +125,8 @@ impl AudioProxy {
         }
         if let Some(e) = error {
             match e {
-                ApiError::MethodNotAllowed => {
-                    resp.insert_header(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"))?
+                ApiError::MethodNotAllowed { allow } => {
+                    resp.insert_header(header::ALLOW, HeaderValue::from_static(allow))?
                 }
                 ApiError::MissingAuth | ApiError::InvalidKeyFormat | ApiError::InvalidKey => resp
                     .insert_header(
@@ -162,9 +162,7 @@ impl AudioProxy {
             return self.preflight(session, ctx).await;
         }
         if method != Method::POST {
-            return self
-                .respond_error(session, ctx, ApiError::MethodNotAllowed, None)
-                .await;
+            return self.respond_error(session, ctx, AUDIO_METHODS, None).await;
         }
         let authorization = session
             .req_header()
@@ -239,7 +237,12 @@ impl AudioProxy {
         }
     }
 
-    async fn health(&self, session: &mut Session, ctx: &RequestCtx, ready: bool) -> Result<()> {
+    async fn health(&self, session: &mut Session, ctx: &mut RequestCtx, ready: bool) -> Result<()> {
+        let method = &session.req_header().method;
+        if method != Method::GET && method != Method::HEAD {
+            let e = ApiError::MethodNotAllowed { allow: "GET, HEAD" };
+            return self.respond_error(session, ctx, e, None).await;
+        }
         let (status, body) = if !ready {
             (200, Bytes::from_static(b"{\"status\":\"ok\"}"))
         } else {
@@ -259,6 +262,10 @@ impl AudioProxy {
         self.respond(session, ctx, status, body, None, None).await
     }
 }
+
+const AUDIO_METHODS: ApiError = ApiError::MethodNotAllowed {
+    allow: "POST, OPTIONS",
+};
 
 /// Every answer carries the request's id (passthrough answers get ours, not the upstream's).
 fn add_request_id(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {

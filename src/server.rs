@@ -301,9 +301,10 @@ impl BackgroundService for StoreSync {
     }
 }
 
-/// Creates a development key on the embedded store and prints it: each start prints a new
-/// one (the store keeps only digests, so an earlier key cannot be shown again).
-fn create_dev_key(keys: &KeyService) -> Result<(), String> {
+/// Creates a development key on the embedded store and prints it with a ready-to-paste call:
+/// each start prints a new one (the store keeps only digests, so an earlier key cannot be
+/// shown again).
+fn create_dev_key(keys: &KeyService, config: &Config) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -322,7 +323,49 @@ fn create_dev_key(keys: &KeyService) -> Result<(), String> {
         "development key (embedded store, plan {}, {limit}): {secret}",
         view.plan
     );
+    println!(
+        "try it: curl -X POST http://{}/v1/audio -H \"Authorization: Bearer {secret}\" -H \"Content-Type: application/json\" -d '{{\"library\":\"{}\"}}'",
+        reachable(config.listen),
+        dev_library(&config.catalog_dir),
+    );
+    println!(
+        "developer portal: not built yet (it is to come on 127.0.0.1:8081); manage keys meanwhile through the admin API on http://{}",
+        reachable(config.admin_listen)
+    );
     Ok(())
+}
+
+/// The address a local client dials for a listener: loopback for an unspecified one.
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => ([127, 0, 0, 1], addr.port()).into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            (std::net::Ipv6Addr::LOCALHOST, addr.port()).into()
+        }
+        _ => addr,
+    }
+}
+
+/// The library the printed call asks for: the seed's `audio.focus` when the catalog has it,
+/// else the first library file (the catalog itself loads later).
+fn dev_library(dir: &std::path::Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".toml")
+                .map(String::from)
+        })
+        .collect();
+    names.sort();
+    if names.iter().any(|n| n == "audio.focus") || names.is_empty() {
+        "audio.focus".into()
+    } else {
+        names.swap_remove(0)
+    }
 }
 
 /// Runs the gateway until a signal stops it. With `upgrade`, first takes the listening
@@ -347,7 +390,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     let app = build_app(&config, Arc::new(SystemClock))?;
     // The embedded store starts empty: it gets a development key.
     if config.redis_url.is_none() {
-        create_dev_key(&app.keys)?;
+        create_dev_key(&app.keys, &config)?;
     }
 
     let conf = ServerConf {
