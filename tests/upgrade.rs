@@ -92,7 +92,6 @@ fn an_upgrade_under_load_refuses_nothing_and_fails_nothing() {
 }
 
 #[test]
-#[ignore = "usage one lease block over the calls answered in 3 of 58 runs (store leases); see docs/operations.md"]
 fn usage_is_exact_through_an_upgrade() {
     upgrade_under_load(true);
 }
