@@ -50,6 +50,16 @@ impl<T: Default> PerKey<T> {
         write(&self.map).retain(keep);
     }
 
+    /// Removes each of `keys` whose entry `remove` says yes to, under one write lock.
+    pub fn remove_if(&self, keys: &[String], remove: impl Fn(&Arc<T>) -> bool) {
+        let mut map = write(&self.map);
+        for key in keys {
+            if map.get(key).is_some_and(&remove) {
+                map.remove(key);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         read(&self.map).len()
     }

@@ -62,6 +62,9 @@ pub const STALE_AFTER: Duration = Duration::from_secs(15);
 pub const BUSY_WAIT: Duration = Duration::from_secs(2);
 /// `try_lock` attempts before a call queues for a subject's lock.
 const SPINS: u32 = 64;
+/// A subject with nothing held or owed is forgotten after this long without a call, so the
+/// book holds the subjects in use, not every one ever seen.
+pub const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// How long a "used up" answer stands for the calls that queued behind it.
 const SPENT_TTL: Duration = Duration::from_secs(1);
 /// Largest block for a limited subject; blocks are 1/16 of what is left, at least one unit.
@@ -212,6 +215,14 @@ struct SubjectLeases {
 }
 
 impl SubjectLeases {
+    /// A subject holding no lease (new, or forgotten and seen again) numbers its next
+    /// operations after `issued`, the node's highest.
+    fn start_after(&mut self, issued: u64) {
+        if self.current.is_none() && self.retired.is_empty() {
+            self.seq = self.seq.max(issued);
+        }
+    }
+
     fn lease(&mut self, period: Period, limit: Option<u64>, now: Instant) -> &mut Lease {
         if self.current.as_ref().is_some_and(|l| l.period != period) {
             let mut old = self.current.take().expect("checked");
@@ -251,6 +262,16 @@ struct Entry {
     leases: AsyncMutex<SubjectLeases>,
 }
 
+/// Whether a subject holds and owes nothing, has nobody waiting and has not been used for
+/// [`FORGET_AFTER`]: forgetting it loses nothing (its next call refills, as after a restart).
+fn forgettable(entry: &Entry, leases: &SubjectLeases, now: Instant) -> bool {
+    entry.waiting.load(Ordering::Relaxed) == 0
+        && leases.retired.is_empty()
+        && leases.current.as_ref().is_none_or(|l| {
+            l.units == 0 && !l.owes() && l.outage == 0 && now - l.last_use >= FORGET_AFTER
+        })
+}
+
 /// An operation from [`LeaseBook::due`], to send and then hand to [`LeaseBook::settled`].
 #[derive(Debug, Clone)]
 pub struct Due {
@@ -267,6 +288,10 @@ pub struct LeaseBook {
     subjects: PerKey<Entry>,
     /// The UTC day new operations are dated with ([`LeaseOp::day`]), set by [`Quota`].
     today: AtomicU32,
+    /// The highest sequence number issued for any subject. A subject seen anew (or again,
+    /// after it was forgotten) numbers its operations from here, so the store never takes a
+    /// new operation for a replay of an old one.
+    issued: AtomicU64,
 }
 
 impl LeaseBook {
@@ -280,6 +305,34 @@ impl LeaseBook {
 
     fn entry(&self, subject: &str) -> Arc<Entry> {
         self.subjects.get_or_default(subject)
+    }
+
+    /// The lease of `period`, for a subject numbered from [`Self::issued`] if it is new.
+    fn lease<'a>(
+        &self,
+        leases: &'a mut SubjectLeases,
+        period: Period,
+        limit: Option<u64>,
+        now: Instant,
+    ) -> &'a mut Lease {
+        leases.start_after(self.issued.load(Ordering::Relaxed));
+        leases.lease(period, limit, now)
+    }
+
+    /// The next operation of `lease`, counted in [`Self::issued`].
+    fn next_op(&self, lease: &mut Lease, want: u64, now: Instant) -> LeaseOp {
+        let op = lease.next_op(want, now, self.today());
+        self.issued.fetch_max(op.seq, Ordering::Relaxed);
+        op
+    }
+
+    /// Subjects the book holds.
+    pub fn len(&self) -> usize {
+        self.subjects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Takes one unit, refilling from the store through `run` when none is left or the lease
@@ -329,7 +382,7 @@ impl LeaseBook {
         };
         let failed_meanwhile = entry.failures.load(Ordering::Acquire) != failures;
         let now = Instant::now();
-        let lease = leases.lease(period, limit, now);
+        let lease = self.lease(&mut leases, period, limit, now);
         // A parked operation may answer with units (a replay); a second round asks for more.
         if let (0, Some((used, at))) = (lease.units, lease.spent)
             && now - at < SPENT_TTL
@@ -342,7 +395,8 @@ impl LeaseBook {
                 // Running low: top the block up now, without the lock, so the calls behind
                 // this one keep being served from what is left instead of waiting for the
                 // store (on the embedded store, for an fsync). Only this call waits for it.
-                let op = lease.next_op(lease.want(0), now, self.today());
+                let want = lease.want(0);
+                let op = self.next_op(lease, want, now);
                 lease.parked = Some(op.clone());
                 drop(leases);
                 let sent = Instant::now();
@@ -375,7 +429,8 @@ impl LeaseBook {
                 ));
             }
             let waiting = entry.waiting.load(Ordering::Relaxed);
-            let op = lease.next_op(lease.want(waiting), now, self.today());
+            let want = lease.want(waiting);
+            let op = self.next_op(lease, want, now);
             // Parked before sending: if this call is abandoned midway, the operation is
             // replayed later rather than lost.
             lease.parked = Some(op.clone());
@@ -420,7 +475,7 @@ impl LeaseBook {
         let entry = self.entry(subject);
         let mut leases = entry.leases.lock().await;
         let now = Instant::now();
-        let lease = leases.lease(period, limit, now);
+        let lease = self.lease(&mut leases, period, limit, now);
         if lease.units > 0 {
             return LocalAdmission::Admitted {
                 used: lease.take_unit(now),
@@ -454,6 +509,7 @@ impl LeaseBook {
         if leases.find(period).is_none() {
             // A past month whose lease was already settled and dropped: a new one carries
             // the refund (its sequence numbers continue past the old one's).
+            leases.start_after(self.issued.load(Ordering::Relaxed));
             let lease = Lease::new(period, None, leases.seq, Instant::now());
             leases.retired.push(lease);
         }
@@ -485,6 +541,7 @@ impl LeaseBook {
         let subjects = self.subjects.all();
         let now = Instant::now();
         let mut ops = Vec::new();
+        let mut idle = Vec::new();
         // Runs every tick over every subject: no allocation for those with nothing to send.
         for (subject, entry) in subjects.iter() {
             // A subject busy refilling reports with that refill.
@@ -503,7 +560,7 @@ impl LeaseBook {
                     || lease.returned > 0
                     || now - lease.last_report >= REPORT_EVERY;
                 if lease.owes() && report_due {
-                    let op = lease.next_op(0, now, self.today());
+                    let op = self.next_op(lease, 0, now);
                     lease.parked = Some(op.clone());
                     ops.push(Due {
                         subject: subject.clone(),
@@ -515,6 +572,21 @@ impl LeaseBook {
             if !leases.retired.is_empty() {
                 leases.retired.retain(|l| l.owes() || l.units > 0);
             }
+            if forgettable(entry, &leases, now) {
+                idle.push(subject.clone());
+            }
+        }
+        drop(subjects);
+        if !idle.is_empty() {
+            // Checked again under the map's write lock: a call that got the entry since holds
+            // a reference to it, and keeps it.
+            self.subjects.remove_if(&idle, |entry| {
+                Arc::strong_count(entry) == 1
+                    && entry
+                        .leases
+                        .try_lock()
+                        .is_ok_and(|leases| forgettable(entry, &leases, now))
+            });
         }
         ops
     }

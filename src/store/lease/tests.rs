@@ -130,6 +130,39 @@ async fn never_grants_past_the_limit_and_reports_exactly() {
     assert!(!book.unsynced());
 }
 
+/// An idle subject is forgotten, and when it is used again its operations are numbered past
+/// every earlier one: the store applies them instead of answering them as replays.
+#[tokio::test(start_paused = true)]
+async fn idle_subjects_are_forgotten_and_numbered_past_their_old_operations() {
+    let book = LeaseBook::default();
+    let store = ModelStore::default();
+    for _ in 0..5 {
+        assert!(matches!(
+            reserve(&book, &store, Some(100)).await,
+            Reservation::Granted { .. }
+        ));
+    }
+    sync(&book, &store, true).await;
+    assert_eq!(store.used(), 5);
+    assert_eq!(book.len(), 1, "kept while recently used");
+    tokio::time::advance(FORGET_AFTER).await;
+    sync(&book, &store, false).await;
+    assert_eq!(book.len(), 0, "forgotten once idle");
+    for _ in 0..3 {
+        assert!(matches!(
+            reserve(&book, &store, Some(100)).await,
+            Reservation::Granted { .. }
+        ));
+    }
+    sync(&book, &store, true).await;
+    assert_eq!(
+        store.used(),
+        8,
+        "the new operations counted, not taken for replays"
+    );
+    assert_eq!(store.held(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn refunds_and_idle_units_go_back() {
     let book = LeaseBook::default();
