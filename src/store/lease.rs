@@ -28,6 +28,10 @@
 //! counted as `extra` and reported once the store answers; the block is granted again only
 //! after that report is acknowledged.
 //!
+//! **Memory.** A subject that holds and owes nothing is forgotten [`FORGET_AFTER`] after its
+//! last call; seen again, it numbers its operations after the highest this node has issued,
+//! so the store's record of the node's last number never mistakes them for replays.
+//!
 //! Time is Tokio's [`Instant`], so tests drive it with a paused clock.
 
 use std::sync::Arc;
