@@ -474,13 +474,9 @@ impl Store for RedisStore {
         let Some(ids) = self.page_ids(KEY_LIST, after, limit).await? else {
             return Ok(None);
         };
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(r) = self.key_by_id(&id).await? {
-                out.push(r);
-            }
-        }
-        Ok(Some(out))
+        fetch_each(ids, |id| async move { self.key_by_id(&id).await })
+            .await
+            .map(Some)
     }
 
     async fn update_key(
@@ -708,13 +704,9 @@ impl Store for RedisStore {
         let Some(ids) = self.page_ids(ACCOUNT_LIST, after, limit).await? else {
             return Ok(None);
         };
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(r) = self.account_by_id(&id).await? {
-                out.push(r);
-            }
-        }
-        Ok(Some(out))
+        fetch_each(ids, |id| async move { self.account_by_id(&id).await })
+            .await
+            .map(Some)
     }
 
     async fn update_account(
@@ -756,13 +748,7 @@ impl Store for RedisStore {
         let ids: Vec<String> = self
             .call_patiently(|mut c| async move { c.zrange(account_keys_key(id), 0, -1).await })
             .await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for key in ids {
-            if let Some(r) = self.key_by_id(&key).await? {
-                out.push(r);
-            }
-        }
-        Ok(out)
+        fetch_each(ids, |key| async move { self.key_by_id(&key).await }).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -862,6 +848,22 @@ async fn write_all(
     }
     let (acked,): (u32,) = pipe.add_command(wait.cmd()).query_async(&mut c).await?;
     wait.check(acked)
+}
+
+/// The records of `ids`, read one by one (each in its own cluster slot), in order; ids whose
+/// record is gone are left out.
+async fn fetch_each<T, F, Fut>(ids: Vec<String>, fetch: F) -> Result<Vec<T>, StoreError>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, StoreError>>,
+{
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(record) = fetch(id).await? {
+            out.push(record);
+        }
+    }
+    Ok(out)
 }
 
 /// Ids are ours (`key_…`, `acct_…`): anything else names no record, and never reaches a key
