@@ -253,47 +253,63 @@ impl KeyService {
 
     /// Creates a key and returns it with its secret, the only time the secret exists.
     pub async fn create(&self, req: CreateKey) -> Result<(KeyView, String), AdminError> {
-        let name = req.name.trim();
-        if name.is_empty() || name.len() > 200 {
-            return Err(AdminError::field("name", "must be 1 to 200 characters"));
-        }
-        let now = self.now();
-        check_expiry(req.expires_at, now)?;
-        let meta = meta_text(req.meta.unwrap_or(Value::Null))?;
-        let account = match &req.account_id {
-            Some(id) => {
-                accounts_plan_only(req.plan.is_some(), req.monthly_limit.is_some())?;
-                Some(self.owning_account(id).await?)
-            }
-            None => None,
-        };
-        let (plan_name, monthly_limit) = match &account {
-            Some(a) => (a.plan.clone(), a.monthly_limit),
-            None => {
-                let plan_name = req.plan.unwrap_or_else(|| self.default_plan.clone());
-                let limit = req
-                    .monthly_limit
-                    .unwrap_or(self.plan(&plan_name)?.monthly_limit);
-                (plan_name, limit)
-            }
-        };
         let NewKey {
             secret,
             digest,
             prefix,
         } = mint_key();
-        let record = KeyRecord {
+        let now = self.now();
+        let mut accounts = BTreeMap::new();
+        let record = self
+            .checked_record(req, digest, prefix, now, &mut accounts)
+            .await?;
+        self.store.insert_key(record.clone()).await?;
+        // A negative entry from someone guessing this very key must not outlive its creation.
+        self.forget(&digest).await;
+        let account = record.account_id.as_ref().and_then(|id| accounts.get(id));
+        Ok((KeyView::of(&record, account, now), secret))
+    }
+
+    /// The record of a new key with `digest`, its fields checked as given and its plan and
+    /// limit resolved: its account's for a key of one (read once into `accounts`, which a
+    /// batch shares), else its own or its plan's. Not stored yet.
+    async fn checked_record(
+        &self,
+        req: CreateKey,
+        digest: KeyDigest,
+        prefix: String,
+        now: SystemTime,
+        accounts: &mut BTreeMap<String, AccountRecord>,
+    ) -> Result<KeyRecord, AdminError> {
+        let name = req.name.trim();
+        if name.is_empty() || name.len() > 200 {
+            return Err(AdminError::field("name", "must be 1 to 200 characters"));
+        }
+        check_expiry(req.expires_at, now)?;
+        let meta = meta_text(req.meta.unwrap_or(Value::Null))?;
+        let (plan, monthly_limit) = match &req.account_id {
+            Some(id) => {
+                accounts_plan_only(req.plan.is_some(), req.monthly_limit.is_some())?;
+                if !accounts.contains_key(id) {
+                    accounts.insert(id.clone(), self.owning_account(id).await?);
+                }
+                let a = &accounts[id];
+                (a.plan.clone(), a.monthly_limit)
+            }
+            None => {
+                let plan = req.plan.unwrap_or_else(|| self.default_plan.clone());
+                let limit = req.monthly_limit.unwrap_or(self.plan(&plan)?.monthly_limit);
+                (plan, limit)
+            }
+        };
+        Ok(KeyRecord {
             account_id: req.account_id,
-            plan: plan_name,
+            plan,
             monthly_limit,
             expires_at: req.expires_at,
             meta,
             ..KeyRecord::new(new_id("key"), digest, prefix, name.to_string(), now)
-        };
-        self.store.insert_key(record.clone()).await?;
-        // A negative entry from someone guessing this very key must not outlive its creation.
-        self.forget(&digest).await;
-        Ok((KeyView::of(&record, account.as_ref(), now), secret))
+        })
     }
 
     /// A page of keys in creation order after the cursor, and the next page's cursor.
@@ -436,36 +452,10 @@ impl KeyService {
             if !digests.insert(key.digest) {
                 return Err(AdminError::field("keys", "a digest appears twice"));
             }
-            let req = key.fields;
-            let name = req.name.trim();
-            if name.is_empty() || name.len() > 200 {
-                return Err(AdminError::field("name", "must be 1 to 200 characters"));
-            }
-            check_expiry(req.expires_at, now)?;
-            let meta = meta_text(req.meta.unwrap_or(Value::Null))?;
-            let (plan, monthly_limit) = match &req.account_id {
-                Some(id) => {
-                    accounts_plan_only(req.plan.is_some(), req.monthly_limit.is_some())?;
-                    if !accounts.contains_key(id) {
-                        accounts.insert(id.clone(), self.owning_account(id).await?);
-                    }
-                    let a = &accounts[id];
-                    (a.plan.clone(), a.monthly_limit)
-                }
-                None => {
-                    let plan = req.plan.unwrap_or_else(|| self.default_plan.clone());
-                    let limit = req.monthly_limit.unwrap_or(self.plan(&plan)?.monthly_limit);
-                    (plan, limit)
-                }
-            };
-            records.push(KeyRecord {
-                account_id: req.account_id,
-                plan,
-                monthly_limit,
-                expires_at: req.expires_at,
-                meta,
-                ..KeyRecord::new(new_id("key"), key.digest, key.prefix, name.to_string(), now)
-            });
+            let record = self
+                .checked_record(key.fields, key.digest, key.prefix, now, &mut accounts)
+                .await?;
+            records.push(record);
         }
         let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
         let digests: Vec<KeyDigest> = records.iter().map(|r| r.digest).collect();
