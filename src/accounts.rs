@@ -4,9 +4,11 @@
 use std::sync::Arc;
 
 use serde::Serialize;
+use serde_json::json;
 
 use crate::auth::new_id;
 use crate::clock::Clock;
+use crate::events::Event;
 use crate::keys::{AdminError, KeyService, KeyView};
 use crate::quota::{Day, Period};
 use crate::store::lease::Quota;
@@ -135,7 +137,11 @@ impl AccountService {
         if !self.store.insert_account(record.clone()).await? {
             return Err(AdminError::EmailTaken(email));
         }
-        Ok(AccountView::from(&record))
+        let view = AccountView::from(&record);
+        self.keys
+            .tell(|now| Event::once("account.created", &view.id, json!(view), now))
+            .await;
+        Ok(view)
     }
 
     /// A page of accounts in creation order after the cursor, and the next page's cursor.

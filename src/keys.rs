@@ -2,22 +2,23 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::auth::{KeyDigest, NewKey, mint_key, new_id};
 use crate::cache::KeyCache;
 use crate::clock::Clock;
 use crate::config::Plan;
+use crate::events::Event;
 use crate::quota::{Day, Period};
 use crate::store::lease::Quota;
 use crate::store::{
     AccountRecord, AccountStatus, KeyRecord, KeyStatus, KeyUpdate, Rotation, Store, StoreError,
     rfc3339,
 };
+use crate::webhooks::Webhooks;
 
 /// Longest rotation grace (SPEC §9).
 pub const MAX_GRACE: Duration = Duration::from_secs(7 * 86_400);
@@ -192,6 +193,8 @@ pub struct KeyService {
     plans: BTreeMap<String, Plan>,
     default_plan: String,
     clock: Arc<dyn Clock>,
+    /// Where `key.*` events go; `None` without webhooks.
+    events: Option<Arc<Webhooks>>,
 }
 
 impl KeyService {
@@ -210,6 +213,20 @@ impl KeyService {
             plans,
             default_plan,
             clock,
+            events: None,
+        }
+    }
+
+    /// Records `key.created`, `key.rotated` and `key.revoked` in `events` (SPEC §9).
+    pub fn with_events(mut self, events: Option<Arc<Webhooks>>) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Records the event `make` builds, when there are webhooks.
+    pub(crate) async fn tell(&self, make: impl FnOnce(SystemTime) -> Event) {
+        if let Some(events) = &self.events {
+            events.emit(make(self.now())).await;
         }
     }
 
@@ -267,7 +284,10 @@ impl KeyService {
         // A negative entry from someone guessing this very key must not outlive its creation.
         self.forget(&digest).await;
         let account = record.account_id.as_ref().and_then(|id| accounts.get(id));
-        Ok((KeyView::of(&record, account, now), secret))
+        let view = KeyView::of(&record, account, now);
+        self.tell(|now| Event::once("key.created", &view.id, json!(view), now))
+            .await;
+        Ok((view, secret))
     }
 
     /// The record of a new key with `digest`, its fields checked as given and its plan and
@@ -432,7 +452,12 @@ impl KeyService {
             return Err(AdminError::Revoked(id.to_string()));
         }
         let account = self.account_of(&updated).await?;
-        Ok(KeyView::of(&updated, account.as_ref(), self.clock.now()))
+        let view = KeyView::of(&updated, account.as_ref(), self.clock.now());
+        if record.status != KeyStatus::Revoked && updated.status == KeyStatus::Revoked {
+            self.tell(|now| Event::once("key.revoked", id, json!(view), now))
+                .await;
+        }
+        Ok(view)
     }
 
     /// Adds keys made elsewhere, by digest (`POST /admin/keys:import`): all or none. Each
@@ -508,8 +533,12 @@ impl KeyService {
             self.forget(d).await;
         }
         let account = self.account_of(&record).await?;
+        let view = KeyView::of(&record, account.as_ref(), now);
+        let mut data = json!(view);
+        data["previous_expires_at"] = json!(previous_expires_at.map(rfc3339));
+        self.tell(|now| Event::new("key.rotated", data, now)).await;
         Ok(Rotated {
-            view: KeyView::of(&record, account.as_ref(), now),
+            view,
             secret,
             previous_expires_at,
         })

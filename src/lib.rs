@@ -33,6 +33,8 @@
 //! - [`admin`]: the admin API on its own listener; it also serves the OpenAPI documents
 //!   (`docs/openapi/`).
 //! - [`audit`]: the audit log of every change made through it.
+//! - [`events`]: webhook events without I/O: ids, signatures, retry times.
+//! - [`webhooks`]: recording events in the store's outbox and delivering them.
 //! - [`server`]: builds the app from the config and runs the services.
 //! - [`shutdown`]: signals, draining in-flight requests, and the upgrade handoff.
 //! - [`systemd`]: readiness and main-process notices for `Type=notify` units.
@@ -53,6 +55,7 @@ pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod events;
 pub mod forwarding;
 pub mod keys;
 pub mod last_used;
@@ -71,3 +74,4 @@ pub mod store;
 pub mod systemd;
 pub mod tls;
 pub mod upstream;
+pub mod webhooks;

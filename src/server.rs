@@ -33,11 +33,13 @@ use crate::store::Invalidation;
 use crate::store::Store;
 use crate::store::instrumented::Instrumented;
 use crate::store::lease::{LeaseBackend, Quota};
+use crate::store::outbox::Outbox;
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 use crate::systemd::NotifyReady;
 use crate::tls::{CertReloader, Certificates};
 use crate::upstream::{Resolver, UpstreamPeers};
+use crate::webhooks::{Delivery, Webhooks};
 
 /// Everything a running gateway holds, built without starting any listener.
 pub struct App {
@@ -48,6 +50,8 @@ pub struct App {
     pub audit: Arc<Audit>,
     pub catalog: Arc<CatalogHandle>,
     pub cache: Arc<KeyCache>,
+    /// The webhook delivery service, when webhooks are on; taken by whoever runs it.
+    pub delivery: std::sync::Mutex<Option<Delivery>>,
 }
 
 /// Builds the app with the store the config names; fails on a store that cannot be opened.
@@ -59,28 +63,78 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
                 RedisStore::with_wait(urls.expose(), config.store_timeout, config.redis_wait)
                     .map_err(|e| config::redact_passwords_in(&e, urls.expose()))?,
             );
-            build_app_with(config, redis.clone(), redis, clock)
+            build_app_from(config, Backends::of(redis), clock)
         }
         None => {
             let embedded = Arc::new(SqliteStore::open(&config.data_dir)?);
-            build_app_with(config, embedded.clone(), embedded, clock)
+            build_app_from(config, Backends::of(embedded), clock)
+        }
+    }
+}
+
+/// What a store provides the app: key records, the leases' atomic step, the event outbox.
+pub struct Backends {
+    pub keys: Arc<dyn Store>,
+    pub leases: Arc<dyn LeaseBackend>,
+    pub outbox: Option<Arc<dyn Outbox>>,
+}
+
+impl Backends {
+    /// All three from one store.
+    pub fn of<S: Store + LeaseBackend + Outbox>(store: Arc<S>) -> Self {
+        Self {
+            keys: store.clone(),
+            leases: store.clone(),
+            outbox: Some(store),
         }
     }
 }
 
 /// Builds the app over a given key store and lease backend (usually one store serving as
-/// both): the one wiring the server, the tests and the benches share.
+/// both), without webhooks: what the in-process tests and the benches use.
 pub fn build_app_with(
     config: &Config,
     keys_backend: Arc<dyn Store>,
     lease_backend: Arc<dyn LeaseBackend>,
     clock: Arc<dyn Clock>,
 ) -> Result<App, String> {
+    let backends = Backends {
+        keys: keys_backend,
+        leases: lease_backend,
+        outbox: None,
+    };
+    build_app_from(config, backends, clock)
+}
+
+/// The one wiring the server, the tests and the benches share. Webhooks are on when the
+/// config names a receiver and the backends have an outbox.
+pub fn build_app_from(
+    config: &Config,
+    backends: Backends,
+    clock: Arc<dyn Clock>,
+) -> Result<App, String> {
+    let Backends {
+        keys: keys_backend,
+        leases: lease_backend,
+        outbox,
+    } = backends;
     let metrics = Arc::new(Metrics::new());
     let store_metrics = StoreMetrics::new();
     store_metrics.register_in(&metrics);
-    let quota =
-        Arc::new(Quota::new(lease_backend, store_metrics.clone()).with_clock(clock.clone()));
+    let webhooks = match (&config.webhooks, outbox) {
+        (Some(target), Some(outbox)) => {
+            let events = Arc::new(Webhooks::new(outbox, clock.clone()));
+            metrics.register(events.counts.clone());
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            Some((events, tx, target.clone(), rx))
+        }
+        _ => None,
+    };
+    let mut quota = Quota::new(lease_backend, store_metrics.clone()).with_clock(clock.clone());
+    if let Some((_, crossings, _, _)) = &webhooks {
+        quota = quota.with_crossings(crossings.clone());
+    }
+    let quota = Arc::new(quota);
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(keys_backend, store_metrics));
     let catalog = Arc::new(CatalogHandle::new(&config.catalog_dir));
     catalog.metrics.register_in(&metrics);
@@ -96,14 +150,18 @@ pub fn build_app_with(
             "signing is not configured (bucket and AWS credentials): /v1/audio will answer 503 PRESIGN_FAILED"
         );
     }
-    let keys = Arc::new(KeyService::new(
-        store.clone(),
-        quota.clone(),
-        cache.clone(),
-        config.plans.clone(),
-        config.default_plan.clone(),
-        clock.clone(),
-    ));
+    let events = webhooks.as_ref().map(|(events, ..)| events.clone());
+    let keys = Arc::new(
+        KeyService::new(
+            store.clone(),
+            quota.clone(),
+            cache.clone(),
+            config.plans.clone(),
+            config.default_plan.clone(),
+            clock.clone(),
+        )
+        .with_events(events),
+    );
     let accounts = Arc::new(AccountService::new(
         store.clone(),
         quota.clone(),
@@ -129,6 +187,11 @@ pub fn build_app_with(
                 .collect(),
         ),
     );
+    let delivery = webhooks.map(|(webhooks, _, target, crossings)| Delivery {
+        webhooks,
+        target,
+        crossings: std::sync::Mutex::new(Some(crossings)),
+    });
     Ok(App {
         gateway,
         metrics,
@@ -137,6 +200,7 @@ pub fn build_app_with(
         audit,
         catalog,
         cache,
+        delivery: std::sync::Mutex::new(delivery),
     })
 }
 
@@ -424,6 +488,9 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         },
     ));
 
+    if let Some(delivery) = crate::locks::lock(&app.delivery).take() {
+        server.add_service(background_service("webhook delivery", delivery));
+    }
     server.add_service(background_service(
         "store sync",
         StoreSync {

@@ -8,6 +8,7 @@
 
 pub mod instrumented;
 pub mod lease;
+pub mod outbox;
 pub mod redis;
 pub mod sqlite;
 

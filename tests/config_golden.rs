@@ -88,6 +88,7 @@ fn shipped_config_parses_to_exactly_this() {
         tls: None,
         h2c: false,
         upgrade_sock: PathBuf::from("/tmp/audiolib-upgrade.sock"),
+        webhooks: None,
     };
     assert_eq!(config, expected);
 }
@@ -114,7 +115,30 @@ fn config_check_names_the_setting_and_the_problem() {
 
     /// (file text, environment, expected part of the message)
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 10] = [
+    let cases: [Case; 14] = [
+        (
+            "[webhooks]\nurl = \"https://hooks.example.com/audiolib\"\nsecret = \"short\"\n",
+            &[],
+            "`webhooks.secret` (AUDIOLIB_WEBHOOK_SECRET): must be at least 16 characters",
+        ),
+        (
+            "",
+            &[("AUDIOLIB_WEBHOOK_URL", "https://hooks.example.com/audiolib")],
+            "`webhooks.secret` (AUDIOLIB_WEBHOOK_SECRET): is required with `webhooks.url`",
+        ),
+        (
+            "",
+            &[("AUDIOLIB_WEBHOOK_SECRET", "0123456789abcdef")],
+            "`webhooks.url` (AUDIOLIB_WEBHOOK_URL): is required with `webhooks.secret`",
+        ),
+        (
+            "",
+            &[
+                ("AUDIOLIB_WEBHOOK_URL", "hooks.example.com"),
+                ("AUDIOLIB_WEBHOOK_SECRET", "0123456789abcdef"),
+            ],
+            "`webhooks.url` (AUDIOLIB_WEBHOOK_URL): 'hooks.example.com' is not an http:// or https:// URL",
+        ),
         (
             "",
             &[("AUDIOLIB_MAX_CONNECTIONS", "0")],

@@ -4,13 +4,16 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use audiolib::auth::{KeyDigest, mint_key};
+use audiolib::events::Event;
 use audiolib::metrics::StoreMetrics;
 use audiolib::quota::{Period, Reservation, Source};
 use audiolib::store::lease::{LeaseBackend, Quota};
+use audiolib::store::outbox::{Outbox, Pending};
 use audiolib::store::sqlite::SqliteStore;
 use audiolib::store::{
     AccountRecord, AccountStatus, AccountUpdate, KeyRecord, KeyStatus, KeyUpdate, Rotation, Store,
 };
+use serde_json::json;
 
 fn record(id: &str, created: u64) -> KeyRecord {
     let key = mint_key();
@@ -438,8 +441,98 @@ async fn pages_list_every_key_once(store: Arc<dyn Store>) {
     );
 }
 
-/// Runs the contract on fresh stores from `make`, each a key store and a lease backend.
-async fn contract(make: impl Fn() -> (Arc<dyn Store>, Arc<dyn LeaseBackend>)) {
+fn ids(pending: &[Pending]) -> Vec<&str> {
+    pending.iter().map(|p| p.event.id.as_str()).collect()
+}
+
+/// Every event is handed out until it is finished, once per claim, and its id is recorded
+/// once.
+async fn outbox_hands_out_each_event_until_finished(outbox: Arc<dyn Outbox>) {
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let secs = Duration::from_secs;
+    let hold = secs(60);
+    let a = Event::once("key.created", "key_a", json!({"id": "key_a"}), t0);
+    let b = Event::once("key.created", "key_b", json!({"id": "key_b"}), t0 + secs(1));
+    assert!(outbox.enqueue(&a).await.unwrap());
+    assert!(!outbox.enqueue(&a).await.unwrap(), "an id is recorded once");
+    assert!(outbox.enqueue(&b).await.unwrap());
+
+    let claimed = outbox.claim(t0 + secs(5), hold, 10).await.unwrap();
+    assert_eq!(ids(&claimed), [&a.id, &b.id], "due at once, oldest first");
+    assert_eq!(claimed[0].event, a);
+    assert_eq!(claimed[0].attempts, 0);
+    assert!(
+        outbox
+            .claim(t0 + secs(6), hold, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a claimed event is not handed out again while its claim runs"
+    );
+    // The claimer died: once its claim runs out the event is handed out again.
+    let again = outbox.claim(t0 + secs(70), hold, 1).await.unwrap();
+    assert_eq!(ids(&again), [&a.id]);
+    outbox.retry(&a.id, t0 + secs(100), 1).await.unwrap();
+    outbox.finish(&b.id).await.unwrap();
+    assert!(
+        outbox
+            .claim(t0 + secs(99), hold, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let retried = outbox.claim(t0 + secs(100), hold, 10).await.unwrap();
+    assert_eq!(ids(&retried), [&a.id]);
+    assert_eq!(retried[0].attempts, 1);
+    assert_eq!(retried[0].event.body, a.body);
+    outbox.finish(&a.id).await.unwrap();
+    // Finished: never handed out again, not even by a late retry, and still known.
+    outbox.retry(&a.id, t0 + secs(200), 2).await.unwrap();
+    assert!(
+        outbox
+            .claim(t0 + secs(10_000), hold, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!outbox.enqueue(&a).await.unwrap());
+
+    // Claims racing each other never hand one event to two claimers.
+    let many: Vec<Event> = (0..40)
+        .map(|i| Event::once("key.created", &format!("key_{i}"), json!({}), t0))
+        .collect();
+    for e in &many {
+        assert!(outbox.enqueue(e).await.unwrap());
+    }
+    let claimers: Vec<_> = (0..4)
+        .map(|_| {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let batch = outbox.claim(t0 + secs(20_000), hold, 3).await.unwrap();
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    got.extend(batch.into_iter().map(|p| p.event.id));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for c in claimers {
+        all.extend(c.await.unwrap());
+    }
+    all.sort();
+    let mut expected: Vec<String> = many.iter().map(|e| e.id.clone()).collect();
+    expected.sort();
+    assert_eq!(all, expected, "every event claimed exactly once");
+}
+
+/// Runs the contract on fresh stores from `make`, each a key store, a lease backend and an
+/// outbox.
+async fn contract(make: impl Fn() -> (Arc<dyn Store>, Arc<dyn LeaseBackend>, Arc<dyn Outbox>)) {
+    outbox_hands_out_each_event_until_finished(make().2).await;
     keys_round_trip(make().0).await;
     accounts_round_trip(make().0).await;
     rotation_and_touch(make().0).await;
@@ -457,7 +550,7 @@ async fn embedded_store_meets_the_contract() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         dirs.lock().unwrap().push(dir);
-        (store.clone(), store)
+        (store.clone(), store.clone(), store)
     })
     .await;
 }
@@ -475,7 +568,7 @@ async fn redis_store_meets_the_contract() {
         let store = Arc::new(
             audiolib::store::redis::RedisStore::new(&url, Duration::from_millis(500)).unwrap(),
         );
-        (store.clone(), store)
+        (store.clone(), store.clone(), store)
     })
     .await;
 }

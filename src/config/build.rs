@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use super::file::{
     FileConfig, KeyCacheFile, LimitsFile, LogFile, PlanFile, S3File, StoreFile, TlsFile,
+    WebhooksFile,
 };
 use super::settings::{self as s, Env, Problems, Setting};
 use super::{
     CorsOrigins, DEFAULT_UPGRADE_SOCK, FailurePolicy, KeyCacheConfig, Limits, Plan, RedisKind,
-    Secret, Upstream, check_redis_url, is_dns_bucket, parse_endpoint, parse_upstream,
+    Secret, Upstream, Webhooks, check_redis_url, is_dns_bucket, parse_endpoint, parse_upstream,
     redact_passwords_in,
 };
 use crate::access_log::LogFormat;
@@ -508,6 +509,42 @@ pub fn tls(p: &mut Problems, env: &dyn Env, file: TlsFile) -> Option<TlsFiles> {
         }
         Err(TlsError::Key(e)) => {
             p.add(s::TLS_KEY, e);
+            None
+        }
+    }
+}
+
+/// `webhooks.url` and `webhooks.secret`: both or neither; the secret at least 16 characters,
+/// so a receiver's signature check means something.
+pub fn webhooks(p: &mut Problems, env: &dyn Env, file: WebhooksFile) -> Option<Webhooks> {
+    let url = s::WEBHOOK_URL.pick(p, env, file.url);
+    let secret = s::WEBHOOK_SECRET.pick(p, env, file.secret);
+    if let Some(secret) = &secret
+        && secret.expose().chars().count() < 16
+    {
+        p.add(s::WEBHOOK_SECRET, "must be at least 16 characters");
+    }
+    match (url, secret) {
+        (None, None) => None,
+        (Some(url), Some(secret)) => {
+            let parsed = http::Uri::try_from(url.as_str());
+            let ok = parsed.as_ref().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                p.add(
+                    s::WEBHOOK_URL,
+                    format!("'{url}' is not an http:// or https:// URL"),
+                );
+            }
+            Some(Webhooks { url, secret })
+        }
+        (Some(_), None) => {
+            p.add(s::WEBHOOK_SECRET, "is required with `webhooks.url`");
+            None
+        }
+        (None, Some(_)) => {
+            p.add(s::WEBHOOK_URL, "is required with `webhooks.secret`");
             None
         }
     }

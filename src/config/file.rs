@@ -41,6 +41,15 @@ pub struct FileConfig {
     pub key_cache: KeyCacheFile,
     #[serde(default)]
     pub log: LogFile,
+    #[serde(default)]
+    pub webhooks: WebhooksFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksFile {
+    pub url: Option<String>,
+    pub secret: Option<Secret>,
 }
 
 #[derive(Debug, Default, Deserialize)]

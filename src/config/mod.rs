@@ -126,6 +126,16 @@ pub struct Config {
     pub h2c: bool,
     /// Where `serve --upgrade` receives the listening sockets of the running process.
     pub upgrade_sock: PathBuf,
+    /// Where events are delivered (SPEC §9); `None`: no events are recorded.
+    pub webhooks: Option<Webhooks>,
+}
+
+/// The webhook receiver and the secret its deliveries are signed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhooks {
+    /// An `http://` or `https://` URL.
+    pub url: String,
+    pub secret: Secret,
 }
 
 /// The default file `audiolib serve` reads when it exists and no `--config` is given.
@@ -154,6 +164,7 @@ impl Config {
         let log_format = build::log(p, env, std::mem::take(&mut file.log));
         let tls = build::tls(p, env, std::mem::take(&mut file.tls));
         let (h2c, upgrade_sock) = build::listener_extras(p, env, &mut file, tls.is_some());
+        let webhooks = build::webhooks(p, env, std::mem::take(&mut file.webhooks));
         if !problems.0.is_empty() {
             return Err(problems.0);
         }
@@ -186,6 +197,7 @@ impl Config {
             tls,
             h2c,
             upgrade_sock,
+            webhooks,
         })
     }
 

@@ -67,6 +67,8 @@ pub const MAX_HEADER_BYTES: Setting = file_only("limits.max_header_bytes");
 pub const KEY_CACHE: Setting = file_only("key_cache");
 pub const PLANS: Setting = file_only("plans");
 pub const LOG_FORMAT: Setting = both("log.format", "AUDIOLIB_LOG_FORMAT");
+pub const WEBHOOK_URL: Setting = both("webhooks.url", "AUDIOLIB_WEBHOOK_URL");
+pub const WEBHOOK_SECRET: Setting = both("webhooks.secret", "AUDIOLIB_WEBHOOK_SECRET");
 
 /// Every setting, in the order the README's table lists them.
 pub const ALL: &[Setting] = &[
@@ -110,6 +112,8 @@ pub const ALL: &[Setting] = &[
     TLS_KEY,
     H2C,
     UPGRADE_SOCK,
+    WEBHOOK_URL,
+    WEBHOOK_SECRET,
 ];
 
 /// Looks up an environment variable; tests pass a map instead of the process environment.

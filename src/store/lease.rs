@@ -41,10 +41,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use prometheus::{Histogram, IntCounter};
 use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::StoreError;
 use crate::clock::{Clock, SystemClock};
+use crate::events::{self, Crossing};
 use crate::locks::PerKey;
 use crate::metrics::StoreMetrics;
 use crate::quota::{Day, LocalAdmission, Period, Reservation, Source};
@@ -130,6 +132,8 @@ struct Lease {
     spent: Option<(u64, Instant)>,
     last_use: Instant,
     last_report: Instant,
+    /// Thresholds of [`THRESHOLDS`](crate::events::THRESHOLDS) already announced, a bit each.
+    announced: u8,
 }
 
 impl Lease {
@@ -149,6 +153,7 @@ impl Lease {
             spent: None,
             last_use: now,
             last_report: now,
+            announced: 0,
         }
     }
 
@@ -191,14 +196,21 @@ impl Lease {
     }
 
     /// Applies the answer to `op`, sent at `sent`: the store applied it at or after that
-    /// instant, so the lease is confirmed from then.
-    fn apply(&mut self, op: &LeaseOp, answer: LeaseAnswer, sent: Instant) {
+    /// instant, so the lease is confirmed from then. Returns the thresholds the month's use
+    /// has newly reached, as far as this node has announced them.
+    fn apply(&mut self, op: &LeaseOp, answer: LeaseAnswer, sent: Instant) -> u8 {
         self.units += answer.grant;
         if let Some(c) = answer.committed {
             self.committed = Some(c);
         }
         self.confirmed_until = Some(sent + FENCE_AFTER);
         self.outage = self.outage.saturating_sub(op.extra);
+        let reached = op
+            .limit
+            .map_or(0, |limit| events::reached(answer.used, limit));
+        let new = reached & !self.announced;
+        self.announced |= new;
+        new
     }
 
     fn take_unit(&mut self, now: Instant) -> u64 {
@@ -296,6 +308,9 @@ pub struct LeaseBook {
     /// after it was forgotten) numbers its operations from here, so the store never takes a
     /// new operation for a replay of an old one.
     issued: AtomicU64,
+    /// Where thresholds reached are told ([`Quota::with_crossings`]). Every node that sees
+    /// one tells it; the outbox keeps one event per subject, month and threshold.
+    crossings: Option<mpsc::UnboundedSender<Crossing>>,
 }
 
 impl LeaseBook {
@@ -328,6 +343,32 @@ impl LeaseBook {
         let op = lease.next_op(want, now, self.today());
         self.issued.fetch_max(op.seq, Ordering::Relaxed);
         op
+    }
+
+    /// Applies a fresh answer to `lease` of `subject` and tells the thresholds it reached.
+    fn apply(
+        &self,
+        subject: &str,
+        lease: &mut Lease,
+        op: &LeaseOp,
+        answer: LeaseAnswer,
+        sent: Instant,
+    ) {
+        let new = lease.apply(op, answer, sent);
+        let (Some(sink), Some(limit)) = (&self.crossings, op.limit) else {
+            return;
+        };
+        for (i, threshold) in events::THRESHOLDS.iter().enumerate() {
+            if new & (1 << i) != 0 {
+                let _ = sink.send(Crossing {
+                    subject: subject.to_string(),
+                    period: op.period,
+                    threshold: *threshold,
+                    used: answer.used,
+                    limit,
+                });
+            }
+        }
     }
 
     /// Subjects the book holds.
@@ -447,7 +488,7 @@ impl LeaseBook {
                 }
             };
             lease.parked = None;
-            lease.apply(&op, answer, sent);
+            self.apply(subject, lease, &op, answer, sent);
             if lease.units > 0 {
                 return Ok(Reservation::Granted {
                     used: lease.take_unit(Instant::now()),
@@ -608,7 +649,7 @@ impl LeaseBook {
         }
         if let Some(answer) = answer {
             lease.parked = None;
-            lease.apply(&due.op, answer, due.sent);
+            self.apply(&due.subject, lease, &due.op, answer, due.sent);
         }
     }
 
@@ -692,6 +733,13 @@ impl Quota {
             reserve_latency: metrics.latency.with_label_values(&["reserve"]),
             reserve_errors: metrics.errors.with_label_values(&["reserve"]),
         }
+    }
+
+    /// Tells `sink` of every threshold of a monthly limit this node sees reached (SPEC §9
+    /// `quota.threshold`), once per subject and month while the node remembers the subject.
+    pub fn with_crossings(mut self, sink: mpsc::UnboundedSender<Crossing>) -> Self {
+        self.book.crossings = Some(sink);
+        self
     }
 
     /// Dates the usage history by `clock` (the system clock by default).

@@ -32,6 +32,10 @@
 //! - `audit(seq, at, actor, action, target, changes)`: the audit log, newest by `seq`.
 //! - `key_changes(seq, digest, at)`: changes to key records, polled by the other process so its
 //!   key cache forgets them (the embedded analogue of Redis pub/sub).
+//! - `outbox(id, body, created_ms, due_ms, attempts)`: webhook events ([`super::outbox`]);
+//!   `due_ms` is NULL once an event is delivered or given up, and the row stays for
+//!   [`KEEP_IDS`](super::outbox::KEEP_IDS) so its id is not recorded twice. A table added
+//!   without a version change: `CREATE TABLE IF NOT EXISTS` brings any file up to date.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -50,6 +54,8 @@ use super::{
 use crate::auth::KeyDigest;
 use crate::locks::lock;
 use crate::quota::{Day, Period};
+
+mod outbox;
 
 /// The database file inside the data directory.
 pub const FILE_NAME: &str = "audiolib.db";
@@ -133,6 +139,15 @@ CREATE TABLE IF NOT EXISTS key_changes (
     digest TEXT NOT NULL,
     at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    due_ms INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due_ms) WHERE due_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_finished ON outbox (created_ms) WHERE due_ms IS NULL;
 ";
 
 /// After [`SCHEMA`]: what a version-1 file lacks, then the version.

@@ -366,6 +366,8 @@ fn step() -> impl Strategy<Value = Step> {
 
 struct Node {
     book: LeaseBook,
+    /// The thresholds the book told.
+    crossings: mpsc::UnboundedReceiver<Crossing>,
     partitioned: bool,
     lose_next: bool,
     dead: bool,
@@ -377,8 +379,13 @@ struct Node {
 
 impl Node {
     fn new() -> Self {
+        let (tx, crossings) = mpsc::unbounded_channel();
         Self {
-            book: LeaseBook::default(),
+            book: LeaseBook {
+                crossings: Some(tx),
+                ..LeaseBook::default()
+            },
+            crossings,
             partitioned: false,
             lose_next: false,
             dead: false,
@@ -531,6 +538,30 @@ async fn simulate(steps: Vec<Step>, limit: u64, fail_open: bool) -> Result<(), T
         prop_assert_eq!(used, live_served);
         prop_assert_eq!(store.held(), 0, "units left held with every node synced");
     }
+    // Thresholds: told only once use has reached them, and with no node killed a threshold
+    // that use reached was told by some node (the one whose report crossed it saw the new
+    // count, if not at once then in the replay). A node tells one again only after it has
+    // forgotten the subject; the outbox keeps one event whoever tells it how often.
+    let mut told = [0u64; events::THRESHOLDS.len()];
+    for node in nodes.iter_mut() {
+        while let Ok(c) = node.crossings.try_recv() {
+            let t = events::THRESHOLDS
+                .iter()
+                .position(|t| *t == c.threshold)
+                .unwrap();
+            prop_assert!(c.used * 100 >= c.threshold * limit, "told too early: {c:?}");
+            prop_assert_eq!(c.limit, limit);
+            told[t] += 1;
+        }
+    }
+    for (t, threshold) in events::THRESHOLDS.iter().enumerate() {
+        if !any_killed && used * 100 >= threshold * limit {
+            prop_assert!(
+                told[t] >= 1,
+                "use {used} of {limit} reached {threshold}% untold"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -561,4 +592,39 @@ proptest! {
     ) {
         run_simulation(steps, limit, true)?;
     }
+}
+
+/// A node tells each threshold once while it remembers the subject, however many reports
+/// show it reached.
+#[tokio::test(start_paused = true)]
+async fn each_threshold_is_told_once_per_subject_and_month() {
+    let (tx, mut told) = mpsc::unbounded_channel();
+    let book = LeaseBook {
+        crossings: Some(tx),
+        ..LeaseBook::default()
+    };
+    let store = ModelStore::default();
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        reserve(&book, &store, Some(10)).await;
+        tokio::time::advance(REPORT_EVERY).await;
+        sync(&book, &store, false).await;
+        while let Ok(c) = told.try_recv() {
+            seen.push((c.threshold, c.used));
+        }
+    }
+    for _ in 0..5 {
+        assert!(matches!(
+            reserve(&book, &store, Some(10)).await,
+            Reservation::Denied { .. }
+        ));
+        sync(&book, &store, true).await;
+    }
+    while let Ok(c) = told.try_recv() {
+        seen.push((c.threshold, c.used));
+    }
+    let [(80, at_80), (100, 10)] = seen[..] else {
+        panic!("told {seen:?}")
+    };
+    assert!((8..=10).contains(&at_80), "80 % told at {at_80} of 10");
 }
