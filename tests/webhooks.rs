@@ -485,9 +485,10 @@ fn an_event_survives_a_sigkill_before_its_delivery() {
 
     let receiver = Receiver::start_on(TcpListener::bind(addr).unwrap());
     let _restarted = node();
+    // Killed mid-delivery, the event waits out its 30 s claim; else the next retry (seconds).
     wait_until(
         "the event made before the kill",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || {
             receiver
                 .accepted_of("key.created")

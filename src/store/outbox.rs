@@ -16,8 +16,9 @@ use crate::events::Event;
 /// An event id is remembered this long after it was recorded, so the same crossing seen by
 /// another node, or later in the month, is not recorded twice.
 pub const KEEP_IDS: Duration = Duration::from_secs(40 * 86_400);
-/// A claimed event is not handed out again before this: longer than a delivery's timeout.
-pub const CLAIM_FOR: Duration = Duration::from_secs(60);
+/// A claimed event is not handed out again before this: three times a delivery's timeout
+/// (10 s), and the longest a crashed node's events wait for another node.
+pub const CLAIM_FOR: Duration = Duration::from_secs(30);
 
 /// An event waiting for delivery, and how many attempts failed so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
