@@ -15,6 +15,7 @@ use crate::catalog::CatalogHandle;
 use crate::clock::Clock;
 use crate::config::FailurePolicy;
 use crate::error::ApiError;
+use crate::key_calls::KeyCalls;
 use crate::last_used::LastUsed;
 use crate::ledger::Ledger;
 use crate::quota::{LocalAdmission, Period, RateInfo, Reservation, Source};
@@ -53,6 +54,7 @@ pub struct Gateway {
     failure_policy: FailurePolicy,
     ledger: Ledger,
     last_used: LastUsed,
+    key_calls: KeyCalls,
     /// Per-second rates of the plans that have one, by plan name.
     rates: BTreeMap<String, Rate>,
     limiter: RateLimiter,
@@ -79,6 +81,7 @@ impl Gateway {
             failure_policy,
             ledger: Ledger::new(),
             last_used: LastUsed::default(),
+            key_calls: KeyCalls::default(),
             rates: BTreeMap::new(),
             limiter: RateLimiter::default(),
             max_body_bytes,
@@ -127,6 +130,11 @@ impl Gateway {
         &self.last_used
     }
 
+    /// Writes the calls counted per key of an account since the last time.
+    pub async fn flush_key_calls(&self) {
+        self.key_calls.flush(&self.quota, self.quota.today()).await;
+    }
+
     /// Rows 3–5: the `Authorization` header values to an active key.
     pub async fn authenticate<'a, I>(&self, authorization: I) -> Result<Arc<Caller>, ApiError>
     where
@@ -161,7 +169,7 @@ impl Gateway {
     }
 
     /// Rows 7–12 for an authenticated caller and its complete body.
-    pub async fn audio(&self, caller: &Caller, body: &[u8]) -> Outcome {
+    pub async fn audio(&self, caller: &Arc<Caller>, body: &[u8]) -> Outcome {
         let library = match parse_request(body) {
             Ok(library) => library,
             Err(e) => return Outcome::error(e),
@@ -223,6 +231,7 @@ impl Gateway {
                 };
             }
         };
+        self.key_calls.count(caller);
         Outcome {
             result: Ok(success_body(&track.title_json, &url, track.duration_sec)),
             rate: rate(used),

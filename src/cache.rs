@@ -32,6 +32,10 @@ pub struct Caller {
     pub account: Option<AccountRecord>,
     /// The minute a call was last noted in ([`crate::last_used::LastUsed`]).
     pub last_minute: AtomicU64,
+    /// Calls of a key of an account not yet written to its own history, and whether the
+    /// key is in the list of those to write ([`crate::key_calls::KeyCalls`]).
+    pub unwritten_calls: AtomicU64,
+    pub listed: AtomicBool,
 }
 
 impl Caller {
@@ -132,6 +136,8 @@ impl KeyCache {
                     key,
                     account,
                     last_minute: AtomicU64::new(0),
+                    unwritten_calls: AtomicU64::new(0),
+                    listed: AtomicBool::new(false),
                 }))
             })
             .await;

@@ -387,18 +387,19 @@ impl KeyService {
         ))
     }
 
-    /// Calls per UTC day from `from` to `to`, of the key's quota subject: the key, or for a
-    /// key of an account the account (all its keys). Returns the subject with the days.
+    /// The key's own calls per UTC day from `from` to `to` (for a key of an account, its share
+    /// of the account's), with the key id as the subject.
     pub async fn history(
         &self,
         id: &str,
         from: Day,
         to: Day,
     ) -> Result<(String, Vec<(Day, u64)>), AdminError> {
+        // The leases count a key without an account; one inside an account has its own day
+        // counters beside the account's ([`crate::key_calls`]).
         let record = self.find(id).await?;
-        let subject = record.account_id.unwrap_or(record.id);
-        let days = self.quota.history(&subject, from, to).await?;
-        Ok((subject, days))
+        let days = self.quota.history(&record.id, from, to).await?;
+        Ok((record.id, days))
     }
 
     /// Today on this node's clock, for the default range of a history.

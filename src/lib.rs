@@ -14,6 +14,7 @@
 //! - [`keys`]: key management, the operations behind the admin API.
 //! - [`accounts`]: accounts owning keys and sharing one monthly limit.
 //! - [`last_used`]: when each key was last used, written in the background.
+//! - [`key_calls`]: calls per key of an account, for its own usage history.
 //! - [`quota`]: UTC-month periods and the rate-limit fields.
 //! - [`rate`]: per-second rate limits of plans, a token bucket per subject and node.
 //! - [`ledger`]: keys found exhausted, refused without asking the store again for a while.
@@ -57,6 +58,7 @@ pub mod connection;
 pub mod error;
 pub mod events;
 pub mod forwarding;
+pub mod key_calls;
 pub mod keys;
 pub mod last_used;
 pub mod ledger;

@@ -347,6 +347,7 @@ impl BackgroundService for StoreSync {
                 _ = tick.tick() => self.gateway.quota().sync(false).await,
                 _ = last_used.tick() => {
                     self.gateway.last_used().flush(self.gateway.store().as_ref()).await;
+                    self.gateway.flush_key_calls().await;
                     self.gateway.limiter().prune();
                 }
                 _ = shutdown.changed() => {
@@ -356,6 +357,7 @@ impl BackgroundService for StoreSync {
                     // which must go back too, or the next process counts it as used.
                     loop {
                         self.gateway.last_used().flush(self.gateway.store().as_ref()).await;
+                        self.gateway.flush_key_calls().await;
                         self.gateway.quota().sync(true).await;
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }

@@ -210,6 +210,9 @@ impl LeaseBackend for DownStore {
     async fn days(&self, _: &str, _: Day, _: Day) -> Result<Vec<(Day, u64)>, StoreError> {
         Err(StoreError("down".into()))
     }
+    async fn count_days(&self, _: Day, _: &[(String, u64)]) -> Result<(), StoreError> {
+        Err(StoreError("down".into()))
+    }
     fn timeout(&self) -> Duration {
         Duration::from_millis(10)
     }
@@ -358,6 +361,9 @@ impl LeaseBackend for Hooked {
     }
     async fn days(&self, s: &str, from: Day, to: Day) -> Result<Vec<(Day, u64)>, StoreError> {
         self.inner.days(s, from, to).await
+    }
+    async fn count_days(&self, day: Day, calls: &[(String, u64)]) -> Result<(), StoreError> {
+        self.inner.count_days(day, calls).await
     }
     fn timeout(&self) -> Duration {
         self.inner.timeout()

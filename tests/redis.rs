@@ -219,12 +219,16 @@ fn load_through_outage(
         std::thread::sleep(Duration::from_millis(1500));
         // On a slow, busy machine the calls of 1.5 s may all fit in the blocks held: keep
         // Redis down until a refill has met the outage, which is what this load is for.
-        wait_until("a refill meeting the outage", Duration::from_secs(20), || {
-            metric(
-                &gw.metrics_text(),
-                r#"audiolib_store_errors_total{op="reserve"}"#,
-            ) > 0.0
-        });
+        wait_until(
+            "a refill meeting the outage",
+            Duration::from_secs(20),
+            || {
+                metric(
+                    &gw.metrics_text(),
+                    r#"audiolib_store_errors_total{op="reserve"}"#,
+                ) > 0.0
+            },
+        );
         redis.restart();
         std::thread::sleep(Duration::from_millis(1000));
         stop.store(true, Ordering::Relaxed);

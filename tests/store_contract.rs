@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use audiolib::auth::{KeyDigest, mint_key};
 use audiolib::events::Event;
 use audiolib::metrics::StoreMetrics;
-use audiolib::quota::{Period, Reservation, Source};
+use audiolib::quota::{Day, Period, Reservation, Source};
 use audiolib::store::lease::{LeaseBackend, Quota};
 use audiolib::store::outbox::{Outbox, Pending};
 use audiolib::store::sqlite::SqliteStore;
@@ -441,6 +441,25 @@ async fn pages_list_every_key_once(store: Arc<dyn Store>) {
     );
 }
 
+/// `count_days` adds to a subject's day counters (the per-key history of keys of an
+/// account), read back by `days`, and counts nothing towards a month's quota.
+async fn days_count_outside_the_quota(backend: Arc<dyn LeaseBackend>) {
+    // Recent days: older ones than the history keeps are dropped as they are written.
+    let today = Day::containing(std::time::SystemTime::now());
+    let (d1, d2) = (Day(today.0 - 1), today);
+    let calls = |n: u64| vec![("key_a".to_string(), n), ("key_b".to_string(), 1)];
+    backend.count_days(d1, &calls(2)).await.unwrap();
+    backend.count_days(d1, &calls(3)).await.unwrap();
+    backend.count_days(d2, &calls(1)).await.unwrap();
+    assert_eq!(
+        backend.days("key_a", d1, d2).await.unwrap(),
+        [(d1, 5), (d2, 1)]
+    );
+    assert_eq!(backend.days("key_b", d1, d1).await.unwrap(), [(d1, 2)]);
+    assert_eq!(backend.used("key_a", DEC).await.unwrap(), 0);
+    backend.count_days(d1, &[]).await.unwrap();
+}
+
 fn ids(pending: &[Pending]) -> Vec<&str> {
     pending.iter().map(|p| p.event.id.as_str()).collect()
 }
@@ -538,6 +557,7 @@ async fn contract(make: impl Fn() -> (Arc<dyn Store>, Arc<dyn LeaseBackend>, Arc
     rotation_and_touch(make().0).await;
     pages_list_every_key_once(make().0).await;
     revocation_is_final(make().0).await;
+    days_count_outside_the_quota(make().1).await;
     reservations_are_exact(quota(make().1)).await;
     concurrent_reservations_never_exceed_the_limit(quota(make().1)).await;
     make().0.ping().await.unwrap();

@@ -701,6 +701,9 @@ pub trait LeaseBackend: Send + Sync + 'static {
     /// Calls reported for `subject` on each day from `from` to `to` (both included; days
     /// without calls may be left out).
     async fn days(&self, subject: &str, from: Day, to: Day) -> Result<Vec<(Day, u64)>, StoreError>;
+    /// Adds `calls` to each subject's count of `day` in the usage history, outside any
+    /// month's quota: the per-key history of keys inside an account.
+    async fn count_days(&self, day: Day, calls: &[(String, u64)]) -> Result<(), StoreError>;
     /// The bound on a refill made while a call waits.
     fn timeout(&self) -> Duration;
     /// Housekeeping once per sync.
@@ -820,6 +823,17 @@ impl Quota {
     /// served and not reported yet, so a node's own calls show at once.
     pub async fn usage(&self, subject: &str, period: Period) -> Result<u64, StoreError> {
         Ok(self.backend.used(subject, period).await? + self.book.unreported(subject, period))
+    }
+
+    /// Adds calls to subjects' history of `day` outside any quota (see
+    /// [`LeaseBackend::count_days`]).
+    pub async fn count_days(&self, day: Day, calls: &[(String, u64)]) -> Result<(), StoreError> {
+        self.backend.count_days(day, calls).await
+    }
+
+    /// Today on this node's clock.
+    pub fn today(&self) -> Day {
+        Day::containing(self.clock.now())
     }
 
     /// Reports use and gives back idle units (`all`: everything held, before exit). Called a

@@ -819,6 +819,18 @@ impl LeaseBackend for RedisStore {
             .collect())
     }
 
+    /// One `INCRBY` and `EXPIREAT` per subject (each in its own cluster slot).
+    async fn count_days(&self, day: Day, calls: &[(String, u64)]) -> Result<(), StoreError> {
+        let mut writes = Vec::with_capacity(calls.len() * 2);
+        for (subject, n) in calls.iter().filter(|(s, _)| valid_id(s)) {
+            let key = day_key(subject, day);
+            writes.push(redis::Cmd::incr(&key, *n));
+            writes.push(redis::Cmd::expire_at(&key, day_expire_at(day)));
+        }
+        let wait = self.wait;
+        self.call_patiently(|c| write_all(c, writes, wait)).await
+    }
+
     fn timeout(&self) -> Duration {
         self.timeout
     }

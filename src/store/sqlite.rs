@@ -1057,6 +1057,19 @@ impl LeaseBackend for SqliteStore {
         .await
     }
 
+    async fn count_days(&self, day: Day, calls: &[(String, u64)]) -> Result<(), StoreError> {
+        let calls = calls.to_vec();
+        self.call(move |db| {
+            let mut conn = lock(&db.write);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (subject, n) in &calls {
+                count_day(&tx, subject, day, *n as i64)?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
     fn timeout(&self) -> Duration {
         CALL_TIMEOUT
     }
