@@ -30,6 +30,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Script};
+use futures_util::future::join_all;
 use tokio::sync::{OnceCell, mpsc};
 
 use self::sentinel::{SentinelMaster, SentinelUrl};
@@ -59,6 +60,8 @@ pub use self::scripts::{USAGE_GRACE_SECS, Wait};
 
 /// Bound on admin and background calls (key management, usage reads, lease reports).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Commands a bulk import keeps in flight at once.
+const IMPORT_DEPTH: usize = 64;
 
 pub struct RedisStore {
     io: Io,
@@ -427,19 +430,27 @@ impl Store for RedisStore {
         self.call_patiently(|c| write_all(c, writes, wait)).await
     }
 
-    /// Checks every digest, then writes the keys one by one: an import races nothing but
-    /// another import of the same digests (they are random 256-bit values).
+    /// Checks every digest, then writes the keys: an import races nothing but another import
+    /// of the same digests (they are random 256-bit values). Both steps keep [`IMPORT_DEPTH`]
+    /// commands in flight on the multiplexed connection, so a batch costs round trips by the
+    /// hundred, not one per key (and each command stays in its own cluster slot).
     async fn insert_keys(&self, records: Vec<KeyRecord>) -> Result<bool, StoreError> {
-        for r in &records {
-            let taken: bool = self
-                .call_patiently(|mut c| async move { c.exists(digest_key(&r.digest)).await })
-                .await?;
-            if taken {
-                return Ok(false);
+        for batch in records.chunks(IMPORT_DEPTH) {
+            let checks = batch.iter().map(|r| {
+                let key = digest_key(&r.digest);
+                self.call_patiently(move |mut c| async move { c.exists::<_, bool>(key).await })
+            });
+            for taken in join_all(checks).await {
+                if taken? {
+                    return Ok(false);
+                }
             }
         }
-        for r in records {
-            self.insert_key(r).await?;
+        for batch in records.chunks(IMPORT_DEPTH) {
+            let writes = batch.iter().map(|r| self.insert_key(r.clone()));
+            for written in join_all(writes).await {
+                written?;
+            }
         }
         Ok(true)
     }
@@ -863,17 +874,20 @@ async fn write_all(
     wait.check(acked)
 }
 
-/// The records of `ids`, read one by one (each in its own cluster slot), in order; ids whose
-/// record is gone are left out.
+/// The records of `ids` in order, each read by its own command (each in its own cluster
+/// slot), [`IMPORT_DEPTH`] at a time on the multiplexed connection; ids whose record is gone
+/// are left out.
 async fn fetch_each<T, F, Fut>(ids: Vec<String>, fetch: F) -> Result<Vec<T>, StoreError>
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>, StoreError>>,
 {
     let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        if let Some(record) = fetch(id).await? {
-            out.push(record);
+    for batch in ids.chunks(IMPORT_DEPTH) {
+        for record in join_all(batch.iter().cloned().map(&fetch)).await {
+            if let Some(record) = record? {
+                out.push(record);
+            }
         }
     }
     Ok(out)

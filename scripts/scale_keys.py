@@ -1,0 +1,325 @@
+"""Scaling curves for keys (issue 13): on the embedded store and on Redis, with 10, 1,000,
+100,000 and 1,000,000 keys (added by `POST /admin/keys:import`, digests only), measures
+
+  - the import rate, and the store's size (the SQLite file, Redis `used_memory`);
+  - start-up of `audiolib serve` to the first /readyz 200, and its RSS once started;
+  - /v1/audio with one hot key (cache hits) and the first call of 200 keys never called since
+    the start (cache misses: one store read each);
+  - /v1/audio over 50,000 distinct keys with the key cache capped at 10,000 (misses all the
+    time), and the RSS after it: memory bounded by the cache, not by the key count;
+  - `GET /admin/keys?limit=100`: the first page and a page from the middle (a cursor),
+
+then rewrites the keys part of docs/scaling.md and draws docs/scaling-keys.svg. Run through
+scripts/scale (which builds first) or `scripts/scale --keys`.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scale import (ADMIN_TOKEN, RELEASE, ROOT, free_port, get, loadavg, machine, nice_ceiling,  # noqa: E402
+                   poll, rss_mib)
+
+SIZES = [10, 1_000, 100_000, 1_000_000]
+BATCH = 10_000
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+BODY = json.dumps({"library": "audio.focus"})
+ALNUM = string.ascii_letters + string.digits
+
+
+def secret(i):
+    """A valid key, the same for the same index: alp_ and 32 letters or digits."""
+    rnd = random.Random(i)
+    return "alp_" + "".join(rnd.choice(ALNUM) for _ in range(32))
+
+
+def import_keys(admin, start, end):
+    """Imports keys start..end; returns the ids in order."""
+    ids = []
+    for lo in range(start, end, BATCH):
+        items = []
+        for i in range(lo, min(end, lo + BATCH)):
+            s = secret(i)
+            items.append({"digest": hashlib.sha256(s.encode()).hexdigest(), "prefix": s[:8],
+                          "name": f"scale {i}", "plan": "unlimited"})
+        status, data = get(admin, "/admin/keys:import", "POST", json.dumps({"keys": items}), AUTH)
+        assert status == 201, data[:300]
+        ids += json.loads(data)["ids"]
+    return ids
+
+
+def wrk(port, work, keys, duration, connections):
+    """req/s, p99 ms and non-2xx of /v1/audio rotating over `keys`."""
+    script = os.path.join(work, "keys.lua")
+    with open(script, "w") as f:
+        f.write("keys = {" + ",".join(json.dumps(k) for k in keys) + "}\n")
+        f.write(f"body = {json.dumps(BODY)}\n")
+        f.write("""
+i = 0
+request = function()
+  i = i + 1
+  return wrk.format("POST", "/v1/audio",
+    {["Authorization"] = "Bearer " .. keys[(i % #keys) + 1], ["Content-Type"] = "application/json"}, body)
+end
+""")
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script,
+                          f"http://127.0.0.1:{port}/v1/audio"], capture_output=True, text=True, check=True).stdout
+    import re
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"\s99(?:\.000)?%\s+([\d.]+)(us|ms|s)", out)
+    p99 = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, p99, int(m.group(1)) if m else 0
+
+
+def timed(fn, n):
+    """Median and worst of n timed calls of fn, in ms."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return times[len(times) // 2], times[-1]
+
+
+class Gateway:
+    def __init__(self, work, store_env, cache_conf=None):
+        self.port, self.admin = free_port(), free_port()
+        self.env = {
+            "PATH": os.environ["PATH"], "RUST_LOG": "warn",
+            "AUDIOLIB_LISTEN": f"127.0.0.1:{self.port}", "AUDIOLIB_ADMIN_LISTEN": f"127.0.0.1:{self.admin}",
+            "AUDIOLIB_ADMIN_TOKEN": ADMIN_TOKEN, "AUDIOLIB_THREADS": "2",
+            "AUDIOLIB_CATALOG_DIR": os.path.join(ROOT, "catalog"), "AUDIOLIB_CATALOG_WATCH": "false",
+            "AUDIOLIB_S3_BUCKET": "audiolib-media", "AUDIOLIB_UPGRADE_SOCK": os.path.join(work, "up.sock"),
+            "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+            "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            **store_env,
+        }
+        self.work, self.cache_conf = work, cache_conf
+
+    def start(self):
+        args = [os.path.join(RELEASE, "audiolib"), "serve"]
+        if self.cache_conf:
+            args += ["--config", self.cache_conf]
+        started = time.monotonic()
+        self.proc = subprocess.Popen(args, env=self.env, cwd=self.work,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ready = poll("/readyz", lambda: get(self.port, "/readyz")[0] == 200)
+        return ready - started
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+
+
+def redis_server(work):
+    port = free_port()
+    data = os.path.join(work, "redis")
+    os.makedirs(data)
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", data,
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    poll("redis", lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                                         text=True).stdout.strip() == "PONG")
+    return proc, port
+
+
+def redis_memory_mib(port):
+    info = subprocess.run(["redis-cli", "-p", str(port), "info", "memory"], capture_output=True, text=True).stdout
+    for line in info.splitlines():
+        if line.startswith("used_memory:"):
+            return int(line.split(":")[1]) / 2**20
+    return 0.0
+
+
+def measure_store(store, work, args):
+    rows = []
+    redis = None
+    if store == "redis":
+        redis, rport = redis_server(work)
+        env = {"AUDIOLIB_REDIS_URL": f"redis://127.0.0.1:{rport}"}
+    else:
+        env = {"AUDIOLIB_DATA_DIR": os.path.join(work, "data")}
+    cache_conf = os.path.join(work, "small-cache.toml")
+    with open(cache_conf, "w") as f:
+        f.write("[key_cache]\ncapacity = 10000\n")
+    gw = Gateway(work, env)
+    small = Gateway(work, env, cache_conf)
+    try:
+        gw.start()
+        have, ids = 0, []
+        for n in [s for s in SIZES if s <= args.max_keys]:
+            t = time.monotonic()
+            ids += import_keys(gw.admin, have, n)
+            took = time.monotonic() - t
+            row = {"store": store, "keys": n, "import_keys_per_s": (n - have) / took if n > have else 0}
+            have = n
+            gw.stop()
+            if store == "redis":
+                row["store_mib"] = redis_memory_mib(rport)
+            else:
+                db = os.path.join(work, "data", "audiolib.db")
+                row["store_mib"] = sum(os.path.getsize(db + x) for x in ("", "-wal") if os.path.exists(db + x)) / 2**20
+            row["ready_s"] = gw.start()
+            row["rss_start_mib"] = rss_mib(gw.proc.pid)
+            cold = [secret(random.randrange(n)) for _ in range(min(200, n))]
+            first = []
+            for k in cold:
+                t = time.perf_counter()
+                status, _ = get(gw.port, "/v1/audio", "POST", BODY,
+                                {"Authorization": f"Bearer {k}", "Content-Type": "application/json"})
+                first.append((time.perf_counter() - t) * 1000)
+                assert status == 200, status
+            first.sort()
+            row["cold_p50_ms"], row["cold_p99_ms"] = first[len(first) // 2], first[int(len(first) * 0.99) - 1]
+            row["hot_rps"], row["hot_p99_ms"], row["hot_non2xx"] = wrk(
+                gw.port, work, [secret(0)], args.duration, args.connections)
+            row["list_first_ms"], _ = timed(lambda: get(gw.admin, "/admin/keys?limit=100", headers=AUTH), 20)
+            middle = ids[len(ids) // 2]
+            row["list_middle_ms"], _ = timed(
+                lambda: get(gw.admin, f"/admin/keys?limit=100&cursor={middle}", headers=AUTH), 20)
+            row["rss_after_mib"] = rss_mib(gw.proc.pid)
+            gw.stop()
+            # Many distinct keys through a cache of 10,000: memory stays the cache's.
+            small.start()
+            spread = [secret(i) for i in range(min(n, 50_000))]
+            row["churn_rps"], row["churn_p99_ms"], row["churn_non2xx"] = wrk(
+                small.port, work, spread, args.duration, args.connections)
+            row["rss_churn_mib"] = rss_mib(small.proc.pid)
+            small.stop()
+            gw.start()
+            print(json.dumps(row), file=sys.stderr)
+            rows.append(row)
+        gw.stop()
+    finally:
+        for g in (gw, small):
+            if getattr(g, "proc", None) and g.proc.poll() is None:
+                g.proc.kill()
+        if redis:
+            redis.kill()
+    return rows
+
+
+def panel(x0, title, unit, series, fmt):
+    """One chart: log x (keys, 10 to 10^6), linear y from 0, a line per store."""
+    import math
+    w, h, left, top = 270, 200, 55, 40
+    ymax = nice_ceiling(max(v for _, pts in series for _, v in pts) * 1.05)
+    X = lambda k: x0 + left + (math.log10(k) - 1) / 5 * w  # noqa: E731
+    Y = lambda v: top + h - v / ymax * h  # noqa: E731
+    out = [f'<text x="{x0 + left + w / 2}" y="22" text-anchor="middle" font-weight="bold">{title}</text>',
+           f'<rect x="{x0 + left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
+    for i in range(5):
+        v = ymax * i / 4
+        out.append(f'<line x1="{x0 + left}" x2="{x0 + left + w}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{x0 + left - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{fmt(v)}</text>')
+    for e, label in ((1, "10"), (3, "1k"), (5, "100k"), (6, "1M")):
+        out.append(f'<text x="{X(10 ** e):.1f}" y="{top + h + 16}" text-anchor="middle">{label}</text>')
+    out.append(f'<text x="{x0 + left + w / 2}" y="{top + h + 34}" text-anchor="middle">keys (log scale)</text>')
+    out.append(f'<text x="{x0 + 14}" y="{top + h / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 {x0 + 14} {top + h / 2})">{unit}</text>')
+    for (name, pts), color in zip(series, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")):
+        path = " ".join(f"{X(k):.1f},{Y(v):.1f}" for k, v in pts)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out += [f'<circle cx="{X(k):.1f}" cy="{Y(v):.1f}" r="3.5" fill="{color}"/>' for k, v in pts]
+    return out
+
+
+def svg(rows):
+    stores = sorted({r["store"] for r in rows})
+    charts = [
+        ("start → /readyz 200", "seconds", [("ready_s", "")], lambda v: f"{v:g}"),
+        ("gateway RSS", "MiB", [("rss_after_mib", "hot"), ("rss_churn_mib", "50k keys, cache 10k")],
+         lambda v: f"{v:g}"),
+        ("/v1/audio throughput", "requests/s", [("hot_rps", "one key"), ("churn_rps", "50k keys")],
+         lambda v: f"{v / 1000:g}k"),
+        ("first call of a cold key", "ms (median)", [("cold_p50_ms", "")], lambda v: f"{v:g}"),
+    ]
+    parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="1360" height="340" '
+             'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    legend = []
+    for i, (title, unit, fields, fmt) in enumerate(charts):
+        series = []
+        for store in stores:
+            for field, what in fields:
+                series.append((f"{store} {what}".strip(),
+                               [(r["keys"], r[field]) for r in rows if r["store"] == store]))
+        parts += panel(i * 340, title, unit, series, fmt)
+        if i == 2:
+            legend = [name for name, _ in series]
+    x = 80
+    for name, color in zip(legend, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")):
+        parts.append(f'<circle cx="{x}" cy="320" r="4" fill="{color}"/><text x="{x + 10}" y="324">{name}</text>')
+        x += 200
+    parts.append('<text x="900" y="324">(RSS panel: same colours, hot then 50k keys)</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def table(rows, args, before, after):
+    cpu, nproc, free = machine()
+    import datetime
+    lines = [
+        f"Run of {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `scripts/scale --keys`: "
+        f"`nproc` = {nproc} ({cpu}); wrk `-t2 -c{args.connections} -d{args.duration}s` on the same cores; "
+        f"gateway with 2 worker threads; Redis 7 on loopback without persistence; keys imported "
+        f"{BATCH:,} per `POST /admin/keys:import`. Load average {before} before the run, {after} after: "
+        f"compare within this run.",
+        "",
+        "| store | keys | import | store size | start → /readyz | RSS at start | first call, cold key (p50 / p99) | one hot key req/s (p99) | list: first page / middle page | 50k keys, cache 10k: req/s (p99) | RSS after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['store']} | {r['keys']:,} | {r['import_keys_per_s']:,.0f} keys/s | {r['store_mib']:.1f} MiB | "
+            f"{r['ready_s']:.2f} s | {r['rss_start_mib']:.1f} MiB | {r['cold_p50_ms']:.2f} / {r['cold_p99_ms']:.2f} ms | "
+            f"{r['hot_rps']:,.0f} ({r['hot_p99_ms']:.2f} ms) | {r['list_first_ms']:.1f} / {r['list_middle_ms']:.1f} ms | "
+            f"{r['churn_rps']:,.0f} ({r['churn_p99_ms']:.2f} ms) | {r['rss_churn_mib']:.1f} MiB |")
+    lines += ["", "![start-up, memory, throughput and cold calls against the key count](scaling-keys.svg)", ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=5, help="seconds of each wrk run")
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--max-keys", type=int, default=SIZES[-1], help="stop at this size, for a quick try")
+    ap.add_argument("--stores", default="embedded,redis")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    args = ap.parse_args()
+    before = loadavg()
+    rows = []
+    for store in args.stores.split(","):
+        work = tempfile.mkdtemp(prefix=f"audiolib-scale-keys-{store}-")
+        try:
+            rows += measure_store(store, work, args)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    with open(os.path.join(args.out, "scaling-keys.svg"), "w") as f:
+        f.write(svg(rows))
+    with open(os.path.join(args.out, "scaling-keys.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")
+    page = os.path.join(args.out, "scaling.md")
+    with open(page) as f:
+        text = f.read()
+    begin, end = "<!-- scale:keys:begin -->", "<!-- scale:keys:end -->"
+    i, j = text.index(begin) + len(begin), text.index(end)
+    text = text[:i] + "\n" + table(rows, args, before, loadavg()) + "\n" + text[j:]
+    with open(page, "w") as f:
+        f.write(text)
+    print(f"wrote {page} and scaling-keys.svg", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
