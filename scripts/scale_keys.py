@@ -102,6 +102,7 @@ class Gateway:
             "AUDIOLIB_ADMIN_TOKEN": ADMIN_TOKEN, "AUDIOLIB_THREADS": "2",
             "AUDIOLIB_CATALOG_DIR": os.path.join(ROOT, "catalog"), "AUDIOLIB_CATALOG_WATCH": "false",
             "AUDIOLIB_S3_BUCKET": "audiolib-media", "AUDIOLIB_UPGRADE_SOCK": os.path.join(work, "up.sock"),
+            "AUDIOLIB_PORTAL_LISTEN": f"127.0.0.1:{free_port()}",
             "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
             "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
             **store_env,
@@ -211,10 +212,11 @@ def measure_store(store, work, args):
 
 
 def panel(x0, title, unit, series, fmt):
-    """One chart: log x (keys, 10 to 10^6), linear y from 0, a line per store."""
+    """One chart: log x (keys, 10 to 10^6), linear y from 0; `series` are (name, colour,
+    points)."""
     import math
     w, h, left, top = 270, 200, 55, 40
-    ymax = nice_ceiling(max(v for _, pts in series for _, v in pts) * 1.05)
+    ymax = nice_ceiling(max(v for _, _, pts in series for _, v in pts) * 1.05)
     X = lambda k: x0 + left + (math.log10(k) - 1) / 5 * w  # noqa: E731
     Y = lambda v: top + h - v / ymax * h  # noqa: E731
     out = [f'<text x="{x0 + left + w / 2}" y="22" text-anchor="middle" font-weight="bold">{title}</text>',
@@ -228,7 +230,7 @@ def panel(x0, title, unit, series, fmt):
     out.append(f'<text x="{x0 + left + w / 2}" y="{top + h + 34}" text-anchor="middle">keys (log scale)</text>')
     out.append(f'<text x="{x0 + 14}" y="{top + h / 2}" text-anchor="middle" '
                f'transform="rotate(-90 {x0 + 14} {top + h / 2})">{unit}</text>')
-    for (name, pts), color in zip(series, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")):
+    for name, color, pts in series:
         path = " ".join(f"{X(k):.1f},{Y(v):.1f}" for k, v in pts)
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
         out += [f'<circle cx="{X(k):.1f}" cy="{Y(v):.1f}" r="3.5" fill="{color}"/>' for k, v in pts]
@@ -247,21 +249,20 @@ def svg(rows):
     ]
     parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="1360" height="340" '
              'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
-    legend = []
+    # One colour per store and kind of run, the same in every panel.
+    colours = {("embedded", 0): "#1f77b4", ("embedded", 1): "#d62728",
+               ("redis", 0): "#2ca02c", ("redis", 1): "#9467bd"}
     for i, (title, unit, fields, fmt) in enumerate(charts):
-        series = []
-        for store in stores:
-            for field, what in fields:
-                series.append((f"{store} {what}".strip(),
-                               [(r["keys"], r[field]) for r in rows if r["store"] == store]))
+        series = [(store, colours[(store, j)], [(r["keys"], r[field]) for r in rows if r["store"] == store])
+                  for store in stores for j, (field, _) in enumerate(fields)]
         parts += panel(i * 340, title, unit, series, fmt)
-        if i == 2:
-            legend = [name for name, _ in series]
     x = 80
-    for name, color in zip(legend, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")):
-        parts.append(f'<circle cx="{x}" cy="320" r="4" fill="{color}"/><text x="{x + 10}" y="324">{name}</text>')
-        x += 200
-    parts.append('<text x="900" y="324">(RSS panel: same colours, hot then 50k keys)</text>')
+    for (store, j), colour in colours.items():
+        if store in stores:
+            what = "one hot key" if j == 0 else "50k keys through a 10k cache"
+            parts.append(f'<circle cx="{x}" cy="320" r="4" fill="{colour}"/>'
+                         f'<text x="{x + 10}" y="324">{store}, {what}</text>')
+            x += 260
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -296,7 +297,14 @@ def main():
     ap.add_argument("--max-keys", type=int, default=SIZES[-1], help="stop at this size, for a quick try")
     ap.add_argument("--stores", default="embedded,redis")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    ap.add_argument("--redraw", action="store_true", help="only redraw the picture from scaling-keys.json")
     args = ap.parse_args()
+    if args.redraw:
+        with open(os.path.join(args.out, "scaling-keys.json")) as f:
+            rows = json.load(f)
+        with open(os.path.join(args.out, "scaling-keys.svg"), "w") as f:
+            f.write(svg(rows))
+        return
     before = loadavg()
     rows = []
     for store in args.stores.split(","):
