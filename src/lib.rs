@@ -33,6 +33,8 @@
 //! - [`admin`]: the admin API on its own listener; it also serves the OpenAPI documents
 //!   (`docs/openapi/`).
 //! - [`audit`]: the audit log of every change made through it.
+//! - [`portal`]: the developer portal on its own listener: sign-in, keys, usage, the
+//!   operator's accounts view, and the invite links of `POST /admin/accounts`.
 //! - [`server`]: builds the app from the config and runs the services.
 //! - [`shutdown`]: signals, draining in-flight requests, and the upgrade handoff.
 //! - [`systemd`]: readiness and main-process notices for `Type=notify` units.
@@ -59,6 +61,7 @@ pub mod last_used;
 pub mod ledger;
 pub mod locks;
 pub mod metrics;
+pub mod portal;
 pub mod proxy;
 pub mod quota;
 pub mod rate;

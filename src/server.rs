@@ -1,5 +1,5 @@
 //! Wires the parts together from a [`Config`] and runs them as Pingora services: the public
-//! proxy, the admin API, and the catalog reloader.
+//! proxy, the admin API, the developer portal, and the catalog reloader.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +26,8 @@ use crate::config::{self, Config};
 use crate::connection::{ClientConnections, ConnectionCap};
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
+use crate::portal::invite::Invites;
+use crate::portal::{Portal, PortalDeps};
 use crate::proxy::AudioProxy;
 use crate::shutdown::{DrainOnShutdown, Lifecycle, Signals};
 use crate::sign::Presigner;
@@ -33,6 +35,7 @@ use crate::store::Invalidation;
 use crate::store::Store;
 use crate::store::instrumented::Instrumented;
 use crate::store::lease::{LeaseBackend, Quota};
+use crate::store::portal::PortalStore;
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 use crate::systemd::NotifyReady;
@@ -48,6 +51,9 @@ pub struct App {
     pub audit: Arc<Audit>,
     pub catalog: Arc<CatalogHandle>,
     pub cache: Arc<KeyCache>,
+    /// The developer portal's storage: the same store as the keys'. Set by [`build_app`];
+    /// `None` from [`build_app_with`], whose callers run no portal.
+    pub portal_store: Option<Arc<dyn PortalStore>>,
 }
 
 /// Builds the app with the store the config names; fails on a store that cannot be opened.
@@ -59,11 +65,15 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
                 RedisStore::with_wait(urls.expose(), config.store_timeout, config.redis_wait)
                     .map_err(|e| config::redact_passwords_in(&e, urls.expose()))?,
             );
-            build_app_with(config, redis.clone(), redis, clock)
+            let mut app = build_app_with(config, redis.clone(), redis.clone(), clock)?;
+            app.portal_store = Some(redis);
+            Ok(app)
         }
         None => {
             let embedded = Arc::new(SqliteStore::open(&config.data_dir)?);
-            build_app_with(config, embedded.clone(), embedded, clock)
+            let mut app = build_app_with(config, embedded.clone(), embedded.clone(), clock)?;
+            app.portal_store = Some(embedded);
+            Ok(app)
         }
     }
 }
@@ -137,6 +147,7 @@ pub fn build_app_with(
         audit,
         catalog,
         cache,
+        portal_store: None,
     })
 }
 
@@ -328,11 +339,56 @@ fn create_dev_key(keys: &KeyService, config: &Config) -> Result<(), String> {
         reachable(config.listen),
         dev_library(&config.catalog_dir),
     );
+    Ok(())
+}
+
+/// The development account of the embedded store: created on the first start, given a new
+/// random password on each (only its hash is kept), printed with the portal's address.
+fn create_dev_account(app: &App, config: &Config) -> Result<(), String> {
+    const EMAIL: &str = "developer@example.com";
+    let Some(store) = app.portal_store.clone() else {
+        return Ok(());
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let password = crate::portal::core::new_token()[..16].to_string();
+    runtime.block_on(async {
+        let id = match store.account_id_by_email(EMAIL).await.map_err(|e| e.to_string())? {
+            Some(id) => id,
+            None => {
+                app.accounts
+                    .create(crate::accounts::CreateAccount {
+                        email: EMAIL.into(),
+                        name: "Development".into(),
+                        plan: None,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .id
+            }
+        };
+        let hash = crate::portal::password::hash(&password)?;
+        store
+            .set_password_hash(&id, &hash)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
     println!(
-        "developer portal: not built yet (it is to come on 127.0.0.1:8081); manage keys meanwhile through the admin API on http://{}",
-        reachable(config.admin_listen)
+        "developer portal: {} (sign in as {EMAIL} with password {password})",
+        portal_base_url(config)
     );
     Ok(())
+}
+
+/// The portal's address as users reach it: `portal.public_url`, else its listener's.
+fn portal_base_url(config: &Config) -> String {
+    config
+        .portal
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", reachable(config.portal.listen)))
 }
 
 /// The address a local client dials for a listener: loopback for an unspecified one.
@@ -378,6 +434,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         for (addr, setting, env) in [
             (config.listen, "listen", "AUDIOLIB_LISTEN"),
             (config.admin_listen, "admin_listen", "AUDIOLIB_ADMIN_LISTEN"),
+            (config.portal.listen, "portal.listen", "AUDIOLIB_PORTAL_LISTEN"),
         ] {
             std::net::TcpListener::bind(addr).map_err(|e| {
                 format!(
@@ -391,6 +448,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     // The embedded store starts empty: it gets a development key.
     if config.redis_url.is_none() {
         create_dev_key(&app.keys, &config)?;
+        create_dev_account(&app, &config)?;
     }
 
     let conf = ServerConf {
@@ -500,6 +558,15 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         proxy.add_dependency(resolver);
     }
 
+    let portal_store = app
+        .portal_store
+        .clone()
+        .ok_or("the portal needs the app's store")?;
+    let invites = Arc::new(Invites::new(
+        portal_store.clone(),
+        portal_base_url(&config),
+        Arc::new(SystemClock),
+    ));
     let mut admin = Service::new(
         "admin".to_string(),
         AdminApi::new(
@@ -508,11 +575,35 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
             app.audit.clone(),
             app.metrics.clone(),
             config.admin_token.as_ref().map(config::Secret::expose),
-        ),
+        )
+        .with_invites(invites.clone()),
     );
     admin.add_tcp(&config.admin_listen.to_string());
     admin.threads = Some(1);
     server.add_service(admin);
+
+    let mut portal = Service::new(
+        "portal".to_string(),
+        Portal::new(PortalDeps {
+            keys: app.keys.clone(),
+            accounts: app.accounts.clone(),
+            audit: app.audit.clone(),
+            store: portal_store,
+            invites,
+            clock: Arc::new(SystemClock),
+            signup: config.portal.signup,
+            secure: portal_base_url(&config).starts_with("https://"),
+            admin_token: config.admin_token.as_ref().map(|t| t.expose().to_string()),
+            plans: config
+                .plans
+                .iter()
+                .map(|(n, p)| (n.clone(), p.clone()))
+                .collect(),
+        }),
+    );
+    portal.add_tcp(&config.portal.listen.to_string());
+    portal.threads = Some(1);
+    server.add_service(portal);
 
     let notify = server.add_service(background_service("systemd notify", NotifyReady));
     notify.add_dependency(&proxy);
@@ -524,7 +615,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     ));
 
     log::info!(
-        "serving {} on {} (admin on {}), loading the catalog from {}",
+        "serving {} on {} (admin on {}, portal on {}), loading the catalog from {}",
         match (&config.tls, config.h2c) {
             (Some(_), _) => "HTTPS (HTTP/2 and HTTP/1.1)",
             (None, true) => "HTTP (HTTP/1.1 and HTTP/2 with prior knowledge)",
@@ -532,6 +623,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         },
         config.listen,
         config.admin_listen,
+        config.portal.listen,
         config.catalog_dir.display(),
     );
     server.run(RunArgs {

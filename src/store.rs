@@ -8,6 +8,7 @@
 
 pub mod instrumented;
 pub mod lease;
+pub mod portal;
 pub mod redis;
 pub mod sqlite;
 

@@ -41,6 +41,17 @@ pub struct FileConfig {
     pub key_cache: KeyCacheFile,
     #[serde(default)]
     pub log: LogFile,
+    #[serde(default)]
+    pub portal: PortalFile,
+}
+
+/// `[portal]`: the developer portal's listener and sign-up mode (SPEC §10).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalFile {
+    pub listen: Option<String>,
+    pub signup: Option<String>,
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

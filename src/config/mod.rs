@@ -84,6 +84,25 @@ pub struct KeyCacheConfig {
     pub negative_ttl: Duration,
 }
 
+/// How accounts come to exist in the developer portal (SPEC §10 `portal.signup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signup {
+    /// Only through `POST /admin/accounts`, whose `invite_url` sets the first password.
+    Invite,
+    /// Anyone may create an account on the default plan.
+    Open,
+}
+
+/// The developer portal (SPEC §10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalConfig {
+    pub listen: SocketAddr,
+    pub signup: Signup,
+    /// The address users reach the portal at (invite links, `Secure` cookies when it is
+    /// `https://`); `None`: `http://` and the listener's address.
+    pub public_url: Option<String>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -126,6 +145,8 @@ pub struct Config {
     pub h2c: bool,
     /// Where `serve --upgrade` receives the listening sockets of the running process.
     pub upgrade_sock: PathBuf,
+    /// The developer portal's listener and sign-up mode.
+    pub portal: PortalConfig,
 }
 
 /// The default file `audiolib serve` reads when it exists and no `--config` is given.
@@ -154,6 +175,7 @@ impl Config {
         let log_format = build::log(p, env, std::mem::take(&mut file.log));
         let tls = build::tls(p, env, std::mem::take(&mut file.tls));
         let (h2c, upgrade_sock) = build::listener_extras(p, env, &mut file, tls.is_some());
+        let portal = build::portal(p, env, std::mem::take(&mut file.portal), &process);
         if !problems.0.is_empty() {
             return Err(problems.0);
         }
@@ -186,6 +208,7 @@ impl Config {
             tls,
             h2c,
             upgrade_sock,
+            portal,
         })
     }
 

@@ -67,12 +67,18 @@ pub const MAX_HEADER_BYTES: Setting = file_only("limits.max_header_bytes");
 pub const KEY_CACHE: Setting = file_only("key_cache");
 pub const PLANS: Setting = file_only("plans");
 pub const LOG_FORMAT: Setting = both("log.format", "AUDIOLIB_LOG_FORMAT");
+pub const PORTAL_LISTEN: Setting = both("portal.listen", "AUDIOLIB_PORTAL_LISTEN");
+pub const PORTAL_SIGNUP: Setting = both("portal.signup", "AUDIOLIB_PORTAL_SIGNUP");
+pub const PORTAL_URL: Setting = both("portal.public_url", "AUDIOLIB_PORTAL_URL");
 
 /// Every setting, in the order the README's table lists them.
 pub const ALL: &[Setting] = &[
     LISTEN,
     ADMIN_LISTEN,
     ADMIN_TOKEN,
+    PORTAL_LISTEN,
+    PORTAL_SIGNUP,
+    PORTAL_URL,
     REDIS_URL,
     DATA_DIR,
     REDIS_WAIT_REPLICAS,

@@ -43,6 +43,7 @@ use crate::auth::KeyDigest;
 use crate::quota::{Day, Period};
 
 mod conn;
+mod portal;
 mod pubsub;
 mod records;
 mod scripts;

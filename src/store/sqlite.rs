@@ -32,6 +32,8 @@
 //! - `audit(seq, at, actor, action, target, changes)`: the audit log, newest by `seq`.
 //! - `key_changes(seq, digest, at)`: changes to key records, polled by the other process so its
 //!   key cache forgets them (the embedded analogue of Redis pub/sub).
+//! - `portal_passwords`, `portal_invites`, `portal_sessions`, `portal_failures`: the developer
+//!   portal's ([`portal`]; created when missing, outside the version number).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -50,6 +52,8 @@ use super::{
 use crate::auth::KeyDigest;
 use crate::locks::lock;
 use crate::quota::{Day, Period};
+
+mod portal;
 
 /// The database file inside the data directory.
 pub const FILE_NAME: &str = "audiolib.db";
@@ -490,6 +494,7 @@ impl SqliteStore {
         let fail = |e: rusqlite::Error| format!("embedded store {}: {e}", path.display());
         let write = Db::open(&path).map_err(fail)?;
         write.execute_batch(SCHEMA).map_err(fail)?;
+        write.execute_batch(portal::SCHEMA).map_err(fail)?;
         Db::migrate(&write).map_err(fail)?;
         let read = Db::open(&path).map_err(fail)?;
         let node = crate::auth::new_id("node");
