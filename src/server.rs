@@ -355,7 +355,11 @@ fn create_dev_account(app: &App, config: &Config) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let password = crate::portal::core::new_token()[..16].to_string();
     runtime.block_on(async {
-        let id = match store.account_id_by_email(EMAIL).await.map_err(|e| e.to_string())? {
+        let id = match store
+            .account_id_by_email(EMAIL)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             Some(id) => id,
             None => {
                 app.accounts
@@ -426,7 +430,9 @@ fn dev_library(dir: &std::path::Path) -> String {
 
 /// Runs the gateway until a signal stops it. With `upgrade`, first takes the listening
 /// sockets over from the running process (which is told to hand them over with SIGQUIT).
-pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
+/// With `dev_account` (and the embedded store), prints a development account to sign in to
+/// the portal with.
+pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), String> {
     // Pingora binds in a service thread and panics there on a taken address, leaving a process
     // that serves nothing: find out first, and say which setting. (With `upgrade` the
     // addresses are the running process's, and come with its sockets.)
@@ -434,7 +440,11 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         for (addr, setting, env) in [
             (config.listen, "listen", "AUDIOLIB_LISTEN"),
             (config.admin_listen, "admin_listen", "AUDIOLIB_ADMIN_LISTEN"),
-            (config.portal.listen, "portal.listen", "AUDIOLIB_PORTAL_LISTEN"),
+            (
+                config.portal.listen,
+                "portal.listen",
+                "AUDIOLIB_PORTAL_LISTEN",
+            ),
         ] {
             std::net::TcpListener::bind(addr).map_err(|e| {
                 format!(
@@ -448,7 +458,11 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     // The embedded store starts empty: it gets a development key.
     if config.redis_url.is_none() {
         create_dev_key(&app.keys, &config)?;
-        create_dev_account(&app, &config)?;
+        if dev_account {
+            create_dev_account(&app, &config)?;
+        } else {
+            println!("developer portal: {}", portal_base_url(&config));
+        }
     }
 
     let conf = ServerConf {

@@ -9,14 +9,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::file::{
-    FileConfig, KeyCacheFile, LimitsFile, LogFile, PlanFile, PortalFile, S3File, StoreFile,
-    TlsFile,
+    FileConfig, KeyCacheFile, LimitsFile, LogFile, PlanFile, PortalFile, S3File, StoreFile, TlsFile,
 };
 use super::settings::{self as s, Env, Problems, Setting};
 use super::{
     CorsOrigins, DEFAULT_UPGRADE_SOCK, FailurePolicy, KeyCacheConfig, Limits, Plan, PortalConfig,
-    RedisKind, Secret, Signup, Upstream, check_redis_url, is_dns_bucket, parse_endpoint, parse_upstream,
-    redact_passwords_in,
+    RedisKind, Secret, Signup, Upstream, check_redis_url, is_dns_bucket, parse_endpoint,
+    parse_upstream, redact_passwords_in,
 };
 use crate::access_log::LogFormat;
 use crate::forwarding::Cidr;
@@ -82,9 +81,15 @@ pub fn portal(
         .unwrap_or_else(|| "127.0.0.1:8081".into());
     let listen = parse_addr(p, s::PORTAL_LISTEN, &raw);
     if listen.port() != 0 && (listen == process.listen || listen == process.admin_listen) {
-        p.add(s::PORTAL_LISTEN, "must differ from `listen` and `admin_listen`");
+        p.add(
+            s::PORTAL_LISTEN,
+            "must differ from `listen` and `admin_listen`",
+        );
     }
-    let signup = match s::PORTAL_SIGNUP.pick::<String>(p, env, file.signup).as_deref() {
+    let signup = match s::PORTAL_SIGNUP
+        .pick::<String>(p, env, file.signup)
+        .as_deref()
+    {
         None | Some("invite") => Signup::Invite,
         Some("open") => Signup::Open,
         Some(other) => {

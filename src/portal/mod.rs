@@ -235,7 +235,12 @@ impl Portal {
     }
 
     /// An anonymous form's page, with the pre-session cookie set if it was new.
-    fn anonymous(&self, req: &Request, status: StatusCode, render: impl FnOnce(&str) -> Markup) -> Answer {
+    fn anonymous(
+        &self,
+        req: &Request,
+        status: StatusCode,
+        render: impl FnOnce(&str) -> Markup,
+    ) -> Answer {
         let (token, set) = self.pre_token(req);
         let answer = Answer::page(status, render(&csrf_token(&token)));
         match set {
@@ -550,7 +555,10 @@ impl Portal {
                 Some(("/signin", "Sign in")),
             ));
         }
-        self.deps.store.set_password_hash(&account.id, &hash).await?;
+        self.deps
+            .store
+            .set_password_hash(&account.id, &hash)
+            .await?;
         self.deps
             .audit
             .record(
@@ -659,7 +667,12 @@ impl Portal {
                 let rotated = self.deps.keys.rotate(&id, grace).await?;
                 self.deps
                     .audit
-                    .record(&actor, "key.rotated", &id, json!({"grace_secs": grace.as_secs()}))
+                    .record(
+                        &actor,
+                        "key.rotated",
+                        &id,
+                        json!({"grace_secs": grace.as_secs()}),
+                    )
                     .await;
                 let shown_name = rotated.view.name.clone();
                 for k in &mut me.keys {
@@ -699,11 +712,17 @@ impl Portal {
                 let now = self.deps.clock.now();
                 let today = Day::containing(now);
                 let first = Day((me.period.start_unix() / 86_400) as u32);
-                let days = self
+                let mut days = self
                     .deps
                     .accounts
                     .history(&me.account.id, first.min(today), today)
                     .await?;
+                // Calls this node counted but has not reported yet are today's: the chart
+                // adds up to the line above it.
+                let charted: u64 = days.iter().map(|(_, c)| c).sum();
+                if let Some((_, last)) = days.last_mut() {
+                    *last += me.used.saturating_sub(charted);
+                }
                 let line = core::usage_line(me.used, me.account.monthly_limit);
                 let reset = me.period.next().to_string() + "-01";
                 Ok(Answer::page(

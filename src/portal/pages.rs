@@ -140,7 +140,12 @@ pub fn sign_in(
 }
 
 /// Open sign-up: `Email`, `Password`, `Create account`.
-pub fn sign_up(csrf: &str, email: &str, email_error: Option<&str>, pw_error: Option<&str>) -> Markup {
+pub fn sign_up(
+    csrf: &str,
+    email: &str,
+    email_error: Option<&str>,
+    pw_error: Option<&str>,
+) -> Markup {
     page(
         "Create an account",
         None,
@@ -190,8 +195,10 @@ pub struct Shown<'a> {
 }
 
 fn when(t: &Option<String>) -> String {
-    t.as_deref()
-        .map_or_else(|| "never".to_string(), |s| s.replace('T', " ").replace('Z', " UTC"))
+    t.as_deref().map_or_else(
+        || "never".to_string(),
+        |s| s.replace('T', " ").replace('Z', " UTC"),
+    )
 }
 
 /// The keys page: heading `API keys`, the list, `Key name` + `Create key`, and per key
@@ -328,13 +335,7 @@ pub fn chart(days: &[(Day, u64)]) -> Markup {
 
 /// The usage page: heading `Usage`, the month against the plan, the chart, the reset date
 /// and the quick-start.
-pub fn usage(
-    viewer: &Viewer,
-    plan: &str,
-    line: &str,
-    days: &[(Day, u64)],
-    reset: &str,
-) -> Markup {
+pub fn usage(viewer: &Viewer, plan: &str, line: &str, days: &[(Day, u64)], reset: &str) -> Markup {
     page(
         "Usage",
         Some(viewer),

@@ -2,8 +2,8 @@
 //! passes, OWASP's recommendation). Hashing takes tens of milliseconds of CPU on purpose, so
 //! it runs on the blocking pool, never on a request thread's runtime.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use rand::RngCore;
 
 /// The PHC string of `password` with a fresh salt.
@@ -19,8 +19,11 @@ pub fn hash(password: &str) -> Result<String, String> {
 
 /// Whether `password` is the one `phc` was made from; a malformed hash matches nothing.
 pub fn verify(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc)
-        .is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+    PasswordHash::new(phc).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
 }
 
 /// A hash of no one's password, verified against when the email is unknown or has no

@@ -189,13 +189,7 @@ impl PortalStore for RedisStore {
         let (count, ttl): (Option<u32>, i64) = self
             .call_patiently(|mut c| {
                 let key = &key;
-                async move {
-                    redis::pipe()
-                        .get(key)
-                        .ttl(key)
-                        .query_async(&mut c)
-                        .await
-                }
+                async move { redis::pipe().get(key).ttl(key).query_async(&mut c).await }
             })
             .await?;
         let age = window.as_secs().saturating_sub(ttl.max(0) as u64);
