@@ -454,6 +454,20 @@ fn the_operator_signs_in_with_the_admin_token_and_invites_and_disables() {
     );
     // A disabled account's session ends.
     assert_eq!(user.get("/keys").status, 303);
+
+    // A new invite link for an existing account (a forgotten password) works once.
+    let again = op.post(
+        &format!("/operator/accounts/{id}/invite"),
+        &[("csrf", &page.csrf())],
+    );
+    assert_eq!(again.status, 200, "{}", again.body);
+    let url = text_between(&again.body, "id=\"invite-link\">", "<").to_string();
+    let enable = op.post(
+        &format!("/operator/accounts/{id}/status"),
+        &[("csrf", &page.csrf()), ("status", "active")],
+    );
+    assert_eq!(enable.status, 303);
+    Browser::new(&gw.portal_url("/")).accept_invite(&url, "op@example.com", "a new password");
 }
 
 #[test]

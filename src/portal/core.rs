@@ -173,6 +173,8 @@ pub enum Route {
     Operator,
     OperatorAccounts,
     OperatorStatus(String),
+    /// A new invite link for an existing account.
+    OperatorInvite(String),
     Style,
 }
 
@@ -203,6 +205,8 @@ impl Route {
                     Route::Revoke(id)
                 } else if let Some(id) = member("/operator/accounts/", "/status") {
                     Route::OperatorStatus(id)
+                } else if let Some(id) = member("/operator/accounts/", "/invite") {
+                    Route::OperatorInvite(id)
                 } else {
                     return None;
                 }

@@ -27,7 +27,6 @@ pub mod password;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode, header};
@@ -374,9 +373,10 @@ impl Portal {
                     Who::Nobody => Ok(Answer::redirect("/signin")),
                 }
             }
-            Route::Operator | Route::OperatorAccounts | Route::OperatorStatus(_) => {
-                self.operator(&req, route, post).await
-            }
+            Route::Operator
+            | Route::OperatorAccounts
+            | Route::OperatorStatus(_)
+            | Route::OperatorInvite(_) => self.operator(&req, route, post).await,
         }
     }
 
@@ -572,13 +572,12 @@ impl Portal {
     }
 
     async fn sign_out(&self, req: &Request) -> Result<Answer, Answer> {
-        let (token, csrf) = match self.who(req).await? {
+        let token = match self.who(req).await? {
             Who::Nobody => return Ok(Answer::redirect("/signin")),
-            Who::Account(me) => (me.token, me.csrf),
-            Who::Operator { token, csrf } => (token, csrf),
+            Who::Account(me) => me.token,
+            Who::Operator { token, .. } => token,
         };
         if !csrf_ok(&token, req.field("csrf")) {
-            let _ = csrf;
             return Ok(forbidden());
         }
         self.deps
@@ -586,11 +585,6 @@ impl Portal {
             .delete_session(&core::digest(&token))
             .await?;
         Ok(Answer::redirect("/signin").with(header::SET_COOKIE, self.cookie(SESSION_COOKIE, "")))
-    }
-
-    /// The key of `id` if it is the signed-in account's.
-    async fn own_key<'a>(&self, me: &'a SignedIn, id: &str) -> Option<&'a KeyView> {
-        me.keys.iter().find(|k| k.id == id)
     }
 
     async fn account_page(
@@ -653,7 +647,7 @@ impl Portal {
                 pages::keys(&me.viewer(), &me.keys, None, "", None),
             )),
             Route::Rotate(id) if post => {
-                if self.own_key(&me, &id).await.is_none() {
+                if own_key(&me, &id).is_none() {
                     return Ok(not_found());
                 }
                 let Some(grace) = core::parse_grace(req.field("grace")) else {
@@ -692,7 +686,7 @@ impl Portal {
             }
             Route::Rotate(_) => Ok(Answer::redirect("/keys")),
             Route::Revoke(id) => {
-                let Some(key) = self.own_key(&me, &id).await else {
+                let Some(key) = own_key(&me, &id) else {
                     return Ok(not_found());
                 };
                 if !post {
@@ -810,6 +804,15 @@ impl Portal {
                     .await;
                 return Ok(Answer::redirect("/operator"));
             }
+            Route::OperatorInvite(id) if post => {
+                let (view, ..) = self.deps.accounts.show(&id).await?;
+                let url = self.deps.invites.issue(&view.id).await?;
+                self.deps
+                    .audit
+                    .record(ADMIN, "account.invited", &view.id, json!({"via": "portal"}))
+                    .await;
+                invite = Some((view.email, url));
+            }
             Route::Operator => {}
             _ => return Ok(Answer::redirect("/operator")),
         }
@@ -897,6 +900,11 @@ impl Portal {
     }
 }
 
+/// The key of `id` if it is the signed-in account's: another account's key is "not found".
+fn own_key<'a>(me: &'a SignedIn, id: &str) -> Option<&'a KeyView> {
+    me.keys.iter().find(|k| k.id == id)
+}
+
 /// A page showing a secret once: never kept by a cache or the browser's history.
 fn no_store(answer: Answer) -> Answer {
     answer.with(header::CACHE_CONTROL, "no-store".into())
@@ -974,10 +982,10 @@ impl ServeHttp for Portal {
             );
         let mut cache_set = false;
         for (name, value) in &answer.headers {
-            if name == header::CONTENT_TYPE {
-                if let Some(h) = builder.headers_mut() {
-                    h.remove(header::CONTENT_TYPE);
-                }
+            if name == header::CONTENT_TYPE
+                && let Some(h) = builder.headers_mut()
+            {
+                h.remove(header::CONTENT_TYPE);
             }
             cache_set |= name == header::CACHE_CONTROL;
             builder = builder.header(name, value);
@@ -996,6 +1004,3 @@ impl ServeHttp for Portal {
             .unwrap_or_default()
     }
 }
-
-/// How long a session lasts without use, for the docs and tests.
-pub const SESSION_IDLE: Duration = IDLE;

@@ -413,6 +413,10 @@ pub fn operator(
                                 td { (a.email) } td { (a.name) } td { (a.plan) } td { (a.status) }
                                 td {
                                     @if a.status != "closed" {
+                                        form method="post" action={"/operator/accounts/" (a.id) "/invite"} {
+                                            (csrf_field(viewer.csrf))
+                                            button.secondary type="submit" { "New invite link" }
+                                        }
                                         form method="post" action={"/operator/accounts/" (a.id) "/status"} {
                                             (csrf_field(viewer.csrf))
                                             @if a.status == "active" {
