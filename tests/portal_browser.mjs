@@ -90,6 +90,12 @@ try {
   check('the key is listed', (await row.count()) === 1)
   check('no secret in the list', !(await page.content()).includes(key))
   await page.screenshot({ path: `${env.SHOTS}/keys.png`, fullPage: true })
+  // Readable on a phone: nothing wider than the screen (the table scrolls in its box).
+  await page.setViewportSize({ width: 390, height: 844 })
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth)
+  check('fits a phone', overflow <= 390, overflow)
+  await page.screenshot({ path: `${env.SHOTS}/keys-phone.png`, fullPage: true })
+  await page.setViewportSize({ width: 960, height: 900 })
   await row.getByRole('combobox').selectOption({ label: '1 hour' })
   await row.getByRole('button', { name: 'Rotate' }).click()
   await page.getByText('it will not be shown again').waitFor()

@@ -27,7 +27,10 @@ button.secondary{background:#fff;color:#1b1b1f}button.danger{background:#b00020;
 code,pre{font-family:ui-monospace,monospace;font-size:.9em}pre{background:#f0f0f3;padding:.6rem;overflow-x:auto;white-space:pre-wrap;word-break:break-all}\
 .secret{display:block;padding:.5rem;background:#f0f0f3;word-break:break-all;font-size:1rem}\
 .row{display:flex;flex-wrap:wrap;gap:.5rem;align-items:end}.row form{margin:0}\
-svg{max-width:100%;height:auto}";
+svg{max-width:100%;height:auto}\
+@media(max-width:640px){table.stack,table.stack tbody,table.stack tr,table.stack td{display:block}table.stack thead{display:none}\
+table.stack tr{border-bottom:1px solid #ddd;padding:.5rem 0}table.stack td{border:0;padding:.15rem 0}\
+table.stack td[data-label]::before{content:attr(data-label) \": \";font-weight:600}}";
 
 const COPY_SCRIPT: &str = "document.querySelectorAll('[data-copy]').forEach(function(b){b.addEventListener('click',function(){var t=document.getElementById(b.dataset.copy).textContent;var s=document.getElementById(b.dataset.copy+'-status');var done=function(){if(s)s.textContent='Copied.'};if(navigator.clipboard){navigator.clipboard.writeText(t).then(done)}else{var r=document.createRange();r.selectNodeContents(document.getElementById(b.dataset.copy));var sel=getSelection();sel.removeAllRanges();sel.addRange(r);document.execCommand('copy');done()}})})";
 
@@ -242,20 +245,20 @@ pub fn keys(
                     p { "No keys yet." }
                 } @else {
                     div.table {
-                        table {
+                        table.stack {
                             thead { tr { th { "Name" } th { "Prefix" } th { "Status" } th { "Created" } th { "Last used" } th { "Actions" } } }
                             tbody {
                                 @for k in keys {
                                     tr data-key-id=(k.id) {
-                                        td { (k.name) }
-                                        td { code { (k.prefix) "…" } }
-                                        td { (k.status.as_str())
+                                        td data-label="Name" { (k.name) }
+                                        td data-label="Prefix" { code { (k.prefix) "…" } }
+                                        td data-label="Status" { (k.status.as_str())
                                             @if let Some(until) = &k.previous_expires_at {
                                                 br; small { "previous secret works until " (when(&Some(until.clone()))) }
                                             }
                                         }
-                                        td { (when(&Some(k.created_at.clone()))) }
-                                        td { (when(&k.last_used_at)) }
+                                        td data-label="Created" { (when(&Some(k.created_at.clone()))) }
+                                        td data-label="Last used" { (when(&k.last_used_at)) }
                                         td {
                                             @if k.status == KeyStatus::Active || k.status == KeyStatus::Disabled {
                                                 div.row {

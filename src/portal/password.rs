@@ -1,6 +1,8 @@
 //! Passwords as argon2id hashes (RustCrypto `argon2`, its default parameters: 19 MiB, two
 //! passes, OWASP's recommendation). Hashing takes tens of milliseconds of CPU on purpose, so
-//! it runs on the blocking pool, never on a request thread's runtime.
+//! it runs on the blocking pool, never on a request thread's runtime, and at most
+//! [`AT_ONCE`] at a time: each takes 19 MiB, and a flood of sign-ins with made-up emails
+//! (which the per-account throttle does not stop) must queue, not fill the memory.
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -33,8 +35,13 @@ pub fn decoy() -> &'static str {
     DECOY.get_or_init(|| hash(&crate::portal::core::new_token()).unwrap_or_default())
 }
 
+/// Hashes computed at once, across the process.
+pub const AT_ONCE: usize = 4;
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AT_ONCE);
+
 /// [`hash`] on the blocking pool.
 pub async fn hash_off_thread(password: String) -> Result<String, String> {
+    let _turn = HASHING.acquire().await.map_err(|e| e.to_string())?;
     tokio::task::spawn_blocking(move || hash(&password))
         .await
         .map_err(|e| e.to_string())?
@@ -42,6 +49,9 @@ pub async fn hash_off_thread(password: String) -> Result<String, String> {
 
 /// [`verify`] on the blocking pool (`None` for `phc`: against the decoy, always `false`).
 pub async fn verify_off_thread(password: String, phc: Option<String>) -> bool {
+    let Ok(_turn) = HASHING.acquire().await else {
+        return false;
+    };
     tokio::task::spawn_blocking(move || match phc {
         Some(phc) => verify(&password, &phc),
         None => {
