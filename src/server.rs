@@ -613,6 +613,7 @@ pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), Strin
                 .iter()
                 .map(|(n, p)| (n.clone(), p.clone()))
                 .collect(),
+            trusted_proxies: config.trusted_proxies.clone(),
         }),
     );
     portal.add_tcp(&config.portal.listen.to_string());

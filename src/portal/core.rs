@@ -1,11 +1,14 @@
 //! The portal's decisions, without HTTP or storage: cookies, forms, CSRF tokens, the sign-in
 //! throttle's key, the rotation graces offered, and how usage is worded. Tested with tables.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use sha2::{Digest, Sha256};
+
+use crate::forwarding::Cidr;
 
 /// The session cookie: the token itself; the store keeps only its digest.
 pub const SESSION_COOKIE: &str = "audiolib_session";
@@ -73,6 +76,35 @@ pub fn csrf_ok(token: &str, submitted: Option<&str>) -> bool {
 /// The key failed sign-ins are counted under: the account's email and the client's address.
 pub fn throttle_key(email: &str, addr: &str) -> String {
     digest(&format!("{email}\n{addr}"))
+}
+
+/// The client's address for the sign-in throttle: the TCP peer, or behind `trusted_proxies`
+/// the first address from the right of `X-Forwarded-For` that is not a trusted proxy (each
+/// entry was appended by the hop to its right; those left of the first untrusted one are the
+/// client's to invent).
+pub fn client_address(peer: Option<IpAddr>, forwarded_for: &[&str], trusted: &[Cidr]) -> String {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    let Some(peer) = peer else {
+        return "unknown".into();
+    };
+    if !is_trusted(peer) {
+        return peer.to_canonical().to_string();
+    }
+    let mut client = peer.to_canonical().to_string();
+    for entry in forwarded_for
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .rev()
+    {
+        match entry.parse::<IpAddr>() {
+            Ok(ip) if is_trusted(ip) => client = ip.to_canonical().to_string(),
+            Ok(ip) => return ip.to_canonical().to_string(),
+            Err(_) => return entry.chars().take(64).collect(),
+        }
+    }
+    client
 }
 
 /// A cookie's value from a `Cookie` header (`None` if absent or not a plausible token).
@@ -294,6 +326,37 @@ mod tests {
         assert!(password_problem("short").is_some());
         assert!(password_problem("long enough").is_none());
         assert!(password_problem(&"x".repeat(2000)).is_some());
+    }
+
+    #[test]
+    fn the_client_is_the_peer_unless_a_trusted_proxy_says_otherwise() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        for (peer, xff, want) in [
+            (ip("203.0.113.9"), vec!["1.1.1.1"], "203.0.113.9"),
+            (ip("10.0.0.2"), vec![], "10.0.0.2"),
+            (ip("10.0.0.2"), vec!["198.51.100.7"], "198.51.100.7"),
+            (
+                ip("10.0.0.2"),
+                vec!["6.6.6.6, 198.51.100.7, 10.0.0.3"],
+                "198.51.100.7",
+            ),
+            (
+                ip("10.0.0.2"),
+                vec!["6.6.6.6", "198.51.100.7"],
+                "198.51.100.7",
+            ),
+            (ip("10.0.0.2"), vec!["10.0.0.4, 10.0.0.3"], "10.0.0.4"),
+            (ip("10.0.0.2"), vec!["not-an-ip"], "not-an-ip"),
+            (ip("::ffff:203.0.113.9"), vec![], "203.0.113.9"),
+            (None, vec!["1.1.1.1"], "unknown"),
+        ] {
+            assert_eq!(
+                client_address(peer, &xff, &trusted),
+                want,
+                "{peer:?} {xff:?}"
+            );
+        }
     }
 
     #[test]

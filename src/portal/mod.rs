@@ -67,6 +67,8 @@ pub struct PortalDeps {
     pub secure: bool,
     pub admin_token: Option<String>,
     pub plans: Vec<(String, Plan)>,
+    /// Proxies whose `X-Forwarded-For` names the client (for the sign-in throttle).
+    pub trusted_proxies: Vec<crate::forwarding::Cidr>,
 }
 
 /// The portal's `ServeHttp` service.
@@ -911,7 +913,10 @@ fn no_store(answer: Answer) -> Answer {
 }
 
 /// Reads the request: a form body of at most [`MAX_FORM`] bytes.
-async fn read_request(session: &mut ServerSession) -> Result<Request, Answer> {
+async fn read_request(
+    session: &mut ServerSession,
+    trusted: &[crate::forwarding::Cidr],
+) -> Result<Request, Answer> {
     let head = session.req_header();
     let method = head.method.clone();
     let route = Route::of(head.uri.path());
@@ -920,11 +925,17 @@ async fn read_request(session: &mut ServerSession) -> Result<Request, Answer> {
         .get_header(header::COOKIE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let client = session
+    let peer: Option<IpAddr> = session
         .client_addr()
         .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
-        .map_or_else(|| "unknown".to_string(), |ip: IpAddr| ip.to_string());
+        .map(|a| a.ip());
+    let forwarded: Vec<&str> = head
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let client = core::client_address(peer, &forwarded, trusted);
     let mut body = Vec::new();
     if method == Method::POST {
         loop {
@@ -965,7 +976,7 @@ async fn read_request(session: &mut ServerSession) -> Result<Request, Answer> {
 #[async_trait]
 impl ServeHttp for Portal {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let answer = match read_request(session).await {
+        let answer = match read_request(session, &self.deps.trusted_proxies).await {
             Ok(req) => self.handle(req).await.unwrap_or_else(|a| a),
             Err(a) => a,
         };
