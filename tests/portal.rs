@@ -402,6 +402,19 @@ fn open_sign_up_starts_on_the_default_plan_and_invite_mode_has_none() {
     );
     let again = Browser::new(&gw.portal_url("/")).post("/signup", &[]);
     assert_eq!(again.status, 403);
+    // Five sign-ups a minute from one address, then a wait.
+    for n in 2..=6 {
+        let email = format!("more{n}@example.com");
+        let page = browser.post(
+            "/signup",
+            &[
+                ("csrf", &csrf),
+                ("email", &email),
+                ("password", "long enough"),
+            ],
+        );
+        assert_eq!(page.status, if n <= 5 { 303 } else { 429 }, "{n}");
+    }
 
     let invite_only = Gateway::start();
     let page = Browser::new(&invite_only.portal_url("/")).get("/signup");

@@ -396,17 +396,7 @@ impl Portal {
             .failures(&throttle, THROTTLE_WINDOW, now)
             .await?;
         if failures >= MAX_FAILURES {
-            let wait = THROTTLE_WINDOW.as_secs().saturating_sub(age).max(1);
-            return Ok(Answer::message(
-                StatusCode::TOO_MANY_REQUESTS,
-                "Too many attempts",
-                &format!(
-                    "Too many failed sign-ins for this account from your address. Wait {wait} \
-                     seconds, then try again."
-                ),
-                Some(("/signin", "Back to sign in")),
-            )
-            .with(header::RETRY_AFTER, wait.to_string()));
+            return Ok(wait_page(THROTTLE_WINDOW.as_secs().saturating_sub(age)));
         }
         let account = match normalize_email(&given) {
             Ok(email) => self.deps.store.account_id_by_email(&email).await?,
@@ -455,6 +445,18 @@ impl Portal {
         let Ok(email) = normalize_email(&given) else {
             return Ok(again(Some("Enter an email address (name@domain)."), None));
         };
+        // Sign-ups per address and minute are counted like failed sign-ins, so one client
+        // cannot make accounts by the thousand.
+        let throttle = core::throttle_key("\0sign-up", &req.client);
+        let now = self.deps.clock.now();
+        let (made, age) = self
+            .deps
+            .store
+            .failures(&throttle, THROTTLE_WINDOW, now)
+            .await?;
+        if made >= MAX_FAILURES {
+            return Ok(wait_page(THROTTLE_WINDOW.as_secs().saturating_sub(age)));
+        }
         if let Some(problem) = core::password_problem(&password) {
             return Ok(again(None, Some(&problem)));
         }
@@ -482,6 +484,10 @@ impl Portal {
             Err(e) => return Err(e.into()),
         };
         self.deps.store.set_password_hash(&view.id, &hash).await?;
+        self.deps
+            .store
+            .add_failure(&throttle, THROTTLE_WINDOW, now)
+            .await?;
         self.deps
             .audit
             .record(
@@ -880,13 +886,7 @@ impl Portal {
             .failures(&throttle, THROTTLE_WINDOW, now)
             .await?;
         if failures >= MAX_FAILURES {
-            let wait = THROTTLE_WINDOW.as_secs().saturating_sub(age).max(1);
-            return Ok(Answer::message(
-                StatusCode::TOO_MANY_REQUESTS,
-                "Too many attempts",
-                &format!("Too many failed sign-ins from your address. Wait {wait} seconds."),
-                Some(("/operator", "Back")),
-            ));
+            return Ok(wait_page(THROTTLE_WINDOW.as_secs().saturating_sub(age)));
         }
         let given = Sha256::digest(req.field("token").unwrap_or("").trim().as_bytes());
         if given.as_slice() != expected {
@@ -900,6 +900,18 @@ impl Portal {
         }
         self.start_session(OPERATOR, "/operator").await
     }
+}
+
+/// The 429 page of the throttles: how long to wait.
+fn wait_page(secs: u64) -> Answer {
+    let wait = secs.max(1);
+    Answer::message(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many attempts",
+        &format!("Too many attempts from your address. Wait {wait} seconds, then try again."),
+        Some(("/", "Back to the portal")),
+    )
+    .with(header::RETRY_AFTER, wait.to_string())
 }
 
 /// The key of `id` if it is the signed-in account's: another account's key is "not found".

@@ -15,10 +15,16 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use redis::AsyncCommands;
 
-use super::scripts::{email_key, unix};
+use super::scripts::{email_key, invoke, unix};
 use super::{RedisStore, valid_id, write_all};
 use crate::store::StoreError;
 use crate::store::portal::{Invite, PortalStore, Session};
+
+/// `used` + 1 on an invite that exists; 0 for one that does not.
+const USE_INVITE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], 'used', 1)
+";
 
 /// How long a used or expired invite is remembered, to say so instead of "unknown link".
 const INVITE_MEMORY_SECS: i64 = 30 * 86_400;
@@ -107,14 +113,17 @@ impl PortalStore for RedisStore {
     }
 
     async fn use_invite(&self, digest: &str) -> Result<bool, StoreError> {
-        // HINCRBY is atomic: only the caller that takes `used` from 0 to 1 gets the invite.
+        // One script: only the caller that takes `used` from 0 to 1 gets the invite, and an
+        // invite gone (forgotten) is not brought back as a bare counter.
+        let script = redis::Script::new(USE_INVITE);
+        let wait = self.wait;
         let used: i64 = self
-            .call_patiently(|mut c| async move {
-                let key = invite_key(digest);
-                if !c.exists::<_, bool>(&key).await? {
-                    return Ok(0);
+            .call_patiently(|mut c| {
+                let script = &script;
+                async move {
+                    let inv = script.key(invite_key(digest));
+                    invoke(&mut c, &inv, wait).await
                 }
-                c.hincr(&key, "used", 1).await
             })
             .await?;
         Ok(used == 1)
