@@ -676,3 +676,30 @@ fn the_printed_development_account_signs_in_and_gets_a_working_key() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Behind TLS (`portal.public_url` is `https://…`): invite links use the public address and
+/// cookies are `Secure`.
+#[test]
+fn an_https_public_url_makes_invite_links_and_secure_cookies() {
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_PORTAL_URL", "https://portal.example.com/")
+        .start();
+    let reply = gw.admin(
+        "POST",
+        "/admin/accounts",
+        Some(json!({"email": "tls@example.com", "name": "T"})),
+    );
+    let url = reply.json()["invite_url"].as_str().unwrap().to_string();
+    assert!(
+        url.starts_with("https://portal.example.com/invite/"),
+        "{url}"
+    );
+    let resp = common::agent()
+        .get(gw.portal_url("/signin"))
+        .call()
+        .unwrap();
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    let mut browser = Browser::new(&gw.portal_url("/"));
+    browser.accept_invite(&url, "tls@example.com", "over https");
+}
