@@ -26,8 +26,7 @@ use crate::config::{self, Config};
 use crate::connection::{ClientConnections, ConnectionCap};
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
-use crate::portal::invite::Invites;
-use crate::portal::{Portal, PortalDeps};
+use crate::portal::Portal;
 use crate::proxy::AudioProxy;
 use crate::shutdown::{DrainOnShutdown, Lifecycle, Signals};
 use crate::sign::Presigner;
@@ -408,61 +407,8 @@ fn create_dev_key(keys: &KeyService, config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// The development account of the embedded store: created on the first start, given a new
-/// random password on each (only its hash is kept), printed with the portal's address.
-fn create_dev_account(app: &App, config: &Config) -> Result<(), String> {
-    const EMAIL: &str = "developer@example.com";
-    let Some(store) = app.portal_store.clone() else {
-        return Ok(());
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let password = crate::portal::core::new_token()[..16].to_string();
-    runtime.block_on(async {
-        let id = match store
-            .account_id_by_email(EMAIL)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            Some(id) => id,
-            None => {
-                app.accounts
-                    .create(crate::accounts::CreateAccount {
-                        email: EMAIL.into(),
-                        name: "Development".into(),
-                        plan: None,
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .id
-            }
-        };
-        let hash = crate::portal::password::hash(&password)?;
-        store
-            .set_password_hash(&id, &hash)
-            .await
-            .map_err(|e| e.to_string())
-    })?;
-    println!(
-        "developer portal: {} (sign in as {EMAIL} with password {password})",
-        portal_base_url(config)
-    );
-    Ok(())
-}
-
-/// The portal's address as users reach it: `portal.public_url`, else its listener's.
-fn portal_base_url(config: &Config) -> String {
-    config
-        .portal
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{}", reachable(config.portal.listen)))
-}
-
 /// The address a local client dials for a listener: loopback for an unspecified one.
-fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+pub(crate) fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     match addr.ip() {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => ([127, 0, 0, 1], addr.port()).into(),
         std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
@@ -525,9 +471,9 @@ pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), Strin
     if config.redis_url.is_none() {
         create_dev_key(&app.keys, &config)?;
         if dev_account {
-            create_dev_account(&app, &config)?;
+            crate::portal::dev_account(app.accounts.as_ref(), app.portal_store.clone(), &config)?;
         } else {
-            println!("developer portal: {}", portal_base_url(&config));
+            println!("developer portal: {}", crate::portal::base_url(&config));
         }
     }
 
@@ -641,15 +587,7 @@ pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), Strin
         proxy.add_dependency(resolver);
     }
 
-    let portal_store = app
-        .portal_store
-        .clone()
-        .ok_or("the portal needs the app's store")?;
-    let invites = Arc::new(Invites::new(
-        portal_store.clone(),
-        portal_base_url(&config),
-        Arc::new(SystemClock),
-    ));
+    let portal = Portal::of_app(&app, &config)?;
     let mut admin = Service::new(
         "admin".to_string(),
         AdminApi::new(
@@ -659,32 +597,13 @@ pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), Strin
             app.metrics.clone(),
             config.admin_token.as_ref().map(config::Secret::expose),
         )
-        .with_invites(invites.clone()),
+        .with_invites(portal.invites()),
     );
     admin.add_tcp(&config.admin_listen.to_string());
     admin.threads = Some(1);
     server.add_service(admin);
 
-    let mut portal = Service::new(
-        "portal".to_string(),
-        Portal::new(PortalDeps {
-            keys: app.keys.clone(),
-            accounts: app.accounts.clone(),
-            audit: app.audit.clone(),
-            store: portal_store,
-            invites,
-            clock: Arc::new(SystemClock),
-            signup: config.portal.signup,
-            secure: portal_base_url(&config).starts_with("https://"),
-            admin_token: config.admin_token.as_ref().map(|t| t.expose().to_string()),
-            plans: config
-                .plans
-                .iter()
-                .map(|(n, p)| (n.clone(), p.clone()))
-                .collect(),
-            trusted_proxies: config.trusted_proxies.clone(),
-        }),
-    );
+    let mut portal = Service::new("portal".to_string(), portal);
     portal.add_tcp(&config.portal.listen.to_string());
     portal.threads = Some(1);
     server.add_service(portal);

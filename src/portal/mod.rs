@@ -219,6 +219,42 @@ impl Portal {
         Self { deps, admin_digest }
     }
 
+    /// The portal of a running gateway: its app's services and store, the config's settings,
+    /// the wall clock.
+    pub fn of_app(
+        app: &crate::server::App,
+        config: &crate::config::Config,
+    ) -> Result<Self, String> {
+        let store = app
+            .portal_store
+            .clone()
+            .ok_or("the portal needs the app's store")?;
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let invites = Arc::new(Invites::new(store.clone(), base_url(config), clock.clone()));
+        Ok(Self::new(PortalDeps {
+            keys: app.keys.clone(),
+            accounts: app.accounts.clone(),
+            audit: app.audit.clone(),
+            store,
+            invites,
+            clock,
+            signup: config.portal.signup,
+            secure: base_url(config).starts_with("https://"),
+            admin_token: config.admin_token.as_ref().map(|t| t.expose().to_string()),
+            plans: config
+                .plans
+                .iter()
+                .map(|(n, p)| (n.clone(), p.clone()))
+                .collect(),
+            trusted_proxies: config.trusted_proxies.clone(),
+        }))
+    }
+
+    /// The invite links this portal accepts, for the admin API to hand out.
+    pub fn invites(&self) -> Arc<Invites> {
+        self.deps.invites.clone()
+    }
+
     fn cookie(&self, name: &str, value: &str) -> String {
         core::set_cookie(name, value, self.deps.secure)
     }
@@ -1026,4 +1062,62 @@ impl ServeHttp for Portal {
             .body(body)
             .unwrap_or_default()
     }
+}
+
+/// The portal's address as users reach it: `portal.public_url`, else its listener's.
+pub fn base_url(config: &crate::config::Config) -> String {
+    config
+        .portal
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", crate::server::reachable(config.portal.listen)))
+}
+
+/// The development account of the embedded store (`serve --dev-account`): created on the
+/// first start, given a new random password on each (only its hash is kept), printed with
+/// the portal's address.
+pub fn dev_account(
+    accounts: &AccountService,
+    store: Option<Arc<dyn PortalStore>>,
+    config: &crate::config::Config,
+) -> Result<(), String> {
+    const EMAIL: &str = "developer@example.com";
+    let Some(store) = store else {
+        return Ok(());
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let password = core::new_token()[..16].to_string();
+    runtime.block_on(async {
+        let id = match store
+            .account_id_by_email(EMAIL)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(id) => id,
+            None => {
+                accounts
+                    .create(CreateAccount {
+                        email: EMAIL.into(),
+                        name: "Development".into(),
+                        plan: None,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .id
+            }
+        };
+        let hash = password::hash(&password)?;
+        store
+            .set_password_hash(&id, &hash)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    println!(
+        "developer portal: {} (sign in as {EMAIL} with password {password})",
+        base_url(config)
+    );
+    Ok(())
 }
