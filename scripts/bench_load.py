@@ -144,6 +144,7 @@ def start_gateway(procs, work, name, threads, extra_env, upstream=None, binary=N
         "RUST_LOG": "warn",
         "AUDIOLIB_LISTEN": f"127.0.0.1:{port}",
         "AUDIOLIB_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "AUDIOLIB_PORTAL_LISTEN": "127.0.0.1:0",  # any free port: the portal is not measured
         "AUDIOLIB_ADMIN_TOKEN": ADMIN_TOKEN,
         "AUDIOLIB_THREADS": str(threads),
         "AUDIOLIB_CATALOG_DIR": os.path.join(ROOT, "catalog"),

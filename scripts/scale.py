@@ -107,6 +107,7 @@ def measure(tracks, libraries, work, args):
     env = {
         "PATH": os.environ["PATH"], "RUST_LOG": "warn",
         "AUDIOLIB_LISTEN": f"127.0.0.1:{port}", "AUDIOLIB_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+        "AUDIOLIB_PORTAL_LISTEN": "127.0.0.1:0",  # any free port: several nodes share the host
         "AUDIOLIB_ADMIN_TOKEN": ADMIN_TOKEN, "AUDIOLIB_THREADS": "2",
         "AUDIOLIB_CATALOG_DIR": catalog, "AUDIOLIB_CATALOG_WATCH": "false",
         "AUDIOLIB_S3_BUCKET": "audiolib-media",

@@ -121,6 +121,7 @@ def main():
         port, aport = free_port(), free_port()
         env["AUDIOLIB_LISTEN"] = f"127.0.0.1:{port}"
         env["AUDIOLIB_ADMIN_LISTEN"] = f"127.0.0.1:{aport}"
+        env["AUDIOLIB_PORTAL_LISTEN"] = "127.0.0.1:0"  # any free port: not exercised here
         gw = subprocess.Popen([args.bin, "serve"], env=env, cwd=work,
                               stdout=subprocess.DEVNULL, stderr=open(work / "gateway.log", "w"))
         procs.append(gw)

@@ -18,6 +18,7 @@ use crate::audit::{ADMIN, Audit, MAX_PAGE};
 use crate::auth::KeyDigest;
 use crate::keys::{AdminError, ChangeKey, CreateKey, ImportKey, KeyService};
 use crate::metrics::Metrics;
+use crate::portal::invite::Invites;
 use crate::quota::Day;
 use crate::store::{AccountStatus, KeyStatus, rfc3339};
 
@@ -37,6 +38,8 @@ pub struct AdminApi {
     /// SHA-256 of the admin token: comparing digests keeps the comparison time independent
     /// of how much of a guessed token is right.
     token_digest: Option<[u8; 32]>,
+    /// Hands out the `invite_url` of a new account (SPEC §9); without it there is none.
+    invites: Option<Arc<Invites>>,
 }
 
 /// An admin answer: status and JSON body.
@@ -150,7 +153,14 @@ impl AdminApi {
             audit,
             metrics,
             token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            invites: None,
         }
+    }
+
+    /// New accounts get an `invite_url` to the portal's set-password page.
+    pub fn with_invites(mut self, invites: Arc<Invites>) -> Self {
+        self.invites = Some(invites);
+        self
     }
 
     fn authorize(&self, session: &ServerSession) -> Result<(), Reply> {
@@ -332,7 +342,19 @@ impl AdminApi {
                 self.audit
                     .record(ADMIN, "account.created", &view.id, given)
                     .await;
-                Ok(Reply(StatusCode::CREATED, json!(view)))
+                let mut value = json!(view);
+                if let Some(invites) = &self.invites {
+                    // The account exists either way: a store failure here leaves it without a
+                    // link (null) rather than failing a creation that happened.
+                    value["invite_url"] = match invites.issue(&view.id).await {
+                        Ok(url) => json!(url),
+                        Err(e) => {
+                            log::warn!("no invite for {}: {e}", view.id);
+                            Value::Null
+                        }
+                    };
+                }
+                Ok(Reply(StatusCode::CREATED, value))
             }
             (Method::GET, None) => {
                 let (cursor, limit) = page_query(session.req_header().uri.query())?;

@@ -29,6 +29,10 @@ enum Command {
         /// then drains: a restart without a refused connection.
         #[arg(long)]
         upgrade: bool,
+        /// On the embedded store, also make a development account for the portal and print
+        /// its email and a new password (`scripts/run` does).
+        #[arg(long)]
+        dev_account: bool,
     },
     /// Manage API keys through the admin API.
     Keys(KeysArgs),
@@ -233,8 +237,13 @@ pub fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve {
         config: None,
         upgrade: false,
+        dev_account: false,
     }) {
-        Command::Serve { config, upgrade } => serve(config, upgrade),
+        Command::Serve {
+            config,
+            upgrade,
+            dev_account,
+        } => serve(config, upgrade, dev_account),
         Command::Keys(args) => keys(args),
         Command::Accounts(args) => accounts(args),
         Command::Audit {
@@ -275,9 +284,9 @@ fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
         .map_err(|problems| format!("invalid configuration:\n  {}", problems.join("\n  ")))
 }
 
-fn serve(config: Option<PathBuf>, upgrade: bool) -> Result<(), String> {
+fn serve(config: Option<PathBuf>, upgrade: bool, dev_account: bool) -> Result<(), String> {
     init_logging();
-    crate::server::run(load_config(config)?, upgrade)
+    crate::server::run(load_config(config)?, upgrade, dev_account)
 }
 
 fn catalog_check(dir: PathBuf) -> Result<(), String> {

@@ -447,7 +447,11 @@ impl KeyService {
             .update_key(id, update, self.now())
             .await?
             .ok_or_else(|| AdminError::NotFound(id.to_string()))?;
-        self.forget(&updated.digest).await;
+        // Both secrets: during a rotation's grace the old one is cached on its own, and a
+        // revoked or disabled key must stop under it too, not when its cache entry expires.
+        for digest in std::iter::once(&updated.digest).chain(&updated.previous_digest) {
+            self.forget(digest).await;
+        }
         // Revoked between our read and the store's atomic update: the store kept it revoked.
         if reactivating && updated.status == KeyStatus::Revoked {
             return Err(AdminError::Revoked(id.to_string()));

@@ -36,6 +36,8 @@
 //! - [`audit`]: the audit log of every change made through it.
 //! - [`events`]: webhook events without I/O: ids, signatures, retry times.
 //! - [`webhooks`]: recording events in the store's outbox and delivering them.
+//! - [`portal`]: the developer portal on its own listener: sign-in, keys, usage, the
+//!   operator's accounts view, and the invite links of `POST /admin/accounts`.
 //! - [`server`]: builds the app from the config and runs the services.
 //! - [`shutdown`]: signals, draining in-flight requests, and the upgrade handoff.
 //! - [`systemd`]: readiness and main-process notices for `Type=notify` units.
@@ -64,6 +66,7 @@ pub mod last_used;
 pub mod ledger;
 pub mod locks;
 pub mod metrics;
+pub mod portal;
 pub mod proxy;
 pub mod quota;
 pub mod rate;

@@ -1,5 +1,5 @@
 //! Wires the parts together from a [`Config`] and runs them as Pingora services: the public
-//! proxy, the admin API, and the catalog reloader.
+//! proxy, the admin API, the developer portal, and the catalog reloader.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +26,7 @@ use crate::config::{self, Config};
 use crate::connection::{ClientConnections, ConnectionCap};
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
+use crate::portal::Portal;
 use crate::proxy::AudioProxy;
 use crate::shutdown::{DrainOnShutdown, Lifecycle, Signals};
 use crate::sign::Presigner;
@@ -34,6 +35,7 @@ use crate::store::Store;
 use crate::store::instrumented::Instrumented;
 use crate::store::lease::{LeaseBackend, Quota};
 use crate::store::outbox::Outbox;
+use crate::store::portal::PortalStore;
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 use crate::systemd::NotifyReady;
@@ -52,6 +54,9 @@ pub struct App {
     pub cache: Arc<KeyCache>,
     /// The webhook delivery service, when webhooks are on; taken by whoever runs it.
     pub delivery: std::sync::Mutex<Option<Delivery>>,
+    /// The developer portal's storage: the same store as the keys'. Set by [`build_app`];
+    /// `None` from [`build_app_with`], whose callers run no portal.
+    pub portal_store: Option<Arc<dyn PortalStore>>,
 }
 
 /// Builds the app with the store the config names; fails on a store that cannot be opened.
@@ -63,11 +68,15 @@ pub fn build_app(config: &Config, clock: Arc<dyn Clock>) -> Result<App, String> 
                 RedisStore::with_wait(urls.expose(), config.store_timeout, config.redis_wait)
                     .map_err(|e| config::redact_passwords_in(&e, urls.expose()))?,
             );
-            build_app_from(config, Backends::of(redis), clock)
+            let mut app = build_app_from(config, Backends::of(redis.clone()), clock)?;
+            app.portal_store = Some(redis);
+            Ok(app)
         }
         None => {
             let embedded = Arc::new(SqliteStore::open(&config.data_dir)?);
-            build_app_from(config, Backends::of(embedded), clock)
+            let mut app = build_app_from(config, Backends::of(embedded.clone()), clock)?;
+            app.portal_store = Some(embedded);
+            Ok(app)
         }
     }
 }
@@ -201,6 +210,7 @@ pub fn build_app_from(
         catalog,
         cache,
         delivery: std::sync::Mutex::new(delivery),
+        portal_store: None,
     })
 }
 
@@ -394,15 +404,11 @@ fn create_dev_key(keys: &KeyService, config: &Config) -> Result<(), String> {
         reachable(config.listen),
         dev_library(&config.catalog_dir),
     );
-    println!(
-        "developer portal: not built yet (it is to come on 127.0.0.1:8081); manage keys meanwhile through the admin API on http://{}",
-        reachable(config.admin_listen)
-    );
     Ok(())
 }
 
 /// The address a local client dials for a listener: loopback for an unspecified one.
-fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+pub(crate) fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     match addr.ip() {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => ([127, 0, 0, 1], addr.port()).into(),
         std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
@@ -436,7 +442,9 @@ fn dev_library(dir: &std::path::Path) -> String {
 
 /// Runs the gateway until a signal stops it. With `upgrade`, first takes the listening
 /// sockets over from the running process (which is told to hand them over with SIGQUIT).
-pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
+/// With `dev_account` (and the embedded store), prints a development account to sign in to
+/// the portal with.
+pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), String> {
     // Pingora binds in a service thread and panics there on a taken address, leaving a process
     // that serves nothing: find out first, and say which setting. (With `upgrade` the
     // addresses are the running process's, and come with its sockets.)
@@ -444,6 +452,11 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         for (addr, setting, env) in [
             (config.listen, "listen", "AUDIOLIB_LISTEN"),
             (config.admin_listen, "admin_listen", "AUDIOLIB_ADMIN_LISTEN"),
+            (
+                config.portal.listen,
+                "portal.listen",
+                "AUDIOLIB_PORTAL_LISTEN",
+            ),
         ] {
             std::net::TcpListener::bind(addr).map_err(|e| {
                 format!(
@@ -457,6 +470,11 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     // The embedded store starts empty: it gets a development key.
     if config.redis_url.is_none() {
         create_dev_key(&app.keys, &config)?;
+        if dev_account {
+            crate::portal::dev_account(app.accounts.as_ref(), app.portal_store.clone(), &config)?;
+        } else {
+            println!("developer portal: {}", crate::portal::base_url(&config));
+        }
     }
 
     let conf = ServerConf {
@@ -569,6 +587,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         proxy.add_dependency(resolver);
     }
 
+    let portal = Portal::of_app(&app, &config)?;
     let mut admin = Service::new(
         "admin".to_string(),
         AdminApi::new(
@@ -577,11 +596,17 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
             app.audit.clone(),
             app.metrics.clone(),
             config.admin_token.as_ref().map(config::Secret::expose),
-        ),
+        )
+        .with_invites(portal.invites()),
     );
     admin.add_tcp(&config.admin_listen.to_string());
     admin.threads = Some(1);
     server.add_service(admin);
+
+    let mut portal = Service::new("portal".to_string(), portal);
+    portal.add_tcp(&config.portal.listen.to_string());
+    portal.threads = Some(1);
+    server.add_service(portal);
 
     let notify = server.add_service(background_service("systemd notify", NotifyReady));
     notify.add_dependency(&proxy);
@@ -593,7 +618,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     ));
 
     log::info!(
-        "serving {} on {} (admin on {}), loading the catalog from {}",
+        "serving {} on {} (admin on {}, portal on {}), loading the catalog from {}",
         match (&config.tls, config.h2c) {
             (Some(_), _) => "HTTPS (HTTP/2 and HTTP/1.1)",
             (None, true) => "HTTP (HTTP/1.1 and HTTP/2 with prior knowledge)",
@@ -601,6 +626,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         },
         config.listen,
         config.admin_listen,
+        config.portal.listen,
         config.catalog_dir.display(),
     );
     server.run(RunArgs {

@@ -9,6 +9,7 @@
 pub mod instrumented;
 pub mod lease;
 pub mod outbox;
+pub mod portal;
 pub mod redis;
 pub mod sqlite;
 

@@ -167,6 +167,7 @@ fn a_bad_catalog_stops_start_up() {
             "AUDIOLIB_ADMIN_LISTEN",
             format!("127.0.0.1:{}", common::free_port()),
         )
+        .env("AUDIOLIB_PORTAL_LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -150,6 +150,7 @@ impl FirstRun {
         use std::os::unix::process::CommandExt;
         let data = tempfile::tempdir().unwrap();
         let (port, admin, s3_port) = (free_port(), free_port(), free_port());
+        let portal = free_port();
         let mut script = Command::new("bash")
             .arg(common::repo_path("scripts/run"))
             .env_clear()
@@ -158,6 +159,7 @@ impl FirstRun {
             .env("AUDIOLIB_BIN", env!("CARGO_BIN_EXE_audiolib"))
             .env("AUDIOLIB_LISTEN", format!("127.0.0.1:{port}"))
             .env("AUDIOLIB_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("AUDIOLIB_PORTAL_LISTEN", format!("127.0.0.1:{portal}"))
             .env("AUDIOLIB_DATA_DIR", data.path())
             .env("AUDIOLIB_LOCAL_S3_PORT", s3_port.to_string())
             .env("AUDIOLIB_THREADS", "2")

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use audiolib::access_log::LogFormat;
 use audiolib::config::{
-    Config, CorsOrigins, FailurePolicy, KeyCacheConfig, Limits, Plan, read_file,
+    Config, CorsOrigins, FailurePolicy, KeyCacheConfig, Limits, Plan, PortalConfig, Signup,
+    read_file,
 };
 use audiolib::sign::S3Location;
 use common::repo_path;
@@ -89,6 +90,11 @@ fn shipped_config_parses_to_exactly_this() {
         h2c: false,
         upgrade_sock: PathBuf::from("/tmp/audiolib-upgrade.sock"),
         webhooks: None,
+        portal: PortalConfig {
+            listen: "127.0.0.1:8081".parse().unwrap(),
+            signup: Signup::Invite,
+            public_url: None,
+        },
     };
     assert_eq!(config, expected);
 }

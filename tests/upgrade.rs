@@ -215,6 +215,7 @@ fn a_second_gateway_on_a_taken_address_exits_with_the_setting_named() {
             "AUDIOLIB_ADMIN_LISTEN",
             format!("127.0.0.1:{}", common::free_port()),
         )
+        .env("AUDIOLIB_PORTAL_LISTEN", "127.0.0.1:0")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -9,14 +9,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::file::{
-    FileConfig, KeyCacheFile, LimitsFile, LogFile, PlanFile, S3File, StoreFile, TlsFile,
-    WebhooksFile,
+    FileConfig, KeyCacheFile, LimitsFile, LogFile, PlanFile, PortalFile, S3File, StoreFile,
+    TlsFile, WebhooksFile,
 };
 use super::settings::{self as s, Env, Problems, Setting};
 use super::{
-    CorsOrigins, DEFAULT_UPGRADE_SOCK, FailurePolicy, KeyCacheConfig, Limits, Plan, RedisKind,
-    Secret, Upstream, Webhooks, check_redis_url, is_dns_bucket, parse_endpoint, parse_upstream,
-    redact_passwords_in,
+    CorsOrigins, DEFAULT_UPGRADE_SOCK, FailurePolicy, KeyCacheConfig, Limits, Plan, PortalConfig,
+    RedisKind, Secret, Signup, Upstream, Webhooks, check_redis_url, is_dns_bucket, parse_endpoint,
+    parse_upstream, redact_passwords_in,
 };
 use crate::access_log::LogFormat;
 use crate::forwarding::Cidr;
@@ -66,6 +66,59 @@ pub fn process(p: &mut Problems, env: &dyn Env, file: &mut FileConfig) -> Proces
         admin_listen,
         admin_token,
         threads,
+    }
+}
+
+/// `[portal]`: its listener (apart from the other two; port 0 picks a free one, for tests
+/// and scripts running several gateways), sign-up mode and public address.
+pub fn portal(
+    p: &mut Problems,
+    env: &dyn Env,
+    file: PortalFile,
+    process: &Process,
+) -> PortalConfig {
+    let raw = s::PORTAL_LISTEN
+        .pick(p, env, file.listen)
+        .unwrap_or_else(|| "127.0.0.1:8081".into());
+    let listen = parse_addr(p, s::PORTAL_LISTEN, &raw);
+    if listen.port() != 0 && (listen == process.listen || listen == process.admin_listen) {
+        p.add(
+            s::PORTAL_LISTEN,
+            "must differ from `listen` and `admin_listen`",
+        );
+    }
+    let signup = match s::PORTAL_SIGNUP
+        .pick::<String>(p, env, file.signup)
+        .as_deref()
+    {
+        None | Some("invite") => Signup::Invite,
+        Some("open") => Signup::Open,
+        Some(other) => {
+            p.add(
+                s::PORTAL_SIGNUP,
+                format!("'{other}' is not one of invite, open"),
+            );
+            Signup::Invite
+        }
+    };
+    let public_url = s::PORTAL_URL
+        .pick::<String>(p, env, file.public_url)
+        .map(|u| u.trim_end_matches('/').to_string());
+    if let Some(url) = &public_url {
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+            p.add(
+                s::PORTAL_URL,
+                format!("'{url}' is not an http:// or https:// address"),
+            );
+        }
+    }
+    PortalConfig {
+        listen,
+        signup,
+        public_url,
     }
 }
 

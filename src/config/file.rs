@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub log: LogFile,
     #[serde(default)]
     pub webhooks: WebhooksFile,
+    #[serde(default)]
+    pub portal: PortalFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,6 +52,15 @@ pub struct FileConfig {
 pub struct WebhooksFile {
     pub url: Option<String>,
     pub secret: Option<Secret>,
+}
+
+/// `[portal]`: the developer portal's listener and sign-up mode (SPEC §10).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalFile {
+    pub listen: Option<String>,
+    pub signup: Option<String>,
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

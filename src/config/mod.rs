@@ -84,6 +84,25 @@ pub struct KeyCacheConfig {
     pub negative_ttl: Duration,
 }
 
+/// How accounts come to exist in the developer portal (SPEC §10 `portal.signup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signup {
+    /// Only through `POST /admin/accounts`, whose `invite_url` sets the first password.
+    Invite,
+    /// Anyone may create an account on the default plan.
+    Open,
+}
+
+/// The developer portal (SPEC §10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalConfig {
+    pub listen: SocketAddr,
+    pub signup: Signup,
+    /// The address users reach the portal at (invite links, `Secure` cookies when it is
+    /// `https://`); `None`: `http://` and the listener's address.
+    pub public_url: Option<String>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -128,6 +147,8 @@ pub struct Config {
     pub upgrade_sock: PathBuf,
     /// Where events are delivered (SPEC §9); `None`: no events are recorded.
     pub webhooks: Option<Webhooks>,
+    /// The developer portal's listener and sign-up mode.
+    pub portal: PortalConfig,
 }
 
 /// The webhook receiver and the secret its deliveries are signed with.
@@ -165,6 +186,7 @@ impl Config {
         let tls = build::tls(p, env, std::mem::take(&mut file.tls));
         let (h2c, upgrade_sock) = build::listener_extras(p, env, &mut file, tls.is_some());
         let webhooks = build::webhooks(p, env, std::mem::take(&mut file.webhooks));
+        let portal = build::portal(p, env, std::mem::take(&mut file.portal), &process);
         if !problems.0.is_empty() {
             return Err(problems.0);
         }
@@ -198,6 +220,7 @@ impl Config {
             h2c,
             upgrade_sock,
             webhooks,
+            portal,
         })
     }
 

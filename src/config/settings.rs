@@ -69,12 +69,18 @@ pub const PLANS: Setting = file_only("plans");
 pub const LOG_FORMAT: Setting = both("log.format", "AUDIOLIB_LOG_FORMAT");
 pub const WEBHOOK_URL: Setting = both("webhooks.url", "AUDIOLIB_WEBHOOK_URL");
 pub const WEBHOOK_SECRET: Setting = both("webhooks.secret", "AUDIOLIB_WEBHOOK_SECRET");
+pub const PORTAL_LISTEN: Setting = both("portal.listen", "AUDIOLIB_PORTAL_LISTEN");
+pub const PORTAL_SIGNUP: Setting = both("portal.signup", "AUDIOLIB_PORTAL_SIGNUP");
+pub const PORTAL_URL: Setting = both("portal.public_url", "AUDIOLIB_PORTAL_URL");
 
 /// Every setting, in the order the README's table lists them.
 pub const ALL: &[Setting] = &[
     LISTEN,
     ADMIN_LISTEN,
     ADMIN_TOKEN,
+    PORTAL_LISTEN,
+    PORTAL_SIGNUP,
+    PORTAL_URL,
     REDIS_URL,
     DATA_DIR,
     REDIS_WAIT_REPLICAS,

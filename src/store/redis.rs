@@ -45,6 +45,7 @@ use crate::quota::{Day, Period};
 
 mod conn;
 mod outbox;
+mod portal;
 mod pubsub;
 mod records;
 mod scripts;

@@ -36,6 +36,8 @@
 //!   `due_ms` is NULL once an event is delivered or given up, and the row stays for
 //!   [`KEEP_IDS`](super::outbox::KEEP_IDS) so its id is not recorded twice. A table added
 //!   without a version change: `CREATE TABLE IF NOT EXISTS` brings any file up to date.
+//! - `portal_passwords`, `portal_invites`, `portal_sessions`, `portal_failures`: the developer
+//!   portal's ([`portal`]; created when missing, outside the version number).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -56,6 +58,7 @@ use crate::locks::lock;
 use crate::quota::{Day, Period};
 
 mod outbox;
+mod portal;
 
 /// The database file inside the data directory.
 pub const FILE_NAME: &str = "audiolib.db";
@@ -505,6 +508,7 @@ impl SqliteStore {
         let fail = |e: rusqlite::Error| format!("embedded store {}: {e}", path.display());
         let write = Db::open(&path).map_err(fail)?;
         write.execute_batch(SCHEMA).map_err(fail)?;
+        write.execute_batch(portal::SCHEMA).map_err(fail)?;
         Db::migrate(&write).map_err(fail)?;
         let read = Db::open(&path).map_err(fail)?;
         let node = crate::auth::new_id("node");

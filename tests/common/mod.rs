@@ -115,6 +115,8 @@ pub struct Gateway {
     child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The developer portal's listener.
+    pub portal: SocketAddr,
     pub dev_key: String,
     pub log: PathBuf,
     /// How it was started, for [`Gateway::upgrade`].
@@ -158,7 +160,12 @@ impl GatewayBuilder {
         }
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-        let gateway = self.spawn(dir, addr, admin, "gateway.log", &[]);
+        let mut portal_port = free_port();
+        while portal_port == port || portal_port == admin_port {
+            portal_port = free_port();
+        }
+        let portal: SocketAddr = format!("127.0.0.1:{portal_port}").parse().unwrap();
+        let gateway = self.spawn(dir, addr, admin, portal, "gateway.log", &[]);
         gateway.wait_until_ready();
         gateway
     }
@@ -169,6 +176,7 @@ impl GatewayBuilder {
         dir: std::sync::Arc<tempfile::TempDir>,
         addr: SocketAddr,
         admin: SocketAddr,
+        portal: SocketAddr,
         log_name: &str,
         extra_args: &[&str],
     ) -> Gateway {
@@ -187,6 +195,7 @@ impl GatewayBuilder {
             .env("RUST_LOG", "info")
             .env("AUDIOLIB_LISTEN", addr.to_string())
             .env("AUDIOLIB_ADMIN_LISTEN", admin.to_string())
+            .env("AUDIOLIB_PORTAL_LISTEN", portal.to_string())
             .env("AUDIOLIB_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("AUDIOLIB_THREADS", "2")
             .env("AUDIOLIB_CATALOG_DIR", repo_path("catalog"))
@@ -240,6 +249,7 @@ impl GatewayBuilder {
             child,
             addr,
             admin,
+            portal,
             dev_key,
             log,
             spec: self,
@@ -284,6 +294,7 @@ impl Gateway {
             self.dir.clone(),
             self.addr,
             self.admin,
+            self.portal,
             &format!("gateway-upgraded-{n}.log"),
             &["--upgrade"],
         )
@@ -335,6 +346,10 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn portal_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.portal, path)
     }
 
     pub fn admin_url(&self, path: &str) -> String {
