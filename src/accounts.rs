@@ -236,8 +236,11 @@ impl AccountService {
             .update_account(id, update, self.now())
             .await?
             .ok_or_else(|| AdminError::AccountNotFound(id.to_string()))?;
+        // Both secrets of each key: one in its rotation grace is cached under the old one too.
         for key in self.store.keys_of_account(id).await? {
-            self.keys.forget(&key.digest).await;
+            for digest in std::iter::once(&key.digest).chain(&key.previous_digest) {
+                self.keys.forget(digest).await;
+            }
         }
         Ok(updated)
     }

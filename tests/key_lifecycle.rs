@@ -71,6 +71,65 @@ fn a_rotated_keys_old_secret_works_on_every_node_until_its_grace_ends() {
     );
 }
 
+/// A key in its rotation grace is cached under both secrets: disabling it, or its account,
+/// stops the old secret on every node within a second too, not when its cache entry expires.
+#[test]
+fn disabling_a_key_or_its_account_stops_the_old_secret_during_the_grace() {
+    let redis = RedisServer::start();
+    let node = || {
+        Gateway::builder()
+            .env("AUDIOLIB_REDIS_URL", redis.url())
+            .start()
+    };
+    let (a, b) = (node(), node());
+    let account = a.admin(
+        "POST",
+        "/admin/accounts",
+        Some(json!({"email": "grace@example.com", "name": "Grace"})),
+    );
+    assert_eq!(account.status, 201);
+    let acct = account.json()["id"].as_str().unwrap().to_string();
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let created = a.admin(
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "k", "account_id": acct})),
+        );
+        assert_eq!(created.status, 201);
+        let v = created.json();
+        let (id, old) = (v["id"].as_str().unwrap(), v["key"].as_str().unwrap());
+        let rotated = rotate(&a, id, json!({"grace_secs": 3600}));
+        assert_eq!(rotated.status, 201);
+        // Cached under the old secret on the other node.
+        assert_eq!(b.post_audio(old, BODY).status, 200);
+        keys.push((id.to_string(), old.to_string()));
+    }
+    let (first_id, first_old) = &keys[0];
+    let disabled = a.admin(
+        "PATCH",
+        &format!("/admin/keys/{first_id}"),
+        Some(json!({"status": "disabled"})),
+    );
+    assert_eq!(disabled.status, 200);
+    wait_until("the old secret refused", Duration::from_secs(1), || {
+        b.post_audio(first_old, BODY).status == 401
+    });
+    let (_, second_old) = &keys[1];
+    assert_eq!(b.post_audio(second_old, BODY).status, 200);
+    let disabled = a.admin(
+        "PATCH",
+        &format!("/admin/accounts/{acct}"),
+        Some(json!({"status": "disabled"})),
+    );
+    assert_eq!(disabled.status, 200);
+    wait_until(
+        "the old secret of the account's key refused",
+        Duration::from_secs(1),
+        || b.post_audio(second_old, BODY).status == 401,
+    );
+}
+
 #[test]
 fn a_rotation_without_grace_stops_the_old_secret_at_once_on_every_node() {
     let redis = RedisServer::start();

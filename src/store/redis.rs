@@ -26,11 +26,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use futures_util::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Script};
-use futures_util::future::join_all;
 use tokio::sync::{OnceCell, mpsc};
 
 use self::sentinel::{SentinelMaster, SentinelUrl};
