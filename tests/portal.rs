@@ -360,6 +360,35 @@ fn a_wrong_password_reads_the_same_for_unknown_emails_and_five_failures_mean_a_w
     assert!(sixth.body.contains("Wait "), "{}", sixth.body);
     // Another account from the same address is not held up.
     assert_eq!(attempt(&mut browser, "nobody@example.com", "x").status, 401);
+
+    // A burst at once: every attempt is counted before it is judged, so five are judged and
+    // the rest wait, however many arrive together.
+    let (_, url) = invite(&gw, "burst@example.com");
+    Browser::new(&gw.portal_url("/")).accept_invite(&url, "burst@example.com", "burst right");
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let tries: Vec<_> = (0..20)
+            .map(|_| {
+                let base = gw.portal_url("/");
+                scope.spawn(move || {
+                    let mut b = Browser::new(&base);
+                    let csrf = b.get("/signin").csrf();
+                    b.post(
+                        "/signin",
+                        &[
+                            ("csrf", &csrf),
+                            ("email", "burst@example.com"),
+                            ("password", "wrong"),
+                        ],
+                    )
+                    .status
+                })
+            })
+            .collect();
+        tries.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let judged = statuses.iter().filter(|s| **s == 401).count();
+    let waited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((judged, waited), (5, 15), "{statuses:?}");
 }
 
 #[test]

@@ -152,6 +152,11 @@ async fn contract(store: Arc<dyn PortalStore>, accounts: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(count, 3);
     assert!(age <= 2, "{age}");
+    // A cleared key starts again; the others keep their count.
+    store.clear_failures("g").await.unwrap();
+    let now = SystemTime::now();
+    assert_eq!(store.failures("g", window, now).await.unwrap().0, 0);
+    assert_eq!(store.failures("f", window, now).await.unwrap().0, 3);
     common::wait_until("the window to pass", Duration::from_secs(10), || {
         block_on(store.failures("f", window, SystemTime::now())).0 == 0
     });

@@ -425,14 +425,8 @@ impl Portal {
         let given = req.field("email").unwrap_or("").trim().to_lowercase();
         let password = req.field("password").unwrap_or("").to_string();
         let throttle = core::throttle_key(&given, &req.client);
-        let now = self.deps.clock.now();
-        let (failures, age) = self
-            .deps
-            .store
-            .failures(&throttle, THROTTLE_WINDOW, now)
-            .await?;
-        if failures >= MAX_FAILURES {
-            return Ok(wait_page(THROTTLE_WINDOW.as_secs().saturating_sub(age)));
+        if let Some(wait) = self.attempt(&throttle).await? {
+            return Ok(wait);
         }
         let account = match normalize_email(&given) {
             Ok(email) => self.deps.store.account_id_by_email(&email).await?,
@@ -444,15 +438,13 @@ impl Portal {
         };
         let ok = password::verify_off_thread(password, hash).await;
         let Some(account) = account.filter(|_| ok) else {
-            self.deps
-                .store
-                .add_failure(&throttle, THROTTLE_WINDOW, now)
-                .await?;
             let open = self.deps.signup == Signup::Open;
             return Ok(self.anonymous(req, StatusCode::UNAUTHORIZED, |csrf| {
                 pages::sign_in(csrf, &given, Some(WRONG), None, open)
             }));
         };
+        // Only failures count: the owner's own attempt is forgiven once it succeeds.
+        self.deps.store.clear_failures(&throttle).await?;
         match self.deps.accounts.show(&account).await {
             Ok((view, ..)) if view.status == AccountStatus::Active => {
                 self.start_session(&account, "/keys").await
@@ -483,15 +475,11 @@ impl Portal {
         };
         // Sign-ups per address and minute are counted like failed sign-ins, so one client
         // cannot make accounts by the thousand.
-        let throttle = core::throttle_key("\0sign-up", &req.client);
-        let now = self.deps.clock.now();
-        let (made, age) = self
-            .deps
-            .store
-            .failures(&throttle, THROTTLE_WINDOW, now)
-            .await?;
-        if made >= MAX_FAILURES {
-            return Ok(wait_page(THROTTLE_WINDOW.as_secs().saturating_sub(age)));
+        if let Some(wait) = self
+            .attempt(&core::throttle_key("\0sign-up", &req.client))
+            .await?
+        {
+            return Ok(wait);
         }
         if let Some(problem) = core::password_problem(&password) {
             return Ok(again(None, Some(&problem)));
@@ -520,10 +508,6 @@ impl Portal {
             Err(e) => return Err(e.into()),
         };
         self.deps.store.set_password_hash(&view.id, &hash).await?;
-        self.deps
-            .store
-            .add_failure(&throttle, THROTTLE_WINDOW, now)
-            .await?;
         self.deps
             .audit
             .record(
@@ -915,26 +899,35 @@ impl Portal {
             ));
         };
         let throttle = core::throttle_key(OPERATOR, &req.client);
-        let now = self.deps.clock.now();
-        let (failures, age) = self
-            .deps
-            .store
-            .failures(&throttle, THROTTLE_WINDOW, now)
-            .await?;
-        if failures >= MAX_FAILURES {
-            return Ok(wait_page(THROTTLE_WINDOW.as_secs().saturating_sub(age)));
+        if let Some(wait) = self.attempt(&throttle).await? {
+            return Ok(wait);
         }
         let given = Sha256::digest(req.field("token").unwrap_or("").trim().as_bytes());
         if given.as_slice() != expected {
-            self.deps
-                .store
-                .add_failure(&throttle, THROTTLE_WINDOW, now)
-                .await?;
             return Ok(self.anonymous(req, StatusCode::UNAUTHORIZED, |csrf| {
                 pages::operator_sign_in(csrf, Some("Wrong admin token."))
             }));
         }
+        self.deps.store.clear_failures(&throttle).await?;
         self.start_session(OPERATOR, "/operator").await
+    }
+}
+
+impl Portal {
+    /// Counts an attempt under `throttle` before it is judged, and answers the wait page when
+    /// it is one too many. Counting first, in the store's one atomic step, holds the bound
+    /// however many attempts arrive at once (a check before and a count after would let a
+    /// parallel burst through); a sign-in that succeeds clears its count again.
+    async fn attempt(&self, throttle: &str) -> Result<Option<Answer>, Answer> {
+        let now = self.deps.clock.now();
+        let store = &self.deps.store;
+        if store.add_failure(throttle, THROTTLE_WINDOW, now).await? <= MAX_FAILURES {
+            return Ok(None);
+        }
+        let (_, age) = store.failures(throttle, THROTTLE_WINDOW, now).await?;
+        Ok(Some(wait_page(
+            THROTTLE_WINDOW.as_secs().saturating_sub(age),
+        )))
     }
 }
 

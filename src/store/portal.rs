@@ -67,6 +67,8 @@ pub trait PortalStore: Send + Sync + 'static {
         window: std::time::Duration,
         now: SystemTime,
     ) -> Result<(u32, u64), StoreError>;
+    /// Forgets the attempts counted under `key` (a sign-in succeeded).
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
     /// Counts one more failed sign-in under `key`; returns the count in the window.
     async fn add_failure(
         &self,

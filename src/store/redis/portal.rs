@@ -205,6 +205,12 @@ impl PortalStore for RedisStore {
         Ok((count.unwrap_or(0), age))
     }
 
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+        let key = failures_key(key);
+        self.call_patiently(|mut c| async move { c.del::<_, ()>(key).await })
+            .await
+    }
+
     async fn add_failure(
         &self,
         key: &str,

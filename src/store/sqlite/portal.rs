@@ -233,6 +233,15 @@ impl PortalStore for SqliteStore {
         .await
     }
 
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.call(move |db| {
+            lock(&db.write).execute("DELETE FROM portal_failures WHERE key = ?1", [key])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn add_failure(
         &self,
         key: &str,
