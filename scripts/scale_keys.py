@@ -7,7 +7,9 @@
     the start (cache misses: one store read each);
   - /v1/audio over 50,000 distinct keys with the key cache capped at 10,000 (misses all the
     time), and the RSS after it: memory bounded by the cache, not by the key count;
-  - `GET /admin/keys?limit=100`: the first page and a page from the middle (a cursor),
+  - `GET /admin/keys?limit=100`: the first page and a page from the middle (a cursor);
+  - one account per ten keys (up to 100,000), made by `POST /admin/accounts` from 16 clients
+    at once, and `GET /admin/accounts?limit=100` the same way,
 
 then rewrites the keys part of docs/scaling.md and draws docs/scaling-keys.svg. Run through
 scripts/scale (which builds first) or `scripts/scale --keys`.
@@ -56,6 +58,31 @@ def import_keys(admin, start, end):
         assert status == 201, data[:300]
         ids += json.loads(data)["ids"]
     return ids
+
+
+def create_accounts(admin, start, end, clients=16):
+    """Creates accounts start..end from `clients` threads; returns their ids in creation order
+    (by the ids the answers carry, sorted as the store lists them is not needed)."""
+    import concurrent.futures
+    import http.client
+
+    def make(lo, hi):
+        c = http.client.HTTPConnection("127.0.0.1", admin, timeout=30)
+        ids = []
+        for i in range(lo, hi):
+            body = json.dumps({"email": f"scale{i}@example.com", "name": f"Scale {i}"})
+            c.request("POST", "/admin/accounts", body=body, headers=AUTH)
+            r = c.getresponse()
+            data = r.read()
+            assert r.status == 201, data[:300]
+            ids.append(json.loads(data)["id"])
+        c.close()
+        return ids
+
+    step = max(1, (end - start + clients - 1) // clients)
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        parts = list(pool.map(lambda lo: make(lo, min(end, lo + step)), range(start, end, step)))
+    return [i for part in parts for i in part]
 
 
 def wrk(port, work, keys, duration, connections):
@@ -158,12 +185,17 @@ def measure_store(store, work, args):
     small = Gateway(work, env, cache_conf)
     try:
         gw.start()
-        have, ids = 0, []
+        have, ids, accounts = 0, [], []
         for n in [s for s in SIZES if s <= args.max_keys]:
             t = time.monotonic()
             ids += import_keys(gw.admin, have, n)
             took = time.monotonic() - t
             row = {"store": store, "keys": n, "import_keys_per_s": (n - have) / took if n > have else 0}
+            t = time.monotonic()
+            want = max(1, n // 10)
+            accounts += create_accounts(gw.admin, len(accounts), want)
+            row["accounts"] = want
+            row["accounts_per_s"] = want / (time.monotonic() - t)
             have = n
             gw.stop()
             if store == "redis":
@@ -189,6 +221,10 @@ def measure_store(store, work, args):
             middle = ids[len(ids) // 2]
             row["list_middle_ms"], _ = timed(
                 lambda: get(gw.admin, f"/admin/keys?limit=100&cursor={middle}", headers=AUTH), 20)
+            row["accounts_first_ms"], _ = timed(lambda: get(gw.admin, "/admin/accounts?limit=100", headers=AUTH), 20)
+            middle = accounts[len(accounts) // 2]
+            row["accounts_middle_ms"], _ = timed(
+                lambda: get(gw.admin, f"/admin/accounts?limit=100&cursor={middle}", headers=AUTH), 20)
             row["rss_after_mib"] = rss_mib(gw.proc.pid)
             gw.stop()
             # Many distinct keys through a cache of 10,000: memory stays the cache's.
@@ -277,14 +313,16 @@ def table(rows, args, before, after):
         f"{BATCH:,} per `POST /admin/keys:import`. Load average {before} before the run, {after} after: "
         f"compare within this run.",
         "",
-        "| store | keys | import | store size | start → /readyz | RSS at start | first call, cold key (p50 / p99) | one hot key req/s (p99) | list: first page / middle page | 50k keys, cache 10k: req/s (p99) | RSS after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| store | keys | accounts | import keys | create accounts | store size | start → /readyz | RSS at start | first call, cold key (p50 / p99) | one hot key req/s (p99) | keys page: first / middle | accounts page: first / middle | 50k keys, cache 10k: req/s (p99) | RSS after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['store']} | {r['keys']:,} | {r['import_keys_per_s']:,.0f} keys/s | {r['store_mib']:.1f} MiB | "
+            f"| {r['store']} | {r['keys']:,} | {r['accounts']:,} | {r['import_keys_per_s']:,.0f}/s | "
+            f"{r['accounts_per_s']:,.0f}/s | {r['store_mib']:.1f} MiB | "
             f"{r['ready_s']:.2f} s | {r['rss_start_mib']:.1f} MiB | {r['cold_p50_ms']:.2f} / {r['cold_p99_ms']:.2f} ms | "
             f"{r['hot_rps']:,.0f} ({r['hot_p99_ms']:.2f} ms) | {r['list_first_ms']:.1f} / {r['list_middle_ms']:.1f} ms | "
+            f"{r['accounts_first_ms']:.1f} / {r['accounts_middle_ms']:.1f} ms | "
             f"{r['churn_rps']:,.0f} ({r['churn_p99_ms']:.2f} ms) | {r['rss_churn_mib']:.1f} MiB |")
     lines += ["", "![start-up, memory, throughput and cold calls against the key count](scaling-keys.svg)", ""]
     return "\n".join(lines)
