@@ -153,6 +153,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due_ms) WHERE due_ms IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_finished ON outbox (created_ms) WHERE due_ms IS NULL;
+-- The prunes by age (every audit append, every upkeep) read these instead of every row.
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+CREATE INDEX IF NOT EXISTS usage_days_by_day ON usage_days (day);
+CREATE INDEX IF NOT EXISTS key_changes_by_time ON key_changes (at);
 ";
 
 /// After [`SCHEMA`]: what a version-1 file lacks, then the version.
@@ -1103,6 +1107,39 @@ impl LeaseBackend for SqliteStore {
         let path = self.path.clone();
         if let Err(e) = self.call(move |db| db.checkpoint(&path)).await {
             log::warn!("embedded store: checkpoint failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every prune by age runs on each audit append or every upkeep: each must search an
+    /// index, never scan its table (a scan made an audit append cost grow with the log).
+    #[test]
+    fn prunes_by_age_search_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let conn = lock(&store.db.read);
+        for prune in [
+            "DELETE FROM audit WHERE at < 1",
+            "DELETE FROM usage_days WHERE day < 1",
+            "DELETE FROM key_changes WHERE at < 1",
+            "DELETE FROM outbox WHERE due_ms IS NULL AND created_ms < 1",
+            "DELETE FROM portal_sessions WHERE seen_at < 1",
+        ] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {prune}"))
+                .unwrap()
+                .query_map([], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().all(|step| !step.starts_with("SCAN")),
+                "{prune}: {plan:?}"
+            );
         }
     }
 }

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS portal_sessions (
     created_at INTEGER NOT NULL,
     seen_at INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS portal_sessions_by_use ON portal_sessions (seen_at);
 CREATE TABLE IF NOT EXISTS portal_failures (
     key TEXT PRIMARY KEY,
     started INTEGER NOT NULL,
