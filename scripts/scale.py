@@ -150,11 +150,13 @@ def nice_ceiling(v):
     return 10 * p
 
 
-def panel(x0, title, unit, points, extra, fmt):
-    """One chart: log x (tracks, 10 to 10^6), linear y from 0; `extra` is the 10,000-library point."""
+def panel(x0, title, unit, lines, fmt, xlabel="tracks", squares=()):
+    """One chart: log x (10 to 10^6), linear y from 0. `lines` are (colour, points) drawn as
+    lines with dots; `squares` are (colour, point) drawn alone (the 10,000-library case)."""
     import math
     w, h, left, top = 270, 200, 55, 40
-    ymax = nice_ceiling(max([y for _, y in points] + [extra[1]]) * 1.05)
+    values = [v for _, pts in lines for _, v in pts] + [v for _, (_, v) in squares]
+    ymax = nice_ceiling(max(values) * 1.05)
     X = lambda t: x0 + left + (math.log10(t) - 1) / 5 * w  # noqa: E731
     Y = lambda v: top + h - v / ymax * h  # noqa: E731
     out = [f'<text x="{x0 + left + w / 2}" y="22" text-anchor="middle" font-weight="bold">{title}</text>',
@@ -165,15 +167,15 @@ def panel(x0, title, unit, points, extra, fmt):
         out.append(f'<text x="{x0 + left - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{fmt(v)}</text>')
     for e, label in ((1, "10"), (3, "1k"), (5, "100k"), (6, "1M")):
         out.append(f'<text x="{X(10 ** e):.1f}" y="{top + h + 16}" text-anchor="middle">{label}</text>')
-    out.append(f'<text x="{x0 + left + w / 2}" y="{top + h + 34}" text-anchor="middle">tracks (log scale)</text>')
+    out.append(f'<text x="{x0 + left + w / 2}" y="{top + h + 34}" text-anchor="middle">{xlabel} (log scale)</text>')
     out.append(f'<text x="{x0 + 14}" y="{top + h / 2}" text-anchor="middle" '
                f'transform="rotate(-90 {x0 + 14} {top + h / 2})">{unit}</text>')
-    path = " ".join(f"{X(t):.1f},{Y(v):.1f}" for t, v in points)
-    out.append(f'<polyline points="{path}" fill="none" stroke="#1f77b4" stroke-width="2"/>')
-    for t, v in points:
-        out.append(f'<circle cx="{X(t):.1f}" cy="{Y(v):.1f}" r="4" fill="#1f77b4"/>')
-    t, v = extra
-    out.append(f'<rect x="{X(t) - 4:.1f}" y="{Y(v) - 4:.1f}" width="8" height="8" fill="#d62728"/>')
+    for colour, pts in lines:
+        path = " ".join(f"{X(t):.1f},{Y(v):.1f}" for t, v in pts)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        out += [f'<circle cx="{X(t):.1f}" cy="{Y(v):.1f}" r="4" fill="{colour}"/>' for t, v in pts]
+    for colour, (t, v) in squares:
+        out.append(f'<rect x="{X(t) - 4:.1f}" y="{Y(v) - 4:.1f}" width="8" height="8" fill="{colour}"/>')
     return out
 
 
@@ -190,8 +192,8 @@ def svg(rows):
              'font-family="sans-serif" font-size="11">',
              '<rect width="100%" height="100%" fill="white"/>']
     for i, (title, unit, field, fmt) in enumerate(charts):
-        parts += panel(i * 340, title, unit, [(r["tracks"], r[field]) for r in one],
-                       (spread["tracks"], spread[field]), fmt)
+        parts += panel(i * 340, title, unit, [("#1f77b4", [(r["tracks"], r[field]) for r in one])], fmt,
+                       squares=[("#d62728", (spread["tracks"], spread[field]))])
     parts.append('<circle cx="80" cy="300" r="4" fill="#1f77b4"/>'
                  '<text x="90" y="304">one library</text>'
                  '<rect x="186" y="296" width="8" height="8" fill="#d62728"/>'

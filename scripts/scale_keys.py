@@ -29,8 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale import (ADMIN_TOKEN, RELEASE, ROOT, free_port, get, loadavg, machine, nice_ceiling,  # noqa: E402
-                   poll, rss_mib)
+from scale import ADMIN_TOKEN, RELEASE, ROOT, free_port, get, loadavg, machine, panel, poll, rss_mib  # noqa: E402
 
 SIZES = [10, 1_000, 100_000, 1_000_000]
 BATCH = 10_000
@@ -247,32 +246,6 @@ def measure_store(store, work, args):
     return rows
 
 
-def panel(x0, title, unit, series, fmt):
-    """One chart: log x (keys, 10 to 10^6), linear y from 0; `series` are (name, colour,
-    points)."""
-    import math
-    w, h, left, top = 270, 200, 55, 40
-    ymax = nice_ceiling(max(v for _, _, pts in series for _, v in pts) * 1.05)
-    X = lambda k: x0 + left + (math.log10(k) - 1) / 5 * w  # noqa: E731
-    Y = lambda v: top + h - v / ymax * h  # noqa: E731
-    out = [f'<text x="{x0 + left + w / 2}" y="22" text-anchor="middle" font-weight="bold">{title}</text>',
-           f'<rect x="{x0 + left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
-    for i in range(5):
-        v = ymax * i / 4
-        out.append(f'<line x1="{x0 + left}" x2="{x0 + left + w}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{x0 + left - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{fmt(v)}</text>')
-    for e, label in ((1, "10"), (3, "1k"), (5, "100k"), (6, "1M")):
-        out.append(f'<text x="{X(10 ** e):.1f}" y="{top + h + 16}" text-anchor="middle">{label}</text>')
-    out.append(f'<text x="{x0 + left + w / 2}" y="{top + h + 34}" text-anchor="middle">keys (log scale)</text>')
-    out.append(f'<text x="{x0 + 14}" y="{top + h / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 {x0 + 14} {top + h / 2})">{unit}</text>')
-    for name, color, pts in series:
-        path = " ".join(f"{X(k):.1f},{Y(v):.1f}" for k, v in pts)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
-        out += [f'<circle cx="{X(k):.1f}" cy="{Y(v):.1f}" r="3.5" fill="{color}"/>' for k, v in pts]
-    return out
-
-
 def svg(rows):
     stores = sorted({r["store"] for r in rows})
     charts = [
@@ -289,9 +262,9 @@ def svg(rows):
     colours = {("embedded", 0): "#1f77b4", ("embedded", 1): "#d62728",
                ("redis", 0): "#2ca02c", ("redis", 1): "#9467bd"}
     for i, (title, unit, fields, fmt) in enumerate(charts):
-        series = [(store, colours[(store, j)], [(r["keys"], r[field]) for r in rows if r["store"] == store])
-                  for store in stores for j, (field, _) in enumerate(fields)]
-        parts += panel(i * 340, title, unit, series, fmt)
+        lines = [(colours[(store, j)], [(r["keys"], r[field]) for r in rows if r["store"] == store])
+                 for store in stores for j, (field, _) in enumerate(fields)]
+        parts += panel(i * 340, title, unit, lines, fmt, xlabel="keys")
     x = 80
     for (store, j), colour in colours.items():
         if store in stores:
