@@ -39,7 +39,7 @@ impl Event {
     pub fn new(kind: &str, data: Value, now: SystemTime) -> Self {
         let mut raw = [0u8; 12];
         rand::rng().fill_bytes(&mut raw);
-        Self::with_id(format!("evt_{}", hex(&raw)), kind, data, now)
+        Self::with_id(format!("evt_{}", hex::encode(raw)), kind, data, now)
     }
 
     /// An event that happens once to `target` (a key is created or revoked once): its id is
@@ -116,7 +116,7 @@ pub fn signature(secret: &str, t: u64, body: &str) -> String {
     mac.update(t.to_string().as_bytes());
     mac.update(b".");
     mac.update(body.as_bytes());
-    format!("t={t},v1={}", hex(&mac.finalize().into_bytes()))
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// When to try again after the `attempts`-th failed delivery of an event made at `created`,
@@ -131,15 +131,7 @@ pub fn next_attempt(created: SystemTime, attempts: u32, now: SystemTime) -> Opti
 /// `evt_` and 96 bits of the SHA-256 of `parts` (NUL-separated): the same on every node.
 fn derived_id(parts: &[&str]) -> String {
     let digest = Sha256::digest(parts.join("\0").as_bytes());
-    format!("evt_{}", hex(&digest[..12]))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    format!("evt_{}", hex::encode(&digest[..12]))
 }
 
 #[cfg(test)]

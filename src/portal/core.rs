@@ -49,11 +49,7 @@ pub fn new_token() -> String {
 
 /// SHA-256 in hex: how tokens are kept.
 pub fn digest(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 /// The CSRF token of forms shown under the cookie token `token`: derived, so it needs no
@@ -62,7 +58,7 @@ pub fn csrf_token(token: &str) -> String {
     let mut h = Sha256::new();
     h.update(b"audiolib-portal-csrf\0");
     h.update(token.as_bytes());
-    hex(&h.finalize()[..16])
+    hex::encode(&h.finalize()[..16])
 }
 
 /// Whether a submitted CSRF field matches the cookie's token (compared as digests, so the time
