@@ -53,7 +53,7 @@ pub struct App {
     pub catalog: Arc<CatalogHandle>,
     pub cache: Arc<KeyCache>,
     /// The webhook delivery service, when webhooks are on; taken by whoever runs it.
-    pub delivery: std::sync::Mutex<Option<Delivery>>,
+    pub delivery: Option<Delivery>,
     /// The developer portal's storage: the same store as the keys'. Set by [`build_app`];
     /// `None` from [`build_app_with`], whose callers run no portal.
     pub portal_store: Option<Arc<dyn PortalStore>>,
@@ -130,19 +130,17 @@ pub fn build_app_from(
     let metrics = Arc::new(Metrics::new());
     let store_metrics = StoreMetrics::new();
     store_metrics.register_in(&metrics);
-    let webhooks = match (&config.webhooks, outbox) {
+    let mut quota = Quota::new(lease_backend, store_metrics.clone()).with_clock(clock.clone());
+    let delivery = match (&config.webhooks, outbox) {
         (Some(target), Some(outbox)) => {
             let events = Arc::new(Webhooks::new(outbox, clock.clone()));
             metrics.register(events.counts.clone());
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            Some((events, tx, target.clone(), rx))
+            let (delivery, crossings) = Delivery::new(events, target.clone());
+            quota = quota.with_crossings(crossings);
+            Some(delivery)
         }
         _ => None,
     };
-    let mut quota = Quota::new(lease_backend, store_metrics.clone()).with_clock(clock.clone());
-    if let Some((_, crossings, _, _)) = &webhooks {
-        quota = quota.with_crossings(crossings.clone());
-    }
     let quota = Arc::new(quota);
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(keys_backend, store_metrics));
     let catalog = Arc::new(CatalogHandle::new(&config.catalog_dir));
@@ -159,7 +157,7 @@ pub fn build_app_from(
             "signing is not configured (bucket and AWS credentials): /v1/audio will answer 503 PRESIGN_FAILED"
         );
     }
-    let events = webhooks.as_ref().map(|(events, ..)| events.clone());
+    let events = delivery.as_ref().map(|d| d.webhooks.clone());
     let keys = Arc::new(
         KeyService::new(
             store.clone(),
@@ -196,11 +194,6 @@ pub fn build_app_from(
                 .collect(),
         ),
     );
-    let delivery = webhooks.map(|(webhooks, _, target, crossings)| Delivery {
-        webhooks,
-        target,
-        crossings: std::sync::Mutex::new(Some(crossings)),
-    });
     Ok(App {
         gateway,
         metrics,
@@ -209,7 +202,7 @@ pub fn build_app_from(
         audit,
         catalog,
         cache,
-        delivery: std::sync::Mutex::new(delivery),
+        delivery,
         portal_store: None,
     })
 }
@@ -466,7 +459,7 @@ pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), Strin
             })?;
         }
     }
-    let app = build_app(&config, Arc::new(SystemClock))?;
+    let mut app = build_app(&config, Arc::new(SystemClock))?;
     // The embedded store starts empty: it gets a development key.
     if config.redis_url.is_none() {
         create_dev_key(&app.keys, &config)?;
@@ -508,7 +501,7 @@ pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), Strin
         },
     ));
 
-    if let Some(delivery) = crate::locks::lock(&app.delivery).take() {
+    if let Some(delivery) = app.delivery.take() {
         server.add_service(background_service("webhook delivery", delivery));
     }
     server.add_service(background_service(

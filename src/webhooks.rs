@@ -112,11 +112,34 @@ impl Webhooks {
 /// to the configured receiver.
 pub struct Delivery {
     pub webhooks: Arc<Webhooks>,
-    pub target: config::Webhooks,
-    pub crossings: Mutex<Option<mpsc::UnboundedReceiver<Crossing>>>,
+    target: config::Webhooks,
+    /// One client for every delivery: its connections and TLS setup are kept between them.
+    agent: ureq::Agent,
+    crossings: Mutex<Option<mpsc::UnboundedReceiver<Crossing>>>,
 }
 
 impl Delivery {
+    /// The service delivering to `target` what `webhooks` records, and the sink the quota
+    /// tells thresholds to ([`crate::store::lease::Quota::with_crossings`]).
+    pub fn new(
+        webhooks: Arc<Webhooks>,
+        target: config::Webhooks,
+    ) -> (Self, mpsc::UnboundedSender<Crossing>) {
+        let (sink, crossings) = mpsc::unbounded_channel();
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(DELIVERY_TIMEOUT))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let delivery = Self {
+            webhooks,
+            target,
+            agent,
+            crossings: Mutex::new(Some(crossings)),
+        };
+        (delivery, sink)
+    }
+
     /// Sends every due event once; the outcome of each is written back to the outbox.
     async fn deliver_due(&self) {
         let now = self.webhooks.now();
@@ -136,7 +159,8 @@ impl Delivery {
         let url = self.target.url.clone();
         let secret = self.target.secret.clone();
         let body = event.body.clone();
-        let sent = tokio::task::spawn_blocking(move || post(&url, secret.expose(), &body))
+        let agent = self.agent.clone();
+        let sent = tokio::task::spawn_blocking(move || post(&agent, &url, secret.expose(), &body))
             .await
             .unwrap_or_else(|e| Err(format!("delivery task: {e}")));
         let outbox = &self.webhooks.outbox;
@@ -179,15 +203,10 @@ impl Delivery {
 }
 
 /// POSTs `body` signed with `secret`; `Ok` on a 2xx answer.
-fn post(url: &str, secret: &str, body: &str) -> Result<(), String> {
+fn post(agent: &ureq::Agent, url: &str, secret: &str, body: &str) -> Result<(), String> {
     let t = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(DELIVERY_TIMEOUT))
-        .http_status_as_error(false)
-        .build()
-        .into();
     let answer = agent
         .post(url)
         .header("Content-Type", "application/json")
