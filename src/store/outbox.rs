@@ -6,7 +6,7 @@
 //! it, and handed out again if that node dies before it says how the delivery went.
 //! Receivers deduplicate by the event's `id`.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
@@ -43,4 +43,14 @@ pub trait Outbox: Send + Sync + 'static {
     async fn finish(&self, id: &str) -> Result<(), StoreError>;
     /// The delivery failed: due again at `at`, `attempts` attempts made.
     async fn retry(&self, id: &str, at: SystemTime, attempts: u32) -> Result<(), StoreError>;
+}
+
+/// Instants as the outboxes keep them: milliseconds since the epoch.
+pub(super) fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(super) fn from_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
 }

@@ -7,7 +7,7 @@
 //! - `audiolib:{events}:due` — ZSET of waiting ids scored by when they are due (ms)
 
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redis::Script;
@@ -16,7 +16,7 @@ use super::scripts::invoke;
 use super::{RedisStore, valid_id};
 use crate::events::Event;
 use crate::store::StoreError;
-use crate::store::outbox::{KEEP_IDS, Outbox, Pending};
+use crate::store::outbox::{KEEP_IDS, Outbox, Pending, from_ms, to_ms as ms};
 
 const BODY: &str = "audiolib:{events}:body";
 const META: &str = "audiolib:{events}:meta";
@@ -70,18 +70,13 @@ return 1
     )
 });
 
-fn ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn pending(id: String, body: String, meta: &str) -> Pending {
     let (created, attempts) = meta.split_once(':').unwrap_or(("0", "0"));
     Pending {
         event: Event {
             id,
             body,
-            created_at: UNIX_EPOCH + Duration::from_millis(created.parse().unwrap_or(0)),
+            created_at: from_ms(created.parse().unwrap_or(0)),
         },
         attempts: attempts.parse().unwrap_or(0),
     }

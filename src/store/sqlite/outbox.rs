@@ -1,6 +1,6 @@
 //! The outbox in the embedded store: one row per event (see the schema in [`super`]).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use rusqlite::{TransactionBehavior, params};
@@ -9,15 +9,10 @@ use super::SqliteStore;
 use crate::events::Event;
 use crate::locks::lock;
 use crate::store::StoreError;
-use crate::store::outbox::{KEEP_IDS, Outbox, Pending};
+use crate::store::outbox::{self, KEEP_IDS, Outbox, Pending};
 
 fn ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn from_ms(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+    outbox::to_ms(t) as i64
 }
 
 #[async_trait]
@@ -63,7 +58,7 @@ impl Outbox for SqliteStore {
                         event: Event {
                             id: r.get(0)?,
                             body: r.get(1)?,
-                            created_at: from_ms(r.get(2)?),
+                            created_at: outbox::from_ms(r.get::<_, i64>(2)?.max(0) as u64),
                         },
                         attempts: r.get(3)?,
                     })
