@@ -78,6 +78,11 @@ wrk.body = {json.dumps(json.dumps({"library": library}))}
 wrk.headers["Authorization"] = "Bearer {key}"
 wrk.headers["Content-Type"] = "application/json"
 """)
+    return wrk_script(port, script, duration, connections)
+
+
+def wrk_script(port, script, duration, connections):
+    """req/s, p99 in ms and non-2xx answers of wrk running the Lua `script` on /v1/audio."""
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script,
                           f"http://127.0.0.1:{port}/v1/audio"],
                          capture_output=True, text=True, check=True).stdout
@@ -239,6 +244,16 @@ def table(rows, args, before_load, after_load):
     return "\n".join(lines)
 
 
+def rewrite_section(page, name, text):
+    """Replaces what stands between `<!-- scale:NAME:begin -->` and its end marker in `page`."""
+    with open(page) as f:
+        whole = f.read()
+    begin, end = f"<!-- scale:{name}:begin -->", f"<!-- scale:{name}:end -->"
+    i, j = whole.index(begin) + len(begin), whole.index(end)
+    with open(page, "w") as f:
+        f.write(whole[:i] + "\n" + text + "\n" + whole[j:])
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -268,13 +283,7 @@ def main():
     with open(os.path.join(args.out, "scaling-tracks.svg"), "w") as f:
         f.write(svg(rows))
     page = os.path.join(args.out, "scaling.md")
-    with open(page) as f:
-        text = f.read()
-    begin, end = "<!-- scale:tracks:begin -->", "<!-- scale:tracks:end -->"
-    i, j = text.index(begin) + len(begin), text.index(end)
-    text = text[:i] + "\n" + table(rows, args, before, loadavg()) + "\n" + text[j:]
-    with open(page, "w") as f:
-        f.write(text)
+    rewrite_section(page, "tracks", table(rows, args, before, loadavg()))
     with open(os.path.join(args.out, "scaling-tracks.json"), "w") as f:
         json.dump(rows, f, indent=1)
         f.write("\n")

@@ -29,7 +29,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale import ADMIN_TOKEN, RELEASE, ROOT, free_port, get, loadavg, machine, panel, poll, rss_mib  # noqa: E402
+from scale import (ADMIN_TOKEN, RELEASE, ROOT, free_port, get, loadavg, machine, panel, poll,  # noqa: E402
+                   rewrite_section, rss_mib, wrk_script)
 
 SIZES = [10, 1_000, 100_000, 1_000_000]
 BATCH = 10_000
@@ -98,14 +99,7 @@ request = function()
     {["Authorization"] = "Bearer " .. keys[(i % #keys) + 1], ["Content-Type"] = "application/json"}, body)
 end
 """)
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script,
-                          f"http://127.0.0.1:{port}/v1/audio"], capture_output=True, text=True, check=True).stdout
-    import re
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    m = re.search(r"\s99(?:\.000)?%\s+([\d.]+)(us|ms|s)", out)
-    p99 = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rps, p99, int(m.group(1)) if m else 0
+    return wrk_script(port, script, duration, connections)
 
 
 def timed(fn, n):
@@ -330,13 +324,7 @@ def main():
         json.dump(rows, f, indent=1)
         f.write("\n")
     page = os.path.join(args.out, "scaling.md")
-    with open(page) as f:
-        text = f.read()
-    begin, end = "<!-- scale:keys:begin -->", "<!-- scale:keys:end -->"
-    i, j = text.index(begin) + len(begin), text.index(end)
-    text = text[:i] + "\n" + table(rows, args, before, loadavg()) + "\n" + text[j:]
-    with open(page, "w") as f:
-        f.write(text)
+    rewrite_section(page, "keys", table(rows, args, before, loadavg()))
     print(f"wrote {page} and scaling-keys.svg", file=sys.stderr)
 
 
