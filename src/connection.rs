@@ -1,26 +1,37 @@
 //! Per-connection policy for the public listener, around the proxy: what Pingora leaves to
-//! the application about client connections (pipelining, the whole-head deadline, the head
-//! buffer budget, the connection cap).
+//! the application about client connections (the TLS handshake's bound, pipelining, the
+//! whole-head deadline, the head buffer budget, the connection cap).
 //!
-//! Per-request state that these need from the proxy's hooks (has the head been read yet, how
-//! much has been buffered for it) is a task-local: Pingora runs a connection's requests inside
-//! our `process_new_http` future and offers no other way to hand state to the hooks.
+//! [`ClientConnections`] takes each accepted connection, does the TLS handshake and runs the
+//! HTTP/1.x keep-alive loop itself, so that what is per connection is set up once per
+//! connection and a request costs no extra future, timer or wrapper. HTTP/2 connections go to
+//! Pingora's own loop.
+//!
+//! Per-request state that the stream needs from the proxy's hooks (has the head been read yet,
+//! how much has been buffered for it) is a task-local: Pingora runs a connection's requests
+//! inside our future and offers no other way to hand state to the hooks.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType,
 };
+use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::config::Limits;
 use crate::error::ApiError;
 
 /// The request head being read on this connection.
@@ -29,6 +40,27 @@ struct PendingHead {
     read: Cell<bool>,
     /// Bytes read from the client since this request began, while the head was pending.
     buffered: Cell<usize>,
+    /// Where the head's deadline counts from: the accept for a connection's first request,
+    /// the first byte of the head for a later one (the wait before it is keep-alive idle time,
+    /// bounded by `limits.keepalive_secs`). `None` until then.
+    since: Cell<Option<Instant>>,
+}
+
+impl PendingHead {
+    fn first(accepted: Instant) -> Self {
+        Self {
+            read: Cell::new(false),
+            buffered: Cell::new(0),
+            since: Cell::new(Some(accepted)),
+        }
+    }
+
+    /// The next request on a kept-alive connection.
+    fn next(&self) {
+        self.read.set(false);
+        self.buffered.set(0);
+        self.since.set(None);
+    }
 }
 
 tokio::task_local! {
@@ -41,108 +73,37 @@ pub fn head_read() {
     let _ = HEAD.try_with(|h| h.read.set(true));
 }
 
-/// Resolves when `deadline` has passed with the head still unread; never once it is read, so
-/// a request being served is not cut short.
-async fn head_deadline(deadline: Duration) {
-    pingora::time::sleep(deadline).await;
-    if HEAD.with(|h| h.read.get()) {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Wraps the proxy to set, per client connection, what Pingora leaves to the application:
+/// Takes every client connection of the public listener:
 ///
-/// - HTTP/1.1 pipelining (RFC 9112 §9.3.2): off by default in Pingora, which then answers the
-///   first of several pipelined requests and drops the rest. Turned on for the first request
-///   of a connection; Pingora carries it to every later one.
-/// - A deadline for the whole request head (`limits.header_timeout_secs`, total, not per
-///   read: Pingora's own timeout restarts on every byte, so a client dribbling a byte at a
-///   time would hold the connection forever). On a reused connection the deadline adds the
-///   keep-alive idle time before the next request. Past it, the connection is closed without
-///   an answer. Pingora reads a head under the keep-alive timeout, so a new connection also
-///   gets the head timeout there, between reads; once a request is answered,
-///   `request_filter` sets the keep-alive timeout proper. A reused connection is recognised
-///   by the marker [`crate::proxy::AudioProxy`] leaves in its connection context.
+/// - Caps the connections served at once (`limits.max_connections`): a connection over the
+///   cap is closed as soon as it is accepted, before anything is read or allocated for it
+///   (the TLS handshake included), so a flood of idle connections cannot exhaust memory or
+///   file descriptors for the rest.
+/// - Does the TLS handshake within `limits.header_timeout_secs` (Pingora's own listener
+///   allows 60 s), counted against the cap while it runs.
+/// - Reads through a [`HeadBudget`]: a bounded head buffer and a deadline for the whole head.
+/// - Turns on HTTP/1.1 pipelining (RFC 9112 §9.3.2): off by default in Pingora, which then
+///   answers the first of several pipelined requests and drops the rest.
+/// - Reads a new connection's first head under the head timeout rather than Pingora's 60 s
+///   keep-alive default; `request_filter` sets the keep-alive timeout proper once a request
+///   is being answered.
 pub struct ClientConnections<A> {
     pub app: Arc<A>,
-    pub head_timeout: Duration,
-    /// `limits.keepalive_secs`.
-    pub idle_timeout: Duration,
-}
-
-#[async_trait]
-impl<A> pingora::apps::HttpServerApp for ClientConnections<A>
-where
-    A: pingora::apps::HttpServerApp + Send + Sync + 'static,
-{
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: pingora::protocols::http::ServerSession,
-        shutdown: &pingora::server::ShutdownWatch,
-    ) -> Option<pingora::apps::ReusedHttpStream> {
-        let deadline = match session.take_connection_user_context() {
-            Some(marker) => {
-                session.set_connection_user_context(Some(marker));
-                // The wait for the next request is idle time, then its head has its own bound.
-                self.idle_timeout + self.head_timeout
-            }
-            None => {
-                session.set_pipelining_enabled(true);
-                if session.get_keepalive().is_some() {
-                    session.set_keepalive(Some(self.head_timeout.as_secs().max(1)));
-                }
-                self.head_timeout
-            }
-        };
-        let head = PendingHead {
-            read: Cell::new(false),
-            buffered: Cell::new(0),
-        };
-        HEAD.scope(head, async {
-            tokio::select! {
-                biased;
-                reusable = self.app.process_new_http(session, shutdown) => reusable,
-                () = head_deadline(deadline) => {
-                    log::debug!("request head not complete within {deadline:?}: closing");
-                    None
-                }
-            }
-        })
-        .await
-    }
-
-    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
-        self.app.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&pingora::apps::HttpServerOptions> {
-        self.app.server_options()
-    }
-
-    async fn http_cleanup(&self) {
-        self.app.http_cleanup().await
-    }
-}
-
-/// Caps the client connections served at once (`limits.max_connections`): a connection over
-/// the cap is closed as soon as it is accepted, before anything is read or allocated for it,
-/// so a flood of idle connections cannot exhaust memory or file descriptors for the rest.
-/// Every connection it accepts reads through a [`HeadBudget`].
-pub struct ConnectionCap<A> {
-    pub app: Arc<A>,
-    pub max: usize,
-    /// `limits.max_header_bytes`: what may be buffered for a pending head.
-    pub max_head_bytes: usize,
+    max: usize,
+    max_head_bytes: usize,
+    head_timeout: Duration,
+    tls: Option<Acceptor>,
     /// Exact count for the cap; the gauge mirrors it for `/metrics`.
     open: AtomicUsize,
     pub open_gauge: prometheus::IntGauge,
     pub refused: prometheus::IntCounter,
+    pub handshakes_failed: prometheus::IntCounter,
     /// The whole answer written when a head exceeds its budget, built once.
     too_large: Bytes,
 }
 
-impl<A> ConnectionCap<A> {
-    pub fn new(app: Arc<A>, max: usize, max_head_bytes: usize) -> Result<Self, prometheus::Error> {
+impl<A> ClientConnections<A> {
+    pub fn new(app: Arc<A>, limits: &Limits) -> Result<Self, prometheus::Error> {
         let e = ApiError::HeadersTooLarge;
         let body = e.body();
         let mut too_large = format!(
@@ -155,8 +116,10 @@ impl<A> ConnectionCap<A> {
         too_large.extend_from_slice(&body);
         Ok(Self {
             app,
-            max,
-            max_head_bytes,
+            max: limits.max_connections,
+            max_head_bytes: limits.max_header_bytes,
+            head_timeout: limits.header_timeout,
+            tls: None,
             too_large: Bytes::from(too_large),
             open: Default::default(),
             open_gauge: prometheus::IntGauge::new(
@@ -167,7 +130,64 @@ impl<A> ConnectionCap<A> {
                 "audiolib_connections_refused_total",
                 "Client connections closed at once because limits.max_connections were open",
             )?,
+            handshakes_failed: prometheus::IntCounter::new(
+                "audiolib_tls_handshakes_failed_total",
+                "TLS handshakes that failed or did not finish within limits.header_timeout_secs",
+            )?,
         })
+    }
+
+    /// Serves TLS on the listener (which must then be plain TCP): the handshake is done here.
+    pub fn with_tls(mut self, acceptor: Acceptor) -> Self {
+        self.tls = Some(acceptor);
+        self
+    }
+
+    /// The TLS handshake, bounded by the head timeout; `None` closes the connection.
+    async fn handshake(&self, stream: Stream) -> Option<Stream> {
+        let Some(acceptor) = &self.tls else {
+            return Some(stream);
+        };
+        // The listener is plain TCP when TLS is ours (see `server`).
+        let tcp = stream
+            .into_any()
+            .downcast::<pingora::protocols::l4::stream::Stream>()
+            .ok()?;
+        match pingora::time::timeout(self.head_timeout, acceptor.tls_handshake(*tcp)).await {
+            Ok(Ok(tls)) => Some(Box::new(tls)),
+            Ok(Err(e)) => {
+                self.handshakes_failed.inc();
+                log::debug!("TLS handshake failed: {e}");
+                None
+            }
+            Err(_) => {
+                self.handshakes_failed.inc();
+                log::debug!("TLS handshake not done within {:?}", self.head_timeout);
+                None
+            }
+        }
+    }
+}
+
+/// What an HTTP/2 connection with prior knowledge (h2c) starts with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl<A: HttpServerApp> ClientConnections<A> {
+    /// HTTP/2 by ALPN over TLS, or with `h2c` on by its preface (looked at, not consumed,
+    /// within the head timeout); `None` for a plain connection that sent nothing in time.
+    async fn is_http2(&self, stream: &mut Stream) -> Option<bool> {
+        if stream.get_ssl_digest().is_some() {
+            return Some(stream.selected_alpn_proto() == Some(ALPN::H2));
+        }
+        if !self.app.server_options().is_some_and(|o| o.h2c) {
+            return Some(false);
+        }
+        let mut first = [0u8; H2_PREFACE.len()];
+        match pingora::time::timeout(self.head_timeout, stream.try_peek(&mut first)).await {
+            Ok(Ok(true)) => Some(&first == H2_PREFACE),
+            Ok(Ok(false)) => Some(false),
+            Ok(Err(_)) | Err(_) => None,
+        }
     }
 }
 
@@ -182,15 +202,16 @@ impl Drop for Open<'_> {
 }
 
 #[async_trait]
-impl<A> pingora::apps::ServerApp for ConnectionCap<A>
+impl<A> ServerApp for ClientConnections<A>
 where
-    A: pingora::apps::ServerApp + Send + Sync + 'static,
+    A: HttpServerApp + Send + Sync + 'static,
 {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
-        shutdown: &pingora::server::ShutdownWatch,
+        shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let accepted = Instant::now();
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
             self.open.fetch_sub(1, Ordering::AcqRel);
             self.refused.inc();
@@ -198,35 +219,110 @@ where
         }
         self.open_gauge.inc();
         let _open = Open(&self.open, &self.open_gauge);
-        let stream = Box::new(HeadBudget {
+        let stream = self.handshake(stream).await?;
+        let mut stream: Stream = Box::new(HeadBudget {
             inner: stream,
             max: self.max_head_bytes,
+            timeout: self.head_timeout,
+            timer: None,
             too_large: self.too_large.clone(),
         });
-        self.app.process_new(stream, shutdown).await
+        if self.is_http2(&mut stream).await? {
+            // Pingora's own loop, which makes each stream a task of its own.
+            return self.app.process_new(stream, shutdown).await;
+        }
+        HEAD.scope(
+            PendingHead::first(accepted),
+            self.serve_http1(stream, shutdown),
+        )
+        .await;
+        None
     }
 
     async fn cleanup(&self) {
-        self.app.cleanup().await
+        self.app.http_cleanup().await
     }
 }
 
-/// The client's stream, read so that no more than `max` bytes are buffered for a pending
-/// request head. Pingora grows its head buffer up to 1 MiB whatever the limit; here a read
-/// while a head is pending asks for no more than the head's remaining budget, and once the
-/// budget is spent with the head still incomplete, the 431 answer is written (best effort:
-/// nothing has been parsed, so it carries no request id or CORS headers) and the read fails,
-/// which closes the connection. Outside a pending head (bodies, h2 frames) reads pass through.
+impl<A> ClientConnections<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    /// Pingora's HTTP/1.x keep-alive loop, with pipelining on and the first head read under
+    /// the head timeout.
+    async fn serve_http1(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let mut session = ServerSession::new_http1(stream);
+        session.set_pipelining_enabled(true);
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(self.head_timeout.as_secs().max(1)));
+        }
+        session.set_keepalive_reuses_remaining(
+            self.app
+                .server_options()
+                .and_then(|o| o.keepalive_request_limit),
+        );
+        let mut reused = self.app.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+            HEAD.with(PendingHead::next);
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            reused = self.app.process_new_http(session, shutdown).await;
+        }
+    }
+}
+
+/// The client's stream, read so that a pending request head is bounded in size and time.
+///
+/// - **Size**: Pingora grows its head buffer up to 1 MiB whatever the limit; here a read while
+///   a head is pending asks for no more than the head's remaining budget (`max`), and once the
+///   budget is spent with the head still incomplete, the 431 answer is written (best effort:
+///   nothing has been parsed, so it carries no request id or CORS headers) and the read fails,
+///   which closes the connection.
+/// - **Time**: the whole head must arrive within `timeout` of [`PendingHead::since`] (Pingora's
+///   own timeout restarts on every byte, so a client dribbling a byte at a time would hold the
+///   connection forever). Past it, the read fails and the connection closes without an
+///   answer. A head that arrives in one read, the common case, costs no timer; one is armed
+///   only while a read of a started head waits.
+///
+/// Outside a pending head (bodies, h2 frames) reads pass through.
 #[derive(Debug)]
 struct HeadBudget {
     inner: Stream,
     max: usize,
+    timeout: Duration,
+    /// Wakes a read of a started head at its deadline; reused from head to head.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     too_large: Bytes,
 }
 
 /// A read that must be shorter than the caller's buffer goes through a stack buffer of this
 /// size: rare (only near the limit), and safe where limiting the caller's buffer is not.
 const HEAD_CHUNK: usize = 8 * 1024;
+
+fn head_too_slow() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "request head not complete within limits.header_timeout_secs",
+    )
+}
+
+impl HeadBudget {
+    /// Whether `deadline` has passed; if not, makes sure this task is woken when it does.
+    fn expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let at = tokio::time::Instant::from_std(deadline);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if timer.deadline() != at {
+            timer.as_mut().reset(at);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
 
 impl AsyncRead for HeadBudget {
     fn poll_read(
@@ -235,13 +331,17 @@ impl AsyncRead for HeadBudget {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let buffered = HEAD
-            .try_with(|h| (!h.read.get()).then(|| h.buffered.get()))
+        let pending = HEAD
+            .try_with(|h| (!h.read.get()).then(|| (h.buffered.get(), h.since.get())))
             .ok()
             .flatten();
-        let Some(buffered) = buffered else {
+        let Some((buffered, since)) = pending else {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         };
+        let deadline = since.map(|t| t + this.timeout);
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Poll::Ready(Err(head_too_slow()));
+        }
         let room = this.max.saturating_sub(buffered);
         if room == 0 {
             let _ = Pin::new(&mut this.inner).poll_write(cx, &this.too_large);
@@ -250,19 +350,37 @@ impl AsyncRead for HeadBudget {
                 "request head larger than limits.max_header_bytes",
             )));
         }
-        let n = if room >= buf.remaining() {
+        let polled = if room >= buf.remaining() {
             // The common case (Pingora reads a head into 4 KiB at first): nothing to limit.
             let before = buf.filled().len();
-            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-            buf.filled().len() - before
+            Pin::new(&mut this.inner)
+                .poll_read(cx, buf)
+                .map_ok(|()| buf.filled().len() - before)
         } else {
             let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_CHUNK];
             let mut limited = ReadBuf::uninit(&mut chunk[..room.min(HEAD_CHUNK)]);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
-            buf.put_slice(limited.filled());
-            limited.filled().len()
+            Pin::new(&mut this.inner)
+                .poll_read(cx, &mut limited)
+                .map_ok(|()| {
+                    buf.put_slice(limited.filled());
+                    limited.filled().len()
+                })
         };
-        let _ = HEAD.try_with(|h| h.buffered.set(buffered + n));
+        let n = match polled {
+            Poll::Pending => {
+                if deadline.is_some_and(|d| this.expired(d, cx)) {
+                    return Poll::Ready(Err(head_too_slow()));
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(result) => result?,
+        };
+        let _ = HEAD.try_with(|h| {
+            h.buffered.set(buffered + n);
+            if since.is_none() && n > 0 {
+                h.since.set(Some(Instant::now()));
+            }
+        });
         Poll::Ready(Ok(()))
     }
 }

@@ -20,6 +20,7 @@
 //! - [`ledger`]: keys found exhausted, refused without asking the store again for a while.
 //! - [`catalog`]: library files, the immutable snapshot and its reloads.
 //! - [`sign`]: SigV4 presigned S3 URLs.
+//! - [`answers`]: the 200 bodies of the current second, kept per thread.
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`access_log`]: one line per request, written by its own thread (`text` or `json`).
@@ -48,6 +49,7 @@
 pub mod access_log;
 pub mod accounts;
 pub mod admin;
+pub mod answers;
 pub mod api;
 pub mod audit;
 pub mod auth;

@@ -421,15 +421,6 @@ impl ProxyHttp for AudioProxy {
         Ok(())
     }
 
-    /// Marks the connection as one that has served a request (see [`connection::ClientConnections`]).
-    fn persist_connection_context(
-        &self,
-        _session: &Session,
-        _ctx: &RequestCtx,
-    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
-        Some(Box::new(()))
-    }
-
     async fn fail_to_proxy(
         &self,
         session: &mut Session,

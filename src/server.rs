@@ -23,7 +23,7 @@ use crate::cache::KeyCache;
 use crate::catalog::{CatalogError, CatalogHandle};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, Config};
-use crate::connection::{ClientConnections, ConnectionCap};
+use crate::connection::ClientConnections;
 use crate::keys::{CreateKey, KeyService};
 use crate::metrics::{Metrics, StoreMetrics};
 use crate::portal::Portal;
@@ -539,38 +539,30 @@ pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), Strin
     // An idle HTTP/2 connection closes like an idle HTTP/1.1 keep-alive one.
     options.h2_idle_timeout = Some(config.limits.keepalive);
     proxy.server_options = Some(options);
-    let capped = ConnectionCap::new(
-        Arc::new(ClientConnections {
-            app: Arc::new(proxy),
-            head_timeout: config.limits.header_timeout,
-            idle_timeout: config.limits.keepalive,
-        }),
-        config.limits.max_connections,
-        config.limits.max_header_bytes,
-    )
-    .map_err(|e| e.to_string())?;
-    app.metrics.register(capped.open_gauge.clone());
-    app.metrics.register(capped.refused.clone());
-    let mut proxy = Service::new("audiolib proxy".to_string(), capped);
-    let cert_reloader = match &config.tls {
+    let mut connections =
+        ClientConnections::new(Arc::new(proxy), &config.limits).map_err(|e| e.to_string())?;
+    app.metrics.register(connections.open_gauge.clone());
+    app.metrics.register(connections.refused.clone());
+    app.metrics.register(connections.handshakes_failed.clone());
+    let certificates = match &config.tls {
         Some(files) => {
             let certificates = Certificates::load(files.clone()).map_err(|e| e.to_string())?;
             app.metrics.register(certificates.reloads.clone());
-            proxy.add_tls_with_settings(
-                &config.listen.to_string(),
-                None,
-                certificates.listener_settings(),
-            );
-            Some(server.add_service(background_service(
-                "certificate reloader",
-                CertReloader { certificates },
-            )))
+            // The handshake is done by `ClientConnections`, under the head timeout, on a
+            // plain TCP listener.
+            connections = connections.with_tls(certificates.listener_settings().build());
+            Some(certificates)
         }
-        None => {
-            proxy.add_tcp(&config.listen.to_string());
-            None
-        }
+        None => None,
     };
+    let mut proxy = Service::new("audiolib proxy".to_string(), connections);
+    proxy.add_tcp(&config.listen.to_string());
+    let cert_reloader = certificates.map(|certificates| {
+        server.add_service(background_service(
+            "certificate reloader",
+            CertReloader { certificates },
+        ))
+    });
     let proxy = server.add_service(proxy);
     if let Some(cert_reloader) = &cert_reloader {
         proxy.add_dependency(cert_reloader);

@@ -653,3 +653,74 @@ fn requests_refused_before_their_body_end_cleanly_over_http2() {
         }
     });
 }
+
+#[test]
+fn an_unfinished_tls_handshake_is_cut_at_the_head_timeout_and_counts_against_the_cap() {
+    use std::io::Read;
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("gateway.toml");
+    std::fs::write(&conf, "[limits]\nheader_timeout_secs = 1\n").unwrap();
+    let gw = https_gateway(&pair.path("leaf.pem"), &pair.path("leaf.key"))
+        .arg("--config")
+        .arg(conf.to_str().unwrap())
+        .env("AUDIOLIB_MAX_CONNECTIONS", "2")
+        .start();
+    let metric = |name| common::metric(&gw.metrics_text(), name);
+    common::wait_until("start-up probes to close", Duration::from_secs(5), || {
+        metric("audiolib_connections_open") == 0.0
+    });
+    // The start-up probes' connections, closed without a handshake, count as failed ones.
+    let failed_before = metric("audiolib_tls_handshakes_failed_total");
+
+    // One client sends nothing, the other the first bytes of a ClientHello and no more.
+    let silent = gw.connect(Duration::from_secs(5));
+    let mut partial = gw.connect(Duration::from_secs(5));
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
+    let started = std::time::Instant::now();
+    common::wait_until("two handshakes in progress", Duration::from_secs(5), || {
+        metric("audiolib_connections_open") == 2.0
+    });
+
+    // Connections in their handshake are counted: a third is closed at once.
+    let config = client_config(&[pair.ca()]);
+    let tcp = gw.connect(Duration::from_secs(5));
+    let conn =
+        rustls::ClientConnection::new(config.clone(), "127.0.0.1".try_into().unwrap()).unwrap();
+    let mut third = rustls::StreamOwned::new(conn, tcp);
+    let refused = (|| {
+        while third.conn.is_handshaking() {
+            third.conn.complete_io(&mut third.sock)?;
+        }
+        Ok::<_, std::io::Error>(())
+    })();
+    assert!(refused.is_err(), "a handshake over the cap completed");
+    assert_eq!(metric("audiolib_connections_refused_total"), 1.0);
+
+    // Both stalled handshakes are closed at the head timeout, not Pingora's 60 s.
+    for mut stalled in [silent, partial] {
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = stalled.read_to_end(&mut rest);
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+    eprintln!("stalled handshakes closed after {took:?}");
+    assert_eq!(
+        metric("audiolib_tls_handshakes_failed_total") - failed_before,
+        2.0
+    );
+
+    // The slots are free again and a client is served.
+    common::wait_until(
+        "the stalled connections to close",
+        Duration::from_secs(5),
+        || metric("audiolib_connections_open") == 0.0,
+    );
+    let mut conn = tls_connect(&gw, &config);
+    assert_eq!(post_audio(&mut conn, &gw.dev_key).status, 200);
+}
