@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Method, header};
+use http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -71,32 +71,36 @@ impl AudioProxy {
         }
     }
 
-    fn add_cors(&self, req: &RequestHeader, resp: &mut ResponseHeader) -> Result<()> {
+    fn add_cors(&self, req: &RequestHeader, head: &mut Head) {
         if matches!(self.cors, CorsOrigins::List(_)) {
-            resp.insert_header(header::VARY, HeaderValue::from_static("Origin"))?;
+            head.set(header::VARY, HeaderValue::from_static("Origin"));
         }
         if let Some(origin) = self.allowed_origin(req) {
-            resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
-            resp.insert_header(
+            head.set(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            head.set(
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
                 HeaderValue::from_static(EXPOSE_HEADERS),
-            )?;
+            );
         }
-        Ok(())
     }
 
     async fn preflight(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
-        let mut resp = ResponseHeader::build(204, Some(9))?;
-        add_request_id(ctx, &mut resp)?;
-        self.add_cors(session.req_header(), &mut resp)?;
-        resp.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, "POST, OPTIONS")?;
-        resp.insert_header(
+        let mut head = Head::new(StatusCode::NO_CONTENT, ctx);
+        self.add_cors(session.req_header(), &mut head);
+        head.set(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("POST, OPTIONS"),
+        );
+        head.set(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
-            "Authorization, Content-Type",
-        )?;
-        resp.insert_header(header::ACCESS_CONTROL_MAX_AGE, "86400")?;
-        resp.insert_header(header::CONTENT_LENGTH, "0")?;
-        session.write_response_header(Box::new(resp), true).await
+            HeaderValue::from_static("Authorization, Content-Type"),
+        );
+        head.set(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("86400"),
+        );
+        head.set(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        session.write_response_header(head.finish(), true).await
     }
 
     /// Writes a JSON answer with the CORS and rate-limit headers it calls for.
@@ -112,34 +116,31 @@ impl AudioProxy {
         if self.lifecycle.is_draining() {
             session.set_keepalive(None);
         }
-        // Static values: nothing is parsed or copied for them.
-        let mut resp = ResponseHeader::build(status, Some(11))?;
-        add_request_id(ctx, &mut resp)?;
-        resp.insert_header(header::CONTENT_TYPE, HeaderValue::from_static(JSON))?;
-        resp.insert_header(header::CONTENT_LENGTH, body.len())?;
-        resp.insert_header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))?;
-        self.add_cors(session.req_header(), &mut resp)?;
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut head = Head::new(status, ctx);
+        head.set(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+        head.set(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        head.set(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        self.add_cors(session.req_header(), &mut head);
         if let Some(rate) = rate {
-            resp.insert_header("RateLimit-Policy", rate.policy_header())?;
-            resp.insert_header("RateLimit", rate.state_header())?;
+            head.set_text(RATELIMIT_POLICY, rate.policy_header());
+            head.set_text(RATELIMIT, rate.state_header());
         }
         if let Some(e) = error {
             match e {
                 ApiError::MethodNotAllowed { allow } => {
-                    resp.insert_header(header::ALLOW, HeaderValue::from_static(allow))?
+                    head.set(header::ALLOW, HeaderValue::from_static(allow))
                 }
-                ApiError::MissingAuth | ApiError::InvalidKeyFormat | ApiError::InvalidKey => resp
-                    .insert_header(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer"),
-                )?,
+                ApiError::MissingAuth | ApiError::InvalidKeyFormat | ApiError::InvalidKey => {
+                    head.set(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+                }
                 _ => {}
             }
             if let Some(secs) = e.retry_after() {
-                resp.insert_header(header::RETRY_AFTER, secs)?;
+                head.set(header::RETRY_AFTER, HeaderValue::from(secs));
             }
         }
-        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_header(head.finish(), false).await?;
         session.write_response_body(Some(body), true).await
     }
 
@@ -267,7 +268,47 @@ const AUDIO_METHODS: ApiError = ApiError::MethodNotAllowed {
     allow: "POST, OPTIONS",
 };
 
-/// Every answer carries the request's id (passthrough answers get ours, not the upstream's).
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const REQUEST_ID: HeaderName = HeaderName::from_static(request_id::HEADER);
+
+/// The head of one of our own answers, built on `http`'s header map directly. Pingora's
+/// `insert_header` parses every name again and keeps a second map for its letter case, which
+/// costs more than the rest of the answer's glue together; without it, standard names go out
+/// title-cased (`Content-Type`) and ours in lower case (`ratelimit`, `x-request-id`), as over
+/// HTTP/2. Header names are case-insensitive (RFC 9110 §5.1).
+struct Head(http::response::Parts);
+
+impl Head {
+    /// A head with the request's id, which every answer carries.
+    fn new(status: StatusCode, ctx: &RequestCtx) -> Self {
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = status;
+        parts.headers.reserve(12);
+        let mut head = Self(parts);
+        if let Some(id) = &ctx.request_id {
+            head.set(REQUEST_ID, id.clone());
+        }
+        head
+    }
+
+    fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        self.0.headers.insert(name, value);
+    }
+
+    /// A value we formatted: digits and ASCII punctuation, always a valid header value.
+    fn set_text(&mut self, name: HeaderName, value: String) {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            self.set(name, value);
+        }
+    }
+
+    fn finish(self) -> Box<ResponseHeader> {
+        Box::new(ResponseHeader::from(self.0))
+    }
+}
+
+/// Passthrough answers get our request id, not the upstream's.
 fn add_request_id(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
     if let Some(id) = &ctx.request_id {
         resp.insert_header(request_id::HEADER, id.clone())?;
