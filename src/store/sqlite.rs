@@ -323,11 +323,11 @@ fn process_start(pid: u32) -> Option<i64> {
 
 /// Adds `calls` to `subject`'s count of `day`.
 fn count_day(tx: &Transaction, subject: &str, day: Day, calls: i64) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO usage_days (subject, day, calls) VALUES (?1, ?2, ?3)
          ON CONFLICT (subject, day) DO UPDATE SET calls = MAX(0, calls + excluded.calls)",
-        params![subject, day.0, calls],
-    )?;
+    )?
+    .execute(params![subject, day.0, calls])?;
     Ok(())
 }
 
@@ -340,18 +340,16 @@ fn apply(
 ) -> rusqlite::Result<LeaseAnswer> {
     let period = op.period.to_string();
     let mine: Option<(i64, i64, i64)> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT held, seq, last_grant FROM leases WHERE subject = ?1 AND period = ?2 AND node = ?3",
-            params![subject, period, node],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        )?
+        .query_row(params![subject, period, node], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let used: i64 = tx
-        .query_row(
-            "SELECT used FROM usage WHERE subject = ?1 AND period = ?2",
-            params![subject, period],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT used FROM usage WHERE subject = ?1 AND period = ?2")?
+        .query_row(params![subject, period], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
     if let Some((_, seq, last)) = mine
@@ -369,33 +367,35 @@ fn apply(
     if delta != 0 {
         count_day(tx, subject, op.day, delta)?;
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO usage (subject, period, used) VALUES (?1, ?2, ?3)
          ON CONFLICT (subject, period) DO UPDATE SET used = excluded.used",
-        params![subject, period, used],
-    )?;
+    )?
+    .execute(params![subject, period, used])?;
     let held = (mine.map_or(0, |m| m.0) - op.consumed - op.returned as i64).max(0);
     let silent_before = unix_now() - STALE_AFTER.as_secs() as i64;
-    let (others, live): (i64, i64) = tx.query_row(
-        "SELECT COALESCE(SUM(l.held), 0),
-                COALESCE(SUM(CASE WHEN n.heard_at >= ?4 THEN l.held ELSE 0 END), 0)
-         FROM leases l LEFT JOIN nodes n ON n.node = l.node
-         WHERE l.subject = ?1 AND l.period = ?2 AND l.node != ?3",
-        params![subject, period, node, silent_before],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let (others, live): (i64, i64) = tx
+        .prepare_cached(
+            "SELECT COALESCE(SUM(l.held), 0),
+                    COALESCE(SUM(CASE WHEN n.heard_at >= ?4 THEN l.held ELSE 0 END), 0)
+             FROM leases l LEFT JOIN nodes n ON n.node = l.node
+             WHERE l.subject = ?1 AND l.period = ?2 AND l.node != ?3",
+        )?
+        .query_row(params![subject, period, node, silent_before], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     let grant = match op.limit {
         None => op.want,
         Some(limit) => op
             .want
             .min((limit as i64 - used - others - held).max(0) as u64),
     };
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO leases (subject, period, node, held, seq, last_grant) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (subject, period, node) DO UPDATE
          SET held = excluded.held, seq = excluded.seq, last_grant = excluded.last_grant",
-        params![subject, period, node, held + grant as i64, op.seq as i64, grant as i64],
-    )?;
+    )?
+    .execute(params![subject, period, node, held + grant as i64, op.seq as i64, grant as i64])?;
     Ok(LeaseAnswer {
         grant,
         used: used as u64,
@@ -408,6 +408,9 @@ impl Db {
     fn open(path: &Path) -> rusqlite::Result<Connection> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(CALL_TIMEOUT)?;
+        // The lease and key-change statements run many times a second: parsed and planned
+        // once (rusqlite's default keeps 16, fewer than the write connection's kinds).
+        conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         // Checkpoints run from the upkeep on a connection of their own, never inside a
@@ -458,10 +461,8 @@ impl Db {
             .iter()
             .map(|(subject, op)| apply(&tx, node, subject, op))
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        tx.execute(
-            "UPDATE nodes SET heard_at = ?2 WHERE node = ?1",
-            params![node, unix_now()],
-        )?;
+        tx.prepare_cached("UPDATE nodes SET heard_at = ?2 WHERE node = ?1")?
+            .execute(params![node, unix_now()])?;
         tx.commit()?;
         Ok(answers)
     }
@@ -984,7 +985,9 @@ impl Store for SqliteStore {
                 let after = seen.load(Ordering::Relaxed);
                 let changes = tokio::task::spawn_blocking(move || {
                     lock(&db.read)
-                        .prepare("SELECT seq, digest FROM key_changes WHERE seq > ?1 ORDER BY seq")?
+                        .prepare_cached(
+                            "SELECT seq, digest FROM key_changes WHERE seq > ?1 ORDER BY seq",
+                        )?
                         .query_map([after], |r| {
                             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
                         })?
