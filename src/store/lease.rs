@@ -405,10 +405,16 @@ impl LeaseBook {
         // Most calls only take a unit: a critical section of nanoseconds. Spinning briefly on
         // `try_lock` catches it without parking the task; only a call that meets a refill in
         // progress queues (and counts itself as waiting for the refill to size its block).
+        // Tokio's lock is fair: once calls queue, a free lock goes to the first of them, and
+        // spinning could only burn the time they need (seen over HTTP/2, where hundreds of
+        // calls arrive at once); then a call queues at once.
         let mut locked = None;
         for _ in 0..SPINS {
             if let Ok(guard) = entry.leases.try_lock() {
                 locked = Some(guard);
+                break;
+            }
+            if entry.waiting.load(Ordering::Relaxed) > 0 {
                 break;
             }
             std::hint::spin_loop();
