@@ -124,7 +124,7 @@ impl AudioProxy {
         self.add_cors(session.req_header(), &mut head);
         if let Some(rate) = rate {
             head.set_text(RATELIMIT_POLICY, rate.policy_header());
-            head.set_text(RATELIMIT, rate.state_header());
+            head.set_text_never_indexed(RATELIMIT, rate.state_header());
         }
         if let Some(e) = error {
             match e {
@@ -287,7 +287,7 @@ impl Head {
         parts.headers.reserve(12);
         let mut head = Self(parts);
         if let Some(id) = &ctx.request_id {
-            head.set(REQUEST_ID, id.clone());
+            head.set(REQUEST_ID, never_indexed(id.clone()));
         }
         head
     }
@@ -303,9 +303,24 @@ impl Head {
         }
     }
 
+    /// As [`Self::set_text`], for a value that changes with every answer.
+    fn set_text_never_indexed(&mut self, name: HeaderName, value: String) {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            self.set(name, never_indexed(value));
+        }
+    }
+
     fn finish(self) -> Box<ResponseHeader> {
         Box::new(ResponseHeader::from(self.0))
     }
+}
+
+/// A value that is different in every answer (a request id, the remaining quota): over
+/// HTTP/2 it is sent literally rather than added to the connection's HPACK table, where it
+/// would only push out entries that do repeat (RFC 7541 §6.2.3). No effect on HTTP/1.1.
+fn never_indexed(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
 }
 
 /// Passthrough answers get our request id, not the upstream's.
