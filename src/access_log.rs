@@ -3,14 +3,18 @@
 //! holds a worker thread. When the queue is full the line is dropped and counted
 //! (`audiolib_access_log_dropped_total`) rather than making the request wait.
 //!
-//! `log.format = "text"` writes through the `log` crate under the `access` target, as the
-//! rest of the log (`[time INFO  access] POST /v1/audio 200 - 2112us id=… key=alp_8eyA`);
-//! `"json"` writes one JSON object per line straight to standard error, for log shippers.
-//! `RUST_LOG=info,access=off` turns either off.
+//! The writer never sleeps on the queue: it drains what is there, writes it to standard error
+//! in one call, and looks again [`FLUSH_EVERY`] later. So a request never has to wake it (a
+//! futex call and a context switch each, which cost a quarter of the throughput when every
+//! line was handed over and written on its own), and lines reach the log at most that late.
+//!
+//! `log.format = "text"` writes lines in the shape of the rest of the log
+//! (`[time INFO  access] POST /v1/audio 200 - 2112us id=… key=alp_8eyA`); `"json"` one JSON
+//! object per line, for log shippers. `RUST_LOG=info,access=off` turns either off.
 
 use std::io::Write;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::SystemTime;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Method, Uri};
 use prometheus::IntCounter;
@@ -19,6 +23,12 @@ use serde::Serialize;
 /// Lines that may wait for the writer: far more than a burst needs at tens of thousands of
 /// requests a second, little memory (about 200 bytes each).
 pub const QUEUE: usize = 16 * 1024;
+
+/// How long the writer waits before looking at an empty queue again: how late a line may be.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(10);
+
+/// Bytes of formatted lines held before they are written even if more are queued.
+const BATCH_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -46,23 +56,67 @@ pub struct AccessLog {
     pub dropped: IntCounter,
 }
 
+/// Where the writer thread puts entries: [`Sink::add`] each, [`Sink::flush`] whenever the
+/// queue is empty.
+pub trait Sink: Send + 'static {
+    fn add(&mut self, entry: Entry);
+    fn flush(&mut self) {}
+}
+
+impl<F: FnMut(Entry) + Send + 'static> Sink for F {
+    fn add(&mut self, entry: Entry) {
+        self(entry)
+    }
+}
+
+/// Formatted lines, written to standard error a batch at a time. Each write holds the lock
+/// of standard error, so lines from other threads' logging never interleave with these.
+struct Lines {
+    format: LogFormat,
+    batch: Vec<u8>,
+}
+
+impl Sink for Lines {
+    fn add(&mut self, entry: Entry) {
+        push_line(self.format, &entry, &mut self.batch);
+        if self.batch.len() >= BATCH_BYTES {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            let _ = std::io::stderr().lock().write_all(&self.batch);
+            self.batch.clear();
+        }
+    }
+}
+
 impl AccessLog {
     /// Starts the writer thread for `format`.
     pub fn start(format: LogFormat) -> Result<AccessLog, String> {
-        Self::with_writer(QUEUE, move |entry| write(format, &entry))
+        let lines = Lines {
+            format,
+            batch: Vec::with_capacity(BATCH_BYTES),
+        };
+        Self::with_writer(QUEUE, lines)
     }
 
-    /// Starts a writer thread that hands each entry to `write`.
-    pub fn with_writer(
-        capacity: usize,
-        mut write: impl FnMut(Entry) + Send + 'static,
-    ) -> Result<AccessLog, String> {
+    /// Starts a writer thread that hands entries to `sink`.
+    pub fn with_writer(capacity: usize, mut sink: impl Sink) -> Result<AccessLog, String> {
         let (queue, lines): (_, Receiver<Entry>) = sync_channel(capacity);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
-                while let Ok(entry) = lines.recv() {
-                    write(entry);
+                loop {
+                    match lines.try_recv() {
+                        Ok(entry) => sink.add(entry),
+                        Err(TryRecvError::Empty) => {
+                            sink.flush();
+                            std::thread::sleep(FLUSH_EVERY);
+                        }
+                        Err(TryRecvError::Disconnected) => break sink.flush(),
+                    }
                 }
             })
             .map_err(|e| format!("cannot start the access log thread: {e}"))?;
@@ -90,16 +144,17 @@ impl AccessLog {
     }
 }
 
-fn write(format: LogFormat, entry: &Entry) {
+/// Appends `e`'s line and its newline. Text lines start as the rest of the log's do
+/// (`env_logger`'s default: `[2026-11-26T14:56:17Z INFO  access] `).
+fn push_line(format: LogFormat, e: &Entry, out: &mut Vec<u8>) {
     match format {
-        LogFormat::Text => log::info!(target: "access", "{}", text_line(entry)),
-        LogFormat::Json => {
-            let mut line = json_line(entry);
-            line.push('\n');
-            // One write per line, so lines from other threads' logging never interleave.
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        LogFormat::Text => {
+            let at = chrono::DateTime::<chrono::Utc>::from(e.at).format("%Y-%m-%dT%H:%M:%SZ");
+            let _ = write!(out, "[{at} INFO  access] {}", text_line(e));
         }
+        LogFormat::Json => out.extend_from_slice(json_line(e).as_bytes()),
     }
+    out.push(b'\n');
 }
 
 /// `METHOD PATH STATUS CODE LATENCYus id=ID key=PREFIX`.
@@ -194,10 +249,26 @@ mod tests {
     }
 
     #[test]
+    fn lines_are_batched_in_the_shape_of_the_log() {
+        let mut batch = Vec::new();
+        push_line(LogFormat::Text, &entry(), &mut batch);
+        push_line(LogFormat::Json, &entry(), &mut batch);
+        let text = String::from_utf8(batch).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "[2025-12-01T20:00:00Z INFO  access] POST /v1/audio 429 QUOTA_EXCEEDED 1469us \
+             id=trace-1 key=alp_8eyA"
+        );
+        assert_eq!(lines[1], json_line(&entry()));
+        assert!(text.ends_with('\n'));
+    }
+
+    #[test]
     fn a_full_queue_drops_and_counts_instead_of_waiting() {
         let (release_tx, release) = std::sync::mpsc::channel::<()>();
         let (written_tx, written) = std::sync::mpsc::channel::<u16>();
-        let log = AccessLog::with_writer(1, move |e| {
+        let log = AccessLog::with_writer(1, move |e: Entry| {
             // The writer is stuck until released: the queue fills up.
             let _ = release.recv();
             let _ = written_tx.send(e.status);
