@@ -12,7 +12,9 @@ Targets (all on 127.0.0.1, 2 server threads each unless --threads):
   redis-wait     the gateway on a Redis with one replica and WAIT 1 (every lease operation
                  confirmed on the replica before its units are used), a huge-limit key
   pingora-proxy  examples/plain_proxy in front of a small upstream (passthrough ceiling)
-  passthrough    the gateway proxying the same upstream
+  passthrough    the gateway proxying the same upstream, given by host name (localhost:PORT,
+                 resolved in the background)
+  embedded-log   the embedded target with the access log on (text lines to a file)
   pingora-fixed-tls  examples/fixed_body over TLS, HTTP/1.1 keep-alive (TLS ceiling)
   embedded-tls   the gateway over TLS (HTTP/1.1 keep-alive), embedded store, one key
   pingora-fixed-h2   examples/fixed_body over TLS, HTTP/2 (h2load; HTTP/2 ceiling)
@@ -305,7 +307,11 @@ http {{
         red, red_port, red_admin = start_gateway(procs, work, "redis", args.threads,
                                                  {"AUDIOLIB_REDIS_URL": redis_url})
         pas, pas_port, _ = start_gateway(procs, work, "passthrough", args.threads, {},
-                                         upstream=f"127.0.0.1:{up_port}")
+                                         upstream=f"localhost:{up_port}")
+        logged, logged_port, logged_admin = start_gateway(
+            procs, work, "embedded-log", args.threads,
+            {"AUDIOLIB_DATA_DIR": os.path.join(work, "data-log"), "RUST_LOG": "warn,access=info"})
+        logged_key = create_keys(logged_admin, 1, "free", 10**12)[0]
         for p in (fixed_port, proxy_port):
             wait_port(p)
 
@@ -346,6 +352,7 @@ http {{
             "nginx": (f"http://127.0.0.1:{nginx_port}/v1/audio", wrk_script(work, "nginx", [key]), ngx.pid),
             "pingora-fixed": (f"http://127.0.0.1:{fixed_port}/v1/audio", wrk_script(work, "fixed", [key]), fixed.pid),
             "embedded": (f"http://127.0.0.1:{mem_port}/v1/audio", wrk_script(work, "embedded", [key]), mem.pid),
+            "embedded-log": (f"http://127.0.0.1:{logged_port}/v1/audio", wrk_script(work, "logged", [logged_key]), logged.pid),
             "redis-limited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "limited", limited), red.pid),
             "redis-unlimited": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "unlimited", unlimited), red.pid),
             "redis-10k": (f"http://127.0.0.1:{red_port}/v1/audio", wrk_script(work, "many", many), red.pid),
@@ -404,6 +411,8 @@ http {{
                 print(f"embedded / {name}: {ratio('embedded', name)} in req/s, "
                       f"{med[name]['cpu'] / med['embedded']['cpu']:.2f} in CPU per request "
                       f"({name}'s over embedded's)")
+        if "embedded-log" in med and "embedded" in med:
+            print(f"embedded-log / embedded (access log on / off): {ratio('embedded-log', 'embedded')}")
         if "redis-wait" in med and "redis-limited" in med:
             print(f"redis-wait / redis-limited: {ratio('redis-wait', 'redis-limited')}")
         non2xx = {n: sum(x["non2xx"] for x in rs) for n, rs in results.items()}
