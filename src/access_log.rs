@@ -74,11 +74,13 @@ impl<F: FnMut(Entry) + Send + 'static> Sink for F {
 struct Lines {
     format: LogFormat,
     batch: Vec<u8>,
+    /// The text prefix of the last second seen, formatted once per second.
+    stamp: Stamp,
 }
 
 impl Sink for Lines {
     fn add(&mut self, entry: Entry) {
-        push_line(self.format, &entry, &mut self.batch);
+        push_line(self.format, &entry, &mut self.stamp, &mut self.batch);
         if self.batch.len() >= BATCH_BYTES {
             self.flush();
         }
@@ -92,12 +94,34 @@ impl Sink for Lines {
     }
 }
 
+/// `[2026-11-26T14:56:17Z INFO  access] ` for one second, as `env_logger` starts its lines.
+#[derive(Default)]
+struct Stamp {
+    second: Option<u64>,
+    text: String,
+}
+
+impl Stamp {
+    fn of(&mut self, at: SystemTime) -> &str {
+        let second = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.second != Some(second) {
+            let at = chrono::DateTime::<chrono::Utc>::from(at).format("%Y-%m-%dT%H:%M:%SZ");
+            self.text = format!("[{at} INFO  access] ");
+            self.second = Some(second);
+        }
+        &self.text
+    }
+}
+
 impl AccessLog {
     /// Starts the writer thread for `format`.
     pub fn start(format: LogFormat) -> Result<AccessLog, String> {
         let lines = Lines {
             format,
             batch: Vec::with_capacity(BATCH_BYTES),
+            stamp: Stamp::default(),
         };
         Self::with_writer(QUEUE, lines)
     }
@@ -144,13 +168,13 @@ impl AccessLog {
     }
 }
 
-/// Appends `e`'s line and its newline. Text lines start as the rest of the log's do
-/// (`env_logger`'s default: `[2026-11-26T14:56:17Z INFO  access] `).
-fn push_line(format: LogFormat, e: &Entry, out: &mut Vec<u8>) {
+/// Appends `e`'s line and its newline, formatted straight into `out`. Text lines start as
+/// the rest of the log's do (`env_logger`'s default: `[2026-11-26T14:56:17Z INFO  access] `).
+fn push_line(format: LogFormat, e: &Entry, stamp: &mut Stamp, out: &mut Vec<u8>) {
     match format {
         LogFormat::Text => {
-            let at = chrono::DateTime::<chrono::Utc>::from(e.at).format("%Y-%m-%dT%H:%M:%SZ");
-            let _ = write!(out, "[{at} INFO  access] {}", text_line(e));
+            out.extend_from_slice(stamp.of(e.at).as_bytes());
+            push_text(e, out);
         }
         LogFormat::Json => out.extend_from_slice(json_line(e).as_bytes()),
     }
@@ -159,7 +183,14 @@ fn push_line(format: LogFormat, e: &Entry, out: &mut Vec<u8>) {
 
 /// `METHOD PATH STATUS CODE LATENCYus id=ID key=PREFIX`.
 pub fn text_line(e: &Entry) -> String {
-    format!(
+    let mut out = Vec::new();
+    push_text(e, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn push_text(e: &Entry, out: &mut Vec<u8>) {
+    let _ = write!(
+        out,
         "{} {} {} {} {}us id={} key={}",
         e.method,
         e.uri.path(),
@@ -171,7 +202,7 @@ pub fn text_line(e: &Entry) -> String {
             .and_then(|id| id.to_str().ok())
             .unwrap_or("-"),
         e.key_prefix.as_deref().unwrap_or("-"),
-    )
+    );
 }
 
 /// One JSON object: `ts` (RFC 3339, UTC, milliseconds), `method`, `path`, `status`, `code`,
@@ -250,9 +281,14 @@ mod tests {
 
     #[test]
     fn lines_are_batched_in_the_shape_of_the_log() {
-        let mut batch = Vec::new();
-        push_line(LogFormat::Text, &entry(), &mut batch);
-        push_line(LogFormat::Json, &entry(), &mut batch);
+        let (mut batch, mut stamp) = (Vec::new(), Stamp::default());
+        push_line(LogFormat::Text, &entry(), &mut stamp, &mut batch);
+        push_line(LogFormat::Json, &entry(), &mut stamp, &mut batch);
+        let later = Entry {
+            at: entry().at + Duration::from_secs(1),
+            ..entry()
+        };
+        push_line(LogFormat::Text, &later, &mut stamp, &mut batch);
         let text = String::from_utf8(batch).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
@@ -261,6 +297,7 @@ mod tests {
              id=trace-1 key=alp_8eyA"
         );
         assert_eq!(lines[1], json_line(&entry()));
+        assert!(lines[2].starts_with("[2025-12-01T20:00:01Z INFO  access] POST"));
         assert!(text.ends_with('\n'));
     }
 
