@@ -103,9 +103,7 @@ struct Stamp {
 
 impl Stamp {
     fn of(&mut self, at: SystemTime) -> &str {
-        let second = at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let second = crate::clock::unix_secs(at);
         if self.second != Some(second) {
             let at = chrono::DateTime::<chrono::Utc>::from(at).format("%Y-%m-%dT%H:%M:%SZ");
             self.text = format!("[{at} INFO  access] ");

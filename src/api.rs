@@ -223,9 +223,7 @@ impl Gateway {
             }
         };
 
-        let second = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let second = crate::clock::unix_secs(now);
         let made: Result<Bytes, crate::sign::PresignError> = self.answers.get_or_make(
             catalog.version,
             track.encoded_key.as_ptr() as usize,

@@ -7,10 +7,14 @@ pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> SystemTime;
 }
 
+/// Whole seconds since the Unix epoch (0 for an earlier time, which no clock here gives).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// `t` truncated to the second: what every store keeps and the API shows.
 pub fn to_second(t: SystemTime) -> SystemTime {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    UNIX_EPOCH + Duration::from_secs(since.as_secs())
+    UNIX_EPOCH + Duration::from_secs(unix_secs(t))
 }
 
 /// The wall clock.

@@ -17,7 +17,7 @@ pub struct LastUsed {
 }
 
 fn minute_of(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 60)
+    crate::clock::unix_secs(t) / 60
 }
 
 impl LastUsed {

@@ -2,9 +2,11 @@
 //! Pure calendar arithmetic on UTC; the counting itself lives in the store.
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, Utc};
+
+use crate::clock::unix_secs;
 
 /// One UTC calendar month: the unit quota is counted in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -64,11 +66,7 @@ impl Period {
 
     /// Whole seconds from `now` to the reset, at least 1 (a `Retry-After` of 0 invites a spin).
     pub fn secs_to_reset(self, now: SystemTime) -> u64 {
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        (self.reset_unix() - now).max(1) as u64
+        (self.reset_unix() - unix_secs(now) as i64).max(1) as u64
     }
 }
 
@@ -81,9 +79,7 @@ impl Day {
     pub const KEPT: u32 = 100;
 
     pub fn containing(t: SystemTime) -> Self {
-        Day(t
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() / 86_400) as u32)
+        Day((unix_secs(t) / 86_400) as u32)
     }
 
     /// `YYYY-MM-DD`, or `None` for anything else.
@@ -189,7 +185,7 @@ impl RateInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)

@@ -321,9 +321,7 @@ fn amz_date(t: SystemTime) -> [u8; 16] {
     thread_local! {
         static LAST: std::cell::Cell<(u64, [u8; 16])> = const { std::cell::Cell::new((u64::MAX, [0; 16])) };
     }
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = crate::clock::unix_secs(t);
     LAST.with(|last| {
         let (cached_secs, stamp) = last.get();
         if cached_secs == secs {

@@ -189,14 +189,11 @@ fn db_error(e: rusqlite::Error) -> StoreError {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    unix(SystemTime::now())
 }
 
 fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    crate::clock::unix_secs(t) as i64
 }
 
 fn from_unix(secs: i64) -> SystemTime {

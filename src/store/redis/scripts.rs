@@ -1,6 +1,6 @@
 //! The Redis key names of one API key, the Lua scripts that change them, and `WAIT`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::{Cmd, FromRedisValue, ScriptInvocation};
 
@@ -213,6 +213,4 @@ pub(super) fn expire_at(period: Period) -> i64 {
     period.reset_unix() + USAGE_GRACE_SECS
 }
 
-pub(super) fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+pub(super) use crate::clock::unix_secs as unix;
