@@ -40,18 +40,18 @@ struct PendingHead {
     read: Cell<bool>,
     /// Bytes read from the client since this request began, while the head was pending.
     buffered: Cell<usize>,
-    /// Where the head's deadline counts from: the accept for a connection's first request,
-    /// the first byte of the head for a later one (the wait before it is keep-alive idle time,
+    /// Where the head's deadline counts from: the accept (after the TLS handshake) for a
+    /// connection's first request, the first byte of the head for a later one (the wait before it is keep-alive idle time,
     /// bounded by `limits.keepalive_secs`). `None` until then.
     since: Cell<Option<Instant>>,
 }
 
 impl PendingHead {
-    fn first(accepted: Instant) -> Self {
+    fn first(ready: Instant) -> Self {
         Self {
             read: Cell::new(false),
             buffered: Cell::new(0),
-            since: Cell::new(Some(accepted)),
+            since: Cell::new(Some(ready)),
         }
     }
 
@@ -153,19 +153,15 @@ impl<A> ClientConnections<A> {
             .into_any()
             .downcast::<pingora::protocols::l4::stream::Stream>()
             .ok()?;
-        match pingora::time::timeout(self.head_timeout, acceptor.tls_handshake(*tcp)).await {
-            Ok(Ok(tls)) => Some(Box::new(tls)),
-            Ok(Err(e)) => {
-                self.handshakes_failed.inc();
-                log::debug!("TLS handshake failed: {e}");
-                None
-            }
-            Err(_) => {
-                self.handshakes_failed.inc();
-                log::debug!("TLS handshake not done within {:?}", self.head_timeout);
-                None
-            }
-        }
+        let why =
+            match pingora::time::timeout(self.head_timeout, acceptor.tls_handshake(*tcp)).await {
+                Ok(Ok(tls)) => return Some(Box::new(tls)),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("not done within {:?}", self.head_timeout),
+            };
+        self.handshakes_failed.inc();
+        log::debug!("TLS handshake failed: {why}");
+        None
     }
 }
 
@@ -211,7 +207,6 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let accepted = Instant::now();
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
             self.open.fetch_sub(1, Ordering::AcqRel);
             self.refused.inc();
@@ -220,6 +215,8 @@ where
         self.open_gauge.inc();
         let _open = Open(&self.open, &self.open_gauge);
         let stream = self.handshake(stream).await?;
+        // The first head's deadline counts from here: the handshake had its own.
+        let ready = Instant::now();
         let mut stream: Stream = Box::new(HeadBudget {
             inner: stream,
             max: self.max_head_bytes,
@@ -232,7 +229,7 @@ where
             return self.app.process_new(stream, shutdown).await;
         }
         HEAD.scope(
-            PendingHead::first(accepted),
+            PendingHead::first(ready),
             self.serve_http1(stream, shutdown),
         )
         .await;
