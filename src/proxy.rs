@@ -123,8 +123,13 @@ impl AudioProxy {
         head.set(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         self.add_cors(session.req_header(), &mut head);
         if let Some(rate) = rate {
-            head.set_text(RATELIMIT_POLICY, rate.policy_header());
-            head.set_text_never_indexed(RATELIMIT, rate.state_header());
+            // Digits and ASCII punctuation: always valid header values.
+            if let Ok(policy) = HeaderValue::try_from(rate.policy_header()) {
+                head.set(RATELIMIT_POLICY, policy);
+            }
+            if let Ok(state) = HeaderValue::try_from(rate.state_header()) {
+                head.set(RATELIMIT, never_indexed(state));
+            }
         }
         if let Some(e) = error {
             match e {
@@ -294,20 +299,6 @@ impl Head {
 
     fn set(&mut self, name: HeaderName, value: HeaderValue) {
         self.0.headers.insert(name, value);
-    }
-
-    /// A value we formatted: digits and ASCII punctuation, always a valid header value.
-    fn set_text(&mut self, name: HeaderName, value: String) {
-        if let Ok(value) = HeaderValue::try_from(value) {
-            self.set(name, value);
-        }
-    }
-
-    /// As [`Self::set_text`], for a value that changes with every answer.
-    fn set_text_never_indexed(&mut self, name: HeaderName, value: String) {
-        if let Ok(value) = HeaderValue::try_from(value) {
-            self.set(name, never_indexed(value));
-        }
     }
 
     fn finish(self) -> Box<ResponseHeader> {
