@@ -382,14 +382,7 @@ fn first_run_plays_the_seed_browser_example_in_chromium() {
         &run.base,
         &run.key,
     );
-    let modules = std::env::var("AUDIOLIB_NODE_MODULES").unwrap_or_else(|_| {
-        common::repo_path(".tools/node/node_modules")
-            .to_string_lossy()
-            .into_owned()
-    });
-    // `scripts/test` installs Debian's chromium.
-    let chromium =
-        std::env::var("AUDIOLIB_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let (modules, chromium) = common::browser_tools();
     let out = self::run(
         Command::new("node")
             .arg(common::repo_path("tests/oracle/browser_play.mjs"))

@@ -24,12 +24,7 @@ fn rotate(gw: &Gateway, id: &str, body: Value) -> common::Reply {
 #[test]
 fn a_rotated_keys_old_secret_works_on_every_node_until_its_grace_ends() {
     let redis = RedisServer::start();
-    let node = || {
-        Gateway::builder()
-            .env("AUDIOLIB_REDIS_URL", redis.url())
-            .start()
-    };
-    let (a, b) = (node(), node());
+    let (a, b) = Gateway::two_on(&redis);
     let (id, old) = a.create_key("free", Some(Some(50)));
     for gw in [&a, &b] {
         assert_eq!(
@@ -76,12 +71,7 @@ fn a_rotated_keys_old_secret_works_on_every_node_until_its_grace_ends() {
 #[test]
 fn disabling_a_key_or_its_account_stops_the_old_secret_during_the_grace() {
     let redis = RedisServer::start();
-    let node = || {
-        Gateway::builder()
-            .env("AUDIOLIB_REDIS_URL", redis.url())
-            .start()
-    };
-    let (a, b) = (node(), node());
+    let (a, b) = Gateway::two_on(&redis);
     let account = a.admin(
         "POST",
         "/admin/accounts",
@@ -133,12 +123,7 @@ fn disabling_a_key_or_its_account_stops_the_old_secret_during_the_grace() {
 #[test]
 fn a_rotation_without_grace_stops_the_old_secret_at_once_on_every_node() {
     let redis = RedisServer::start();
-    let node = || {
-        Gateway::builder()
-            .env("AUDIOLIB_REDIS_URL", redis.url())
-            .start()
-    };
-    let (a, b) = (node(), node());
+    let (a, b) = Gateway::two_on(&redis);
     let (id, old) = a.create_key("free", None);
     assert_eq!(b.post_audio(&old, BODY).status, 200);
     let reply = rotate(&a, &id, json!({"grace_secs": 0}));

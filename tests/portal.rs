@@ -515,12 +515,7 @@ fn the_operator_signs_in_with_the_admin_token_and_invites_and_disables() {
 #[test]
 fn a_session_made_on_one_node_is_valid_on_another_and_ends_on_both() {
     let redis = RedisServer::start();
-    let node = || {
-        Gateway::builder()
-            .env("AUDIOLIB_REDIS_URL", redis.url())
-            .start()
-    };
-    let (one, two) = (node(), node());
+    let (one, two) = Gateway::two_on(&redis);
     let (_, url) = invite(&one, "multi@example.com");
 
     // An expired invite says so (its expiry moved into the past in the store).
@@ -601,20 +596,9 @@ fn a_session_made_on_one_node_is_valid_on_another_and_ends_on_both() {
 #[test]
 fn browser_invite_to_sign_out_in_chromium() {
     let redis = RedisServer::start();
-    let node = || {
-        Gateway::builder()
-            .env("AUDIOLIB_REDIS_URL", redis.url())
-            .start()
-    };
-    let (one, two) = (node(), node());
+    let (one, two) = Gateway::two_on(&redis);
     let (_, url) = invite(&one, "browser@example.com");
-    let modules = std::env::var("AUDIOLIB_NODE_MODULES").unwrap_or_else(|_| {
-        common::repo_path(".tools/node/node_modules")
-            .to_string_lossy()
-            .into_owned()
-    });
-    let chromium =
-        std::env::var("AUDIOLIB_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let (modules, chromium) = common::browser_tools();
     let shots = common::repo_path("target/portal-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let started = Instant::now();

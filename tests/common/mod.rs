@@ -45,6 +45,19 @@ pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// Where the browser tests find `playwright-core` and Chromium: `AUDIOLIB_NODE_MODULES` and
+/// `AUDIOLIB_CHROMIUM`, else where `scripts/test` installs them.
+pub fn browser_tools() -> (String, String) {
+    let modules = std::env::var("AUDIOLIB_NODE_MODULES").unwrap_or_else(|_| {
+        repo_path(".tools/node/node_modules")
+            .to_string_lossy()
+            .into_owned()
+    });
+    let chromium =
+        std::env::var("AUDIOLIB_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    (modules, chromium)
+}
+
 /// An HTTP client that reports every status instead of failing on 4xx/5xx.
 pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
@@ -330,6 +343,16 @@ impl Gateway {
 
     pub fn start() -> Gateway {
         Self::builder().start()
+    }
+
+    /// Two gateway processes on one Redis: how tests show what holds on every node.
+    pub fn two_on(redis: &RedisServer) -> (Gateway, Gateway) {
+        let node = || {
+            Self::builder()
+                .env("AUDIOLIB_REDIS_URL", redis.url())
+                .start()
+        };
+        (node(), node())
     }
 
     pub fn pid(&self) -> u32 {
