@@ -92,6 +92,7 @@ pub struct ClientConnections<A> {
     max: usize,
     max_head_bytes: usize,
     head_timeout: Duration,
+    keepalive: Duration,
     tls: Option<Acceptor>,
     /// Exact count for the cap; the gauge mirrors it for `/metrics`.
     open: AtomicUsize,
@@ -119,6 +120,7 @@ impl<A> ClientConnections<A> {
             max: limits.max_connections,
             max_head_bytes: limits.max_header_bytes,
             head_timeout: limits.header_timeout,
+            keepalive: limits.keepalive,
             tls: None,
             too_large: Bytes::from(too_large),
             open: Default::default(),
@@ -222,6 +224,7 @@ where
             max: self.max_head_bytes,
             timeout: self.head_timeout,
             timer: None,
+            idle: Idle::new(self.keepalive),
             too_large: self.too_large.clone(),
         });
         if self.is_http2(&mut stream).await? {
@@ -293,7 +296,57 @@ struct HeadBudget {
     timeout: Duration,
     /// Wakes a read of a started head at its deadline; reused from head to head.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Idle,
     too_large: Bytes,
+}
+
+/// The wait for the next request on a kept-alive HTTP/1.x connection, bounded by
+/// `limits.keepalive_secs`. Pingora's own keep-alive timeout arms a timer for every such wait,
+/// that is for nearly every request; here one timer serves a busy connection: armed at its
+/// first wait, it is left alone while requests come and go, and when it fires during a later
+/// wait it is moved to that wait's deadline (so at most once per `keepalive_secs`). Deadlines
+/// only grow, so the timer never fires late, only early.
+#[derive(Debug)]
+struct Idle {
+    limit: Duration,
+    /// When the current wait began; `None` while a request is under way.
+    since: Option<Instant>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            since: None,
+            timer: None,
+        }
+    }
+
+    /// Whether the connection has now waited `limit` for its next request; if not, makes
+    /// sure this task is woken by then.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let deadline = tokio::time::Instant::from_std(since + self.limit);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if timer.deadline() >= deadline {
+                return true;
+            }
+            // Armed for an earlier wait: this one has longer to go.
+            timer.as_mut().reset(deadline);
+        }
+    }
+
+    /// A request has begun: the wait is over.
+    fn busy(&mut self) {
+        self.since = None;
+    }
 }
 
 /// A read that must be shorter than the caller's buffer goes through a stack buffer of this
@@ -368,10 +421,16 @@ impl AsyncRead for HeadBudget {
                 if deadline.is_some_and(|d| this.expired(d, cx)) {
                     return Poll::Ready(Err(head_too_slow()));
                 }
+                // Idle past the keep-alive limit: an end of stream, on which Pingora closes
+                // the connection quietly, as on its own keep-alive timeout.
+                if since.is_none() && this.idle.expired(cx) {
+                    return Poll::Ready(Ok(()));
+                }
                 return Poll::Pending;
             }
             Poll::Ready(result) => result?,
         };
+        this.idle.busy();
         let _ = HEAD.try_with(|h| {
             h.buffered.set(buffered + n);
             if since.is_none() && n > 0 {

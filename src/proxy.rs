@@ -354,12 +354,10 @@ impl ProxyHttp for AudioProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = Some(request_id::of(&session.req_header().headers));
-        // Pingora decided whether this connection may be reused (the request's `Connection`
-        // header and version; never after a request with both Content-Length and
-        // Transfer-Encoding, RFC 9112 §6.1): only a reusable one gets our idle timeout.
-        if !self.lifecycle.is_draining() && session.get_keepalive().is_some() {
-            session.set_keepalive(Some(self.limits.keepalive.as_secs()));
-        }
+        // Whether this connection may be reused is Pingora's decision (the request's
+        // `Connection` header and version; never after a request with both Content-Length
+        // and Transfer-Encoding, RFC 9112 §6.1); how long it may then wait for its next
+        // request is bounded by `connection`, without a timer per request.
         if header_bytes(session.req_header()) > self.limits.max_header_bytes {
             ctx.route = Route::Rejected;
             self.respond_error(session, ctx, ApiError::HeadersTooLarge, None)

@@ -384,6 +384,49 @@ fn a_head_dribbled_byte_by_byte_is_cut_at_the_whole_head_deadline() {
 }
 
 #[test]
+fn an_idle_keep_alive_connection_closes_after_keepalive_secs_and_a_busy_one_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("gateway.toml");
+    std::fs::write(&conf, "[limits]\nkeepalive_secs = 1\n").unwrap();
+    let gw = Gateway::builder()
+        .arg("--config")
+        .arg(conf.to_str().unwrap())
+        .start();
+    let conn = TcpStream::connect(gw.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+
+    // Busy for three times the limit, a request every 0.4 s: never idle for a whole second,
+    // so every request is answered on the same connection.
+    for i in 0..8 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        (&conn)
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let answer = common::read_raw_reply(&mut reader)
+            .unwrap_or_else(|| panic!("request {i} on the kept-alive connection unanswered"));
+        assert_eq!(answer.status, 200);
+    }
+
+    // Then idle: the gateway closes it after the limit, without a word.
+    let idle_from = Instant::now();
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .expect("closed by the gateway, not by the read timeout");
+    let idle = idle_from.elapsed();
+    eprintln!("idle connection closed after {idle:?}");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(4),
+        "closed after {idle:?} of idleness with keepalive_secs = 1"
+    );
+}
+
+#[test]
 fn connections_over_the_cap_are_closed_at_once() {
     let gw = Gateway::builder()
         .env("AUDIOLIB_MAX_CONNECTIONS", "2")
