@@ -123,7 +123,7 @@ http {{
     default $request_id;
   }}
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port} reuseport;
     default_type application/json;
     add_header Cache-Control no-store always;
     add_header Access-Control-Allow-Origin * always;
