@@ -2,6 +2,9 @@
 
 Targets (all on 127.0.0.1, 2 server threads each unless --threads):
   nginx          nginx answering the gateway's JSON with `return 200` (ceiling)
+  nginx-lua      POST /v1/audio in Lua on nginx (LuaJIT, per-worker lrucache of keys, one Redis
+                 INCR per request: the architecture of Kong and APISIX; scripts/nginx_lua/) on
+                 the same Redis, with the embedded target's key
   pingora-fixed  examples/fixed_body: Pingora answering a fixed body from request_filter (ceiling)
   embedded       the gateway, embedded durable store (SQLite in a temp dir), one free-plan key
   NAME           with --baseline NAME=BIN (repeatable): another build of the gateway (an
@@ -39,6 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from nginx_lua import target as nginx_lua
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
@@ -299,6 +304,23 @@ http {{
         wait_port(nginx_port)
         wait_port(up_port)
 
+        # The same API in Lua on nginx, its keys and counters in our Redis, the same key and S3
+        # settings as start_gateway's.
+        lua = None
+        if nginx_lua.missing():
+            print(f"nginx-lua left out: {', '.join(nginx_lua.missing())} missing "
+                  "(scripts/bench-load installs them)", file=sys.stderr)
+        else:
+            lua_port = free_port()
+            nginx_lua.seed_key(redis_port, key, "key_bench", 10**12)
+            lua = nginx_lua.start(procs, work, lua_port, redis_port, args.threads,
+                                  nginx_lua.s3_settings("https://s3.us-east-1.amazonaws.com",
+                                                        "audiolib-media", "us-east-1", False, 3600,
+                                                        "AKIAIOSFODNN7EXAMPLE",
+                                                        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+                                  os.path.join(ROOT, "catalog"))
+            wait_port(lua_port)
+
         fixed_port, proxy_port = free_port(), free_port()
         fixed = procs.start([os.path.join(RELEASE, "examples", "fixed_body"),
                              f"127.0.0.1:{fixed_port}", body_file, str(args.threads)])
@@ -364,6 +386,9 @@ http {{
             "pingora-fixed-h2": (f"https://127.0.0.1:{fixed_tls_port}/v1/audio", ("h2", tls_key), fixed_tls.pid),
             "embedded-h2": (f"https://127.0.0.1:{tls_port}/v1/audio", ("h2", tls_key), tls.pid),
         }
+        if lua:
+            targets["nginx-lua"] = (f"http://127.0.0.1:{lua_port}/v1/audio",
+                                    wrk_script(work, "lua", [key]), lua.pid)
         for spec in args.baseline:
             name, _, binary = spec.partition("=")
             base, base_port, base_admin = start_gateway(procs, work, name, args.threads,
@@ -411,6 +436,13 @@ http {{
                 print(f"embedded / {name}: {ratio('embedded', name)} in req/s, "
                       f"{med[name]['cpu'] / med['embedded']['cpu']:.2f} in CPU per request "
                       f"({name}'s over embedded's)")
+        if "nginx-lua" in med:
+            cpu = {n: f"{med['nginx-lua']['cpu'] / med[n]['cpu']:.2f}" if n in med else "-"
+                   for n in ("embedded", "redis-limited")}
+            print(f"embedded / nginx-lua: {ratio('embedded', 'nginx-lua')}, redis-limited / nginx-lua: "
+                  f"{ratio('redis-limited', 'nginx-lua')} in req/s; nginx-lua's CPU per request over "
+                  f"embedded's {cpu['embedded']}, over redis-limited's {cpu['redis-limited']} "
+                  "(Redis's own CPU not counted)")
         if "embedded-log" in med and "embedded" in med:
             print(f"embedded-log / embedded (access log on / off): {ratio('embedded-log', 'embedded')}")
         if "redis-wait" in med and "redis-limited" in med:

@@ -1,9 +1,14 @@
 # Shared by the scripts: install what a fresh Debian machine with Rust lacks.
 
-# apt_need CMD PACKAGE...: install PACKAGE(s) when CMD is missing.
+# apt_need CMD PACKAGE...: install PACKAGE(s) when CMD is missing. CMD may be an absolute
+# path instead, for packages without a command (an nginx module, Lua libraries).
 apt_need() {
     local cmd=$1; shift
-    command -v "$cmd" >/dev/null 2>&1 && return 0
+    if [[ $cmd == /* ]]; then
+        [ -e "$cmd" ] && return 0
+    else
+        command -v "$cmd" >/dev/null 2>&1 && return 0
+    fi
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "installing $* (for $cmd)" >&2
