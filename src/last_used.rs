@@ -1,9 +1,10 @@
 //! `last_used_at` (SPEC §9, to the minute): noted on the request path with one atomic
-//! operation per call, written to the store by the background sync at most once a minute per
+//! load per call (a write once a minute), written to the store by the background sync at most once a minute per
 //! key, never by a request.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cache::Caller;
@@ -25,10 +26,11 @@ impl LastUsed {
     /// cached caller remembers the minute it was last noted in.
     pub fn note(&self, caller: &Caller, now: SystemTime) {
         let minute = minute_of(now);
-        if caller
-            .last_minute
-            .fetch_max(minute, std::sync::atomic::Ordering::Relaxed)
-            >= minute
+        // A load first: a busy key is noted from every core, and a read-modify-write on every
+        // call would make its cache line bounce between them.
+        let last = &caller.last_minute;
+        if last.load(Ordering::Relaxed) >= minute
+            || last.fetch_max(minute, Ordering::Relaxed) >= minute
         {
             return;
         }

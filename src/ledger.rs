@@ -5,6 +5,7 @@
 //! reports. Counting during outages lives with the leases ([`crate::store::lease`]).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::locks::{PerKey, lock};
@@ -24,6 +25,9 @@ struct Memo {
 pub struct Ledger {
     // std locks: critical sections are a few field updates, never `.await`.
     memos: PerKey<Mutex<Memo>>,
+    /// Memos that say exhausted. While there are none, which is usual, a call does not take
+    /// the map's read lock (an atomic write to a line every core shares) twice per call.
+    exhausted: AtomicUsize,
 }
 
 impl Ledger {
@@ -33,6 +37,10 @@ impl Ledger {
 
     /// `Some(used)` when the key is known to be exhausted in `period` under `limit`.
     pub fn exhausted(&self, key_id: &str, period: Period, limit: Option<u64>) -> Option<u64> {
+        // A memo made meanwhile may be missed: then the store answers, as it would anyway.
+        if self.exhausted.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         let memo = self.memos.get(key_id)?;
         let memo = lock(&memo);
         match memo.exhausted {
@@ -47,12 +55,21 @@ impl Ledger {
     pub fn record(&self, key_id: &str, period: Period, limit: Option<u64>, answer: Reservation) {
         match answer {
             Reservation::Denied { used } => {
-                lock(&self.memos.get_or_default(key_id)).exhausted =
-                    Some((period, limit, used, Instant::now()));
+                let memo = self.memos.get_or_default(key_id);
+                let mut memo = lock(&memo);
+                if memo.exhausted.is_none() {
+                    self.exhausted.fetch_add(1, Ordering::Relaxed);
+                }
+                memo.exhausted = Some((period, limit, used, Instant::now()));
             }
             Reservation::Granted { .. } => {
-                if let Some(memo) = self.memos.get(key_id) {
-                    lock(&memo).exhausted = None;
+                if self.exhausted.load(Ordering::Relaxed) == 0 {
+                    return;
+                }
+                if let Some(memo) = self.memos.get(key_id)
+                    && lock(&memo).exhausted.take().is_some()
+                {
+                    self.exhausted.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             // Not exhausted: units held by other nodes may come back.
@@ -90,5 +107,27 @@ mod tests {
         assert_eq!(l.exhausted("k", DEC, Some(5)), None, "a new month forgets");
         l.record("k", NOV, Some(6), Reservation::Granted { used: 6 });
         assert_eq!(l.exhausted("k", NOV, Some(5)), None);
+        assert_eq!(
+            l.exhausted.load(Ordering::Relaxed),
+            0,
+            "no memo says exhausted"
+        );
+    }
+
+    #[test]
+    fn the_count_of_exhausted_memos_follows_each_key() {
+        let l = Ledger::new();
+        l.record("a", NOV, Some(5), Reservation::Denied { used: 5 });
+        l.record("a", NOV, Some(5), Reservation::Denied { used: 5 });
+        l.record("b", NOV, Some(5), Reservation::Denied { used: 5 });
+        assert_eq!(l.exhausted.load(Ordering::Relaxed), 2);
+        l.record("c", NOV, Some(5), Reservation::Granted { used: 1 });
+        l.record("a", NOV, Some(6), Reservation::Granted { used: 6 });
+        assert_eq!(l.exhausted.load(Ordering::Relaxed), 1);
+        assert_eq!(l.exhausted("a", NOV, Some(5)), None);
+        assert_eq!(l.exhausted("b", NOV, Some(5)), Some(5));
+        l.record("b", DEC, Some(5), Reservation::Granted { used: 1 });
+        assert_eq!(l.exhausted.load(Ordering::Relaxed), 0);
+        assert_eq!(l.exhausted("b", NOV, Some(5)), None);
     }
 }

@@ -124,10 +124,10 @@ impl AudioProxy {
         self.add_cors(session.req_header(), &mut head);
         if let Some(rate) = rate {
             // Digits and ASCII punctuation: always valid header values.
-            if let Ok(policy) = HeaderValue::try_from(rate.policy_header()) {
+            if let Ok(policy) = HeaderValue::from_bytes(rate.policy_header().as_ref()) {
                 head.set(RATELIMIT_POLICY, policy);
             }
-            if let Ok(state) = HeaderValue::try_from(rate.state_header()) {
+            if let Ok(state) = HeaderValue::from_bytes(rate.state_header().as_ref()) {
                 head.set(RATELIMIT, never_indexed(state));
             }
         }

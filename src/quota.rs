@@ -172,13 +172,50 @@ impl RateInfo {
     }
 
     /// `RateLimit-Policy: "monthly";q=<limit>;w=<secs>`
-    pub fn policy_header(&self) -> String {
-        format!("\"monthly\";q={};w={}", self.limit, self.window_secs)
+    pub fn policy_header(&self) -> Field {
+        Field::monthly(b'q', self.limit, b'w', self.window_secs)
     }
 
     /// `RateLimit: "monthly";r=<remaining>;t=<secs to reset>`
-    pub fn state_header(&self) -> String {
-        format!("\"monthly\";r={};t={}", self.remaining, self.reset_secs)
+    pub fn state_header(&self) -> Field {
+        Field::monthly(b'r', self.remaining, b't', self.reset_secs)
+    }
+}
+
+/// A `RateLimit` field value, written on the stack: both go out with every answer of a
+/// limited key, where `format!` cost more than the rest of the head.
+pub struct Field {
+    text: [u8; Self::MAX],
+    len: usize,
+}
+
+impl Field {
+    /// `"monthly";` plus two parameters of at most 20 digits each.
+    const MAX: usize = 10 + 2 * (3 + 20) + 1;
+
+    fn monthly(a: u8, x: u64, b: u8, y: u64) -> Self {
+        let mut field = Self {
+            text: [0; Self::MAX],
+            len: 0,
+        };
+        let mut digits = itoa::Buffer::new();
+        field.push(b"\"monthly\";");
+        field.push(&[a, b'=']);
+        field.push(digits.format(x).as_bytes());
+        field.push(&[b';', b, b'=']);
+        field.push(digits.format(y).as_bytes());
+        field
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.text[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
+impl AsRef<[u8]> for Field {
+    fn as_ref(&self) -> &[u8] {
+        &self.text[..self.len]
     }
 }
 
@@ -235,8 +272,17 @@ mod tests {
     fn rate_headers() {
         let now = at(1_796_083_100); // 99 s before December
         let info = RateInfo::new(50, 20, Period::containing(now), now);
-        assert_eq!(info.policy_header(), "\"monthly\";q=50;w=2592000");
-        assert_eq!(info.state_header(), "\"monthly\";r=30;t=100");
+        assert_eq!(info.policy_header().as_ref(), b"\"monthly\";q=50;w=2592000");
+        assert_eq!(info.state_header().as_ref(), b"\"monthly\";r=30;t=100");
+        let widest = RateInfo {
+            limit: u64::MAX,
+            remaining: u64::MAX,
+            window_secs: u64::MAX,
+            reset_secs: u64::MAX,
+        };
+        let max = u64::MAX.to_string();
+        let expected = format!("\"monthly\";q={max};w={max}");
+        assert_eq!(widest.policy_header().as_ref(), expected.as_bytes());
         assert_eq!(
             RateInfo::new(5, 9, Period::containing(now), now).remaining,
             0
