@@ -12,7 +12,7 @@ use audiolib::catalog::CatalogHandle;
 use audiolib::clock::SystemClock;
 use audiolib::config::{Config, FileConfig};
 use audiolib::keys::CreateKey;
-use audiolib::metrics::StoreMetrics;
+use audiolib::metrics::{ShardedCounter, ShardedHistogram, StoreMetrics};
 use audiolib::quota::Period;
 use audiolib::route::Route;
 use audiolib::server::build_app_with;
@@ -20,6 +20,7 @@ use audiolib::sign::{Presigner, encode_key};
 use audiolib::store::lease::Quota;
 use audiolib::store::sqlite::SqliteStore;
 use criterion::{Criterion, criterion_group, criterion_main};
+use prometheus::HistogramOpts;
 
 const KEY: &str = "alp_0123456789abcdefABCDEF0123456789";
 const BODY: &[u8] = br#"{"library":"audio.focus"}"#;
@@ -140,6 +141,49 @@ fn metrics(c: &mut Criterion) {
     c.bench_function("metrics_observe_request", |b| {
         b.iter(|| m.observe_request(black_box(Route::Audio), 200, black_box("ok"), 0.0004))
     });
+
+    // What the request path's metrics cost when both worker threads update them at once: a
+    // counter and a histogram each, as plain Prometheus atomics (the baseline) and per thread.
+    let opts = || HistogramOpts::new("h", "h").buckets(vec![0.0001, 0.001, 0.01, 0.1, 1.0]);
+    let (counter, histogram) = (
+        prometheus::IntCounter::new("c", "c").unwrap(),
+        prometheus::Histogram::with_opts(opts()).unwrap(),
+    );
+    let (sharded_counter, sharded_histogram) =
+        (ShardedCounter::default(), ShardedHistogram::default());
+    let mut group = c.benchmark_group("metrics_two_threads");
+    group.bench_function("prometheus", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(|| {
+                for _ in 0..iters {
+                    counter.inc();
+                    histogram.observe(black_box(0.0004));
+                }
+            })
+        })
+    });
+    group.bench_function("sharded", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(|| {
+                for _ in 0..iters {
+                    sharded_counter.inc();
+                    sharded_histogram.observe(black_box(0.0004));
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+/// Runs `run` (`iters` steps) on each of two threads at once: the time per step of one thread.
+fn on_two_threads(run: impl Fn() + Sync) -> Duration {
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(&run);
+        }
+    });
+    started.elapsed()
 }
 
 fn store_and_cache(c: &mut Criterion) {
@@ -193,6 +237,29 @@ fn store_and_cache(c: &mut Criterion) {
                 let key = gateway.authenticate(std::iter::once(header)).await.unwrap();
                 gateway.audio(&key, BODY).await.result.unwrap()
             }
+        })
+    });
+
+    // The same on both worker threads at once, one key: what the threads' shared state (the
+    // key's cache entry and lease, locks, counters) costs when they meet. Without any, a
+    // call would take the time of `whole_request`.
+    c.bench_function("whole_request_two_threads", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    for _ in 0..iters {
+                        let key = gateway
+                            .authenticate(std::iter::once(header.as_bytes()))
+                            .await
+                            .unwrap();
+                        black_box(gateway.audio(&key, BODY).await.result.unwrap());
+                    }
+                })
+            })
         })
     });
 }

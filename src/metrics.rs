@@ -3,12 +3,18 @@
 //! Components own the counters they update (plain atomics behind `prometheus` handles) and
 //! the registry only gathers them, so the request path never touches the registry.
 
+use std::sync::Arc;
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::route::Route;
+
+mod shards;
+
+pub use shards::{Counter as ShardedCounter, Histogram as ShardedHistogram, WithShards};
 
 /// Latency buckets in seconds: 50 µs to 2.5 s, dense where a gateway call should land.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -19,12 +25,11 @@ const LATENCY_BUCKETS: [f64; 14] = [
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
-    latency: HistogramVec,
     quota_denials: IntCounter,
-    /// Handles resolved once: `with_label_values` hashes its labels under a lock, which the
-    /// common answers should not pay per request.
-    latency_by_route: [Histogram; Route::ALL.len()],
-    audio_ok: IntCounter,
+    /// Per-thread series for what every request updates (see [`shards`]); the other label
+    /// sets of `requests` are resolved per answer.
+    latency_by_route: [Arc<ShardedHistogram>; Route::ALL.len()],
+    audio_ok: Arc<ShardedCounter>,
 }
 
 impl Default for Metrics {
@@ -59,14 +64,25 @@ impl Metrics {
         .expect("static metric definition");
         let metrics = Self {
             registry: Registry::new(),
-            latency_by_route: Route::ALL.map(|r| latency.with_label_values(&[r.label()])),
-            audio_ok: requests.with_label_values(&[Route::Audio.label(), "200", "ok"]),
+            latency_by_route: Route::ALL.map(|_| Arc::default()),
+            audio_ok: Arc::default(),
             requests,
-            latency,
             quota_denials,
         };
-        metrics.register(metrics.requests.clone());
-        metrics.register(metrics.latency.clone());
+        let ok = [
+            ("route", Route::Audio.label()),
+            ("status", "200"),
+            ("code", "ok"),
+        ];
+        metrics.register(WithShards::new(metrics.requests.clone()).counter(&ok, &metrics.audio_ok));
+        metrics.register(
+            Route::ALL
+                .iter()
+                .zip(&metrics.latency_by_route)
+                .fold(WithShards::new(latency), |family, (route, h)| {
+                    family.histogram(&[("route", route.label())], h)
+                }),
+        );
         metrics.register(metrics.quota_denials.clone());
         metrics
     }
@@ -125,6 +141,8 @@ fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
 pub struct StoreMetrics {
     pub errors: IntCounterVec,
     pub latency: HistogramVec,
+    /// `latency` of `reserve`, which every `/v1/audio` call observes: per thread.
+    pub reserve_latency: Arc<ShardedHistogram>,
 }
 
 impl StoreMetrics {
@@ -147,12 +165,16 @@ impl StoreMetrics {
                 &["op"],
             )
             .expect("static metric definition"),
+            reserve_latency: Arc::default(),
         }
     }
 
     pub fn register_in(&self, metrics: &Metrics) {
         metrics.register(self.errors.clone());
-        metrics.register(self.latency.clone());
+        metrics.register(
+            WithShards::new(self.latency.clone())
+                .histogram(&[("op", "reserve")], &self.reserve_latency),
+        );
     }
 }
 
@@ -166,7 +188,8 @@ impl Default for StoreMetrics {
 #[derive(Clone)]
 pub struct CacheMetrics {
     lookups: IntCounterVec,
-    pub hits: IntCounter,
+    /// Per thread: every `/v1/audio` call counts one.
+    pub hits: Arc<ShardedCounter>,
     pub misses: IntCounter,
 }
 
@@ -181,14 +204,16 @@ impl CacheMetrics {
         )
         .expect("static metric definition");
         Self {
-            hits: lookups.with_label_values(&["hit"]),
+            hits: Arc::default(),
             misses: lookups.with_label_values(&["miss"]),
             lookups,
         }
     }
 
     pub fn register_in(&self, metrics: &Metrics) {
-        metrics.register(self.lookups.clone());
+        metrics.register(
+            WithShards::new(self.lookups.clone()).counter(&[("result", "hit")], &self.hits),
+        );
     }
 }
 

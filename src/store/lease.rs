@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prometheus::{Histogram, IntCounter};
+use prometheus::IntCounter;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -48,7 +48,7 @@ use super::StoreError;
 use crate::clock::{Clock, SystemClock};
 use crate::events::{self, Crossing};
 use crate::locks::PerKey;
-use crate::metrics::StoreMetrics;
+use crate::metrics::{ShardedHistogram, StoreMetrics};
 use crate::quota::{Day, LocalAdmission, Period, Reservation, Source};
 
 /// Unused units go back to the store after this long without a call.
@@ -319,7 +319,11 @@ impl LeaseBook {
     }
 
     pub fn set_today(&self, day: Day) {
-        self.today.store(day.0, Ordering::Relaxed);
+        // Called on every call: a load first, so the line is written once a day, not bounced
+        // between cores on every call.
+        if self.today.load(Ordering::Relaxed) != day.0 {
+            self.today.store(day.0, Ordering::Relaxed);
+        }
     }
 
     fn entry(&self, subject: &str) -> Arc<Entry> {
@@ -729,7 +733,7 @@ pub struct Quota {
     /// Dates the usage history.
     clock: Arc<dyn Clock>,
     /// The `reserve` series of the store metrics, resolved once (every call updates them).
-    reserve_latency: Histogram,
+    reserve_latency: Arc<ShardedHistogram>,
     reserve_errors: IntCounter,
 }
 
@@ -739,7 +743,7 @@ impl Quota {
             book: LeaseBook::default(),
             backend,
             clock: Arc::new(SystemClock),
-            reserve_latency: metrics.latency.with_label_values(&["reserve"]),
+            reserve_latency: metrics.reserve_latency.clone(),
             reserve_errors: metrics.errors.with_label_values(&["reserve"]),
         }
     }
