@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
+
 pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -21,38 +23,53 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Entries shared by key id: each request takes a read lock and clones an `Arc`; the write
 /// lock (and the key's allocation) is needed only the first time a key is seen.
+///
+/// The lock is crossbeam's `ShardedLock`: a reader locks a shard of its own thread, so the
+/// worker threads' reads, one or more per request, do not write to a cache line they share
+/// (a std `RwLock` counts its readers in one word). Writes lock every shard; they are rare.
 pub struct PerKey<T> {
-    map: RwLock<HashMap<String, Arc<T>>>,
+    map: ShardedLock<HashMap<String, Arc<T>>>,
 }
 
 impl<T> Default for PerKey<T> {
     fn default() -> Self {
         Self {
-            map: RwLock::default(),
+            map: ShardedLock::default(),
         }
     }
 }
 
+fn read_sharded<T>(l: &ShardedLock<T>) -> ShardedLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_sharded<T>(l: &ShardedLock<T>) -> ShardedLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
 impl<T: Default> PerKey<T> {
     pub fn get(&self, key: &str) -> Option<Arc<T>> {
-        read(&self.map).get(key).cloned()
+        read_sharded(&self.map).get(key).cloned()
     }
 
     pub fn get_or_default(&self, key: &str) -> Arc<T> {
         if let Some(entry) = self.get(key) {
             return entry;
         }
-        write(&self.map).entry(key.to_string()).or_default().clone()
+        write_sharded(&self.map)
+            .entry(key.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Keeps only the entries `keep` says yes to.
     pub fn retain(&self, keep: impl FnMut(&String, &mut Arc<T>) -> bool) {
-        write(&self.map).retain(keep);
+        write_sharded(&self.map).retain(keep);
     }
 
     /// Removes each of `keys` whose entry `remove` says yes to, under one write lock.
     pub fn remove_if(&self, keys: &[String], remove: impl Fn(&Arc<T>) -> bool) {
-        let mut map = write(&self.map);
+        let mut map = write_sharded(&self.map);
         for key in keys {
             if map.get(key).is_some_and(&remove) {
                 map.remove(key);
@@ -61,7 +78,7 @@ impl<T: Default> PerKey<T> {
     }
 
     pub fn len(&self) -> usize {
-        read(&self.map).len()
+        read_sharded(&self.map).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -69,7 +86,7 @@ impl<T: Default> PerKey<T> {
     }
 
     /// The whole map, for walking every entry.
-    pub fn all(&self) -> RwLockReadGuard<'_, HashMap<String, Arc<T>>> {
-        read(&self.map)
+    pub fn all(&self) -> ShardedLockReadGuard<'_, HashMap<String, Arc<T>>> {
+        read_sharded(&self.map)
     }
 }
