@@ -146,16 +146,16 @@ impl Gateway {
         let token = bearer_token(authorization)?;
         check_format(token)?;
         let digest = KeyDigest::of(token);
+        let now = self.clock.now();
         let record = self
             .keys
-            .get(digest)
+            .get_in(digest, crate::clock::unix_secs(now))
             .await
             .map_err(|e| {
                 log::warn!("key lookup failed: {e}");
                 self.store_down()
             })?
             .ok_or(ApiError::InvalidKey)?;
-        let now = self.clock.now();
         if !record.serves(&digest, now) {
             return Err(ApiError::InvalidKey);
         }

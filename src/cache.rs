@@ -10,6 +10,7 @@
 //! fetch finishing afterwards (SPEC §4a.8): every invalidation moves an epoch, and a fetch
 //! that saw the epoch move drops what it cached.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -79,6 +80,8 @@ enum Miss {
 }
 
 pub struct KeyCache {
+    /// Tells this cache's callers apart in the per-thread [`RECENT`] slots.
+    id: u64,
     store: Arc<dyn Store>,
     known: Cache<KeyDigest, Arc<Caller>>,
     unknown: Cache<KeyDigest, ()>,
@@ -88,9 +91,33 @@ pub struct KeyCache {
     pub metrics: CacheMetrics,
 }
 
+/// Slots per worker thread in front of `known`.
+const RECENT_SLOTS: usize = 64;
+
+/// A caller this thread found in `known` during `second`, under `epoch`.
+struct Recent {
+    cache: u64,
+    epoch: u64,
+    second: u64,
+    digest: KeyDigest,
+    caller: Arc<Caller>,
+}
+
+thread_local! {
+    /// The callers of the current second, per worker thread: moka's lookup records every read
+    /// for its eviction policy in structures both worker threads write, which made a busy key's
+    /// lookup the costliest step of a call once both threads served it. A slot serves only
+    /// within the second it was filled and only while no invalidation has happened since
+    /// (the epoch), so it adds at most a second to the TTL and nothing to invalidation.
+    static RECENT: RefCell<Vec<Option<Recent>>> =
+        RefCell::new((0..RECENT_SLOTS).map(|_| None).collect());
+}
+
 impl KeyCache {
     pub fn new(store: Arc<dyn Store>, config: &KeyCacheConfig) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
         Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
             store,
             known: Cache::builder()
                 .max_capacity(config.capacity)
@@ -103,6 +130,43 @@ impl KeyCache {
             epoch: AtomicU64::new(0),
             metrics: CacheMetrics::new(),
         }
+    }
+
+    /// [`Self::get`] for a call in Unix second `second`, through this thread's recent callers.
+    pub async fn get_in(
+        &self,
+        digest: KeyDigest,
+        second: u64,
+    ) -> Result<Option<Arc<Caller>>, StoreError> {
+        let slot = u64::from_le_bytes(digest.0[..8].try_into().unwrap_or_default()) as usize
+            % RECENT_SLOTS;
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let recent = RECENT.with_borrow(|slots| match &slots[slot] {
+            Some(r)
+                if (r.cache, r.epoch, r.second, r.digest) == (self.id, epoch, second, digest) =>
+            {
+                Some(r.caller.clone())
+            }
+            _ => None,
+        });
+        if let Some(caller) = recent {
+            self.metrics.hits.inc();
+            return Ok(Some(caller));
+        }
+        let Some(caller) = self.known.get(&digest).await else {
+            return self.get(digest).await;
+        };
+        self.metrics.hits.inc();
+        RECENT.with_borrow_mut(|slots| {
+            slots[slot] = Some(Recent {
+                cache: self.id,
+                epoch,
+                second,
+                digest,
+                caller: caller.clone(),
+            })
+        });
+        Ok(Some(caller))
     }
 
     /// The caller for `digest`, `None` if no such key exists.
@@ -174,12 +238,17 @@ impl KeyCache {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.known.invalidate_all();
         self.unknown.invalidate_all();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Forgets `digest` so the next lookup reads the store (after a create, update or revoke).
+    ///
+    /// The epoch moves before (for fetches under way) and after: a recent-caller slot filled
+    /// from `known` in between may hold what was just invalidated, and is void once it moves.
     pub async fn invalidate(&self, digest: &KeyDigest) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.known.invalidate(digest).await;
         self.unknown.invalidate(digest).await;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -487,6 +487,50 @@ async fn a_revocation_during_a_key_fetch_is_not_undone_by_the_fetch() {
     );
 }
 
+#[tokio::test]
+async fn a_key_changed_within_the_second_it_was_used_is_seen_changed_at_once() {
+    // The clock stands still: every call falls in the second the thread's recent callers
+    // were filled in, so only the invalidation can void them.
+    let store = Hooked::new(|| Box::pin(async {}));
+    let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
+    let (gw, keys) = gateway(store.clone(), clock.clone(), FailurePolicy::FailClosed);
+    let (view, secret) = keys
+        .create(CreateKey {
+            name: "t".into(),
+            account_id: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let header = auth(&secret);
+    let call = |gw: Arc<Gateway>| {
+        let header = header.clone();
+        async move { gw.authenticate(std::iter::once(header.as_bytes())).await }
+    };
+    for _ in 0..5 {
+        assert!(call(gw.clone()).await.is_ok());
+    }
+    assert_eq!(store.lookups(), 1, "served from the caches");
+
+    // A second gateway on the same thread and store has slots of its own.
+    let (other, _) = gateway(store.clone(), clock, FailurePolicy::FailClosed);
+    assert!(call(other.clone()).await.is_ok());
+    assert_eq!(store.lookups(), 2);
+
+    keys.change(
+        &view.id,
+        audiolib::keys::ChangeKey {
+            status: Some(audiolib::store::KeyStatus::Disabled),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(call(gw.clone()).await.unwrap_err(), ApiError::InvalidKey);
+    keys.revoke(&view.id).await.unwrap();
+    assert_eq!(call(gw).await.unwrap_err(), ApiError::InvalidKey);
+}
+
 /// Usage history (SPEC §9): calls on two days of the gateway's clock are counted on each, on
 /// both stores. The clock starts 10 s before the end of today (Redis drops counters whose
 /// expiry, reckoned from the day, has passed on its own clock).
