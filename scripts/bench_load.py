@@ -423,13 +423,21 @@ http {{
         print()
         print(f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration}s, {args.rounds} interleaved "
               f"rounds, server threads {args.threads}, medians")
+        def paired(a, b):
+            """The median of the rounds' own ratios: each round's two runs are minutes apart at
+            most, so this follows the machine's drift less than a ratio of medians."""
+            if a not in results or b not in results:
+                return "-"
+            return f"{statistics.median(x['rps'] / y['rps'] for x, y in zip(results[a], results[b])):.2f}"
         print(f"{'target':16} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us':>7} "
-              f"{'/nginx':>7} {'/pingora':>8}")
+              f"{'/nginx':>7} {'/pingora':>8} {'paired':>7}")
         for name, m in med.items():
             base = {"passthrough": "pingora-proxy", "embedded-tls": "pingora-fixed-tls",
                     "embedded-h2": "pingora-fixed-h2"}.get(name, "pingora-fixed")
             print(f"{name:16} {m['rps']:>10.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} {m['cpu']:>7.1f} "
-                  f"{ratio(name, 'nginx'):>7} {ratio(name, base):>8}")
+                  f"{ratio(name, 'nginx'):>7} {ratio(name, base):>8} {paired(name, base):>7}")
+        print("(/pingora: ratio of the medians to the target's ceiling; paired: median of the "
+              "per-round ratios)")
         for spec in args.baseline:
             name = spec.partition("=")[0]
             if name in med and "embedded" in med:
@@ -439,8 +447,10 @@ http {{
         if "nginx-lua" in med:
             cpu = {n: f"{med['nginx-lua']['cpu'] / med[n]['cpu']:.2f}" if n in med else "-"
                    for n in ("embedded", "redis-limited")}
-            print(f"embedded / nginx-lua: {ratio('embedded', 'nginx-lua')}, redis-limited / nginx-lua: "
-                  f"{ratio('redis-limited', 'nginx-lua')} in req/s; nginx-lua's CPU per request over "
+            print(f"embedded / nginx-lua: {ratio('embedded', 'nginx-lua')} (paired "
+                  f"{paired('embedded', 'nginx-lua')}), redis-limited / nginx-lua: "
+                  f"{ratio('redis-limited', 'nginx-lua')} (paired {paired('redis-limited', 'nginx-lua')}) "
+                  f"in req/s; nginx-lua's CPU per request over "
                   f"embedded's {cpu['embedded']}, over redis-limited's {cpu['redis-limited']} "
                   "(Redis's own CPU not counted)")
         if "embedded-log" in med and "embedded" in med:
