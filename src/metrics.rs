@@ -14,7 +14,9 @@ use crate::route::Route;
 
 mod shards;
 
-pub use shards::{Counter as ShardedCounter, Histogram as ShardedHistogram, WithShards};
+pub use shards::{
+    Counter as ShardedCounter, Gauge as ShardedGauge, Histogram as ShardedHistogram, WithShards,
+};
 
 /// Latency buckets in seconds: 50 µs to 2.5 s, dense where a gateway call should land.
 const LATENCY_BUCKETS: [f64; 14] = [

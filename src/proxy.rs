@@ -55,7 +55,7 @@ pub struct AudioProxy {
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     pub access_log: Arc<AccessLog>,
-    pub lifecycle: Arc<Lifecycle>,
+    pub lifecycle: &'static Lifecycle,
 }
 
 impl AudioProxy {

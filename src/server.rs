@@ -529,7 +529,7 @@ pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), Strin
             limits: config.limits.clone(),
             metrics: app.metrics.clone(),
             access_log,
-            lifecycle: lifecycle.clone(),
+            lifecycle,
         },
         server.configuration.clone(),
     );
@@ -597,9 +597,7 @@ pub fn run(config: Config, upgrade: bool, dev_account: bool) -> Result<(), Strin
     notify.add_dependency(&proxy);
     server.add_service(background_service(
         "drain on shutdown",
-        DrainOnShutdown {
-            lifecycle: lifecycle.clone(),
-        },
+        DrainOnShutdown { lifecycle },
     ));
 
     log::info!(

@@ -8,18 +8,22 @@
 //! every request holds an [`InFlight`] guard, and once shutdown has begun a watcher ends the
 //! process when the count stays at zero and no locally counted call awaits write-back.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{SignalKind, signal};
 
-/// Requests being handled, and whether shutdown has begun.
+use crate::metrics::ShardedGauge;
+
+/// Requests being handled, and whether shutdown has begun. One per process, for its whole
+/// life ([`Lifecycle::new`]), so a request holds a plain reference to it rather than a count
+/// on an `Arc` that both worker threads would move on every request.
 #[derive(Default)]
 pub struct Lifecycle {
-    in_flight: AtomicUsize,
+    /// Per thread: every request adds one and takes it off again.
+    in_flight: ShardedGauge,
     draining: AtomicBool,
     /// The exit watcher has been started.
     exiting: AtomicBool,
@@ -29,18 +33,19 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    /// Leaked on purpose: `server::run` makes one per process, and it is needed until exit.
+    pub fn new() -> &'static Self {
+        Box::leak(Box::default())
     }
 
     /// Counts a request until the returned guard is dropped.
-    pub fn enter(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.clone())
+    pub fn enter(&'static self) -> InFlight {
+        self.in_flight.add(1);
+        InFlight(self)
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.get().max(0) as usize
     }
 
     /// Registers a check for work other than requests that must finish before exit.
@@ -64,12 +69,12 @@ impl Lifecycle {
 
     /// Starts the watcher that exits the process once nothing is in flight (once, however
     /// often it is called).
-    pub fn drain(self: &Arc<Self>) {
+    pub fn drain(&'static self) {
         self.stop_reuse();
         if self.exiting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let lifecycle = self.clone();
+        let lifecycle = self;
         std::thread::spawn(move || {
             // Give Pingora a moment to close its listeners and wake idle keep-alive
             // connections, then require a quiet spell so a request whose headers are still on
@@ -93,17 +98,17 @@ impl Lifecycle {
 }
 
 /// Held by a request while it is being handled.
-pub struct InFlight(Arc<Lifecycle>);
+pub struct InFlight(&'static Lifecycle);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.in_flight.add(-1);
     }
 }
 
 /// The process's signal handling, handed to Pingora's `Server::run`.
 pub struct Signals {
-    pub lifecycle: Arc<Lifecycle>,
+    pub lifecycle: &'static Lifecycle,
 }
 
 #[async_trait]
@@ -144,7 +149,7 @@ impl ShutdownSignalWatch for Signals {
 /// are handed over and the close timeout has passed, so the process never exits before the
 /// new one has the listeners.
 pub struct DrainOnShutdown {
-    pub lifecycle: Arc<Lifecycle>,
+    pub lifecycle: &'static Lifecycle,
 }
 
 #[async_trait]

@@ -11,7 +11,7 @@
 //! same as before.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, MetricFamily};
@@ -55,6 +55,30 @@ impl Counter {
     }
 
     pub fn get(&self) -> u64 {
+        self.lines.iter().map(|l| l.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// A count that goes up and down (requests in flight): each thread adds to its own line, and
+/// only the sum means anything.
+pub struct Gauge {
+    lines: Box<[Line<AtomicI64>]>,
+}
+
+impl Default for Gauge {
+    fn default() -> Self {
+        Self {
+            lines: (0..SHARDS).map(|_| Line::default()).collect(),
+        }
+    }
+}
+
+impl Gauge {
+    pub fn add(&self, n: i64) {
+        self.lines[shard()].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
         self.lines.iter().map(|l| l.0.load(Ordering::Relaxed)).sum()
     }
 }
@@ -281,6 +305,19 @@ mod tests {
         assert_eq!(ok.get(), 24);
         assert_eq!(audio.count(), 24);
         assert_eq!(text(&sharded), text(&plain));
+    }
+
+    #[test]
+    fn a_gauge_moved_on_one_thread_and_back_on_another_sums_to_zero() {
+        let g = Gauge::default();
+        std::thread::scope(|s| {
+            s.spawn(|| (0..1000).for_each(|_| g.add(1)));
+        });
+        assert_eq!(g.get(), 1000);
+        std::thread::scope(|s| {
+            s.spawn(|| (0..1000).for_each(|_| g.add(-1)));
+        });
+        assert_eq!(g.get(), 0);
     }
 
     #[test]
