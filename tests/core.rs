@@ -11,7 +11,7 @@ use audiolib::auth::KeyDigest;
 use audiolib::clock::{Clock, ManualClock};
 use audiolib::config::{Config, FailurePolicy, FileConfig};
 use audiolib::error::ApiError;
-use audiolib::keys::{CreateKey, KeyService};
+use audiolib::keys::{CreateKey, KeyService, KeyView};
 use audiolib::quota::{Day, Period, Source};
 use audiolib::server::build_app_with;
 use audiolib::store::lease::{Due, LeaseAnswer, LeaseBackend, LeaseOp};
@@ -51,6 +51,19 @@ fn gateway<S: Store + LeaseBackend>(
 
 fn auth(key: &str) -> String {
     format!("Bearer {key}")
+}
+
+/// A new key of no account on the default plan, and its `Authorization` header.
+async fn new_key(keys: &KeyService) -> (KeyView, String) {
+    let (view, secret) = keys
+        .create(CreateKey {
+            name: "t".into(),
+            account_id: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    (view, auth(&secret))
 }
 
 #[tokio::test]
@@ -375,15 +388,7 @@ async fn concurrent_misses_of_one_key_read_the_store_once() {
     let store = Hooked::new(|| Box::pin(tokio::time::sleep(Duration::from_millis(20))));
     let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
     let (gw, keys) = gateway(store.clone(), clock, FailurePolicy::FailOpen);
-    let (_, secret) = keys
-        .create(CreateKey {
-            name: "t".into(),
-            account_id: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let header = auth(&secret);
+    let (_, header) = new_key(&keys).await;
     let tasks: Vec<_> = (0..32)
         .map(|_| {
             let gw = gw.clone();
@@ -432,15 +437,7 @@ async fn a_revocation_during_a_key_fetch_is_not_undone_by_the_fetch() {
     });
     let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
     let (gw, keys) = gateway(store.clone(), clock, FailurePolicy::FailClosed);
-    let (view, secret) = keys
-        .create(CreateKey {
-            name: "t".into(),
-            account_id: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let header = auth(&secret);
+    let (view, header) = new_key(&keys).await;
     let first = {
         let (gw, header) = (gw.clone(), header.clone());
         tokio::spawn(async move { gw.authenticate(std::iter::once(header.as_bytes())).await })
@@ -494,15 +491,7 @@ async fn a_key_changed_within_the_second_it_was_used_is_seen_changed_at_once() {
     let store = Hooked::new(|| Box::pin(async {}));
     let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
     let (gw, keys) = gateway(store.clone(), clock.clone(), FailurePolicy::FailClosed);
-    let (view, secret) = keys
-        .create(CreateKey {
-            name: "t".into(),
-            account_id: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let header = auth(&secret);
+    let (view, header) = new_key(&keys).await;
     let call = |gw: Arc<Gateway>| {
         let header = header.clone();
         async move { gw.authenticate(std::iter::once(header.as_bytes())).await }
@@ -542,14 +531,7 @@ async fn history_follows_the_clock<S: Store + LeaseBackend>(store: Arc<S>) {
     let end_of_today = (now / 86_400 + 1) * 86_400;
     let clock = Arc::new(ManualClock::at_unix(end_of_today - 10));
     let (gw, keys) = gateway(store, clock.clone(), FailurePolicy::FailClosed);
-    let (view, secret) = keys
-        .create(CreateKey {
-            name: "h".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let header = auth(&secret);
+    let (view, header) = new_key(&keys).await;
     let key = gw
         .authenticate(std::iter::once(header.as_bytes()))
         .await

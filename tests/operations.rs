@@ -23,6 +23,16 @@ fn half_sent_request(gw: &Gateway) -> TcpStream {
     s
 }
 
+/// A gateway started with `toml` as its configuration file, which lives as long as `dir`.
+fn configured(dir: &tempfile::TempDir, toml: &str) -> Gateway {
+    let conf = dir.path().join("gateway.toml");
+    std::fs::write(&conf, toml).unwrap();
+    Gateway::builder()
+        .arg("--config")
+        .arg(conf.to_str().unwrap())
+        .start()
+}
+
 fn wait_for_exit(gw: &mut Gateway, limit: Duration) -> Duration {
     let started = Instant::now();
     wait_until("the process to exit", limit, || gw.try_wait().is_some());
@@ -224,12 +234,7 @@ fn readiness_reports_catalog_and_store() {
 #[test]
 fn slow_request_heads_are_cut_off_without_slowing_others() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("gateway.toml");
-    std::fs::write(&conf, "[limits]\nheader_timeout_secs = 1\n").unwrap();
-    let gw = Gateway::builder()
-        .arg("--config")
-        .arg(conf.to_str().unwrap())
-        .start();
+    let gw = configured(&dir, "[limits]\nheader_timeout_secs = 1\n");
     let mut slow = TcpStream::connect(gw.addr).unwrap();
     slow.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -334,16 +339,10 @@ fn dribble(mut slow: TcpStream, head: &[u8]) -> (usize, Vec<u8>) {
 #[test]
 fn a_head_dribbled_byte_by_byte_is_cut_at_the_whole_head_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("gateway.toml");
-    std::fs::write(
-        &conf,
+    let gw = configured(
+        &dir,
         "[limits]\nheader_timeout_secs = 1\nkeepalive_secs = 1\n",
-    )
-    .unwrap();
-    let gw = Gateway::builder()
-        .arg("--config")
-        .arg(conf.to_str().unwrap())
-        .start();
+    );
     // A head that would take 15 s to finish.
     let head = format!(
         "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
@@ -386,12 +385,7 @@ fn a_head_dribbled_byte_by_byte_is_cut_at_the_whole_head_deadline() {
 #[test]
 fn an_idle_keep_alive_connection_closes_after_keepalive_secs_and_a_busy_one_stays_open() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("gateway.toml");
-    std::fs::write(&conf, "[limits]\nkeepalive_secs = 1\n").unwrap();
-    let gw = Gateway::builder()
-        .arg("--config")
-        .arg(conf.to_str().unwrap())
-        .start();
+    let gw = configured(&dir, "[limits]\nkeepalive_secs = 1\n");
     let conn = TcpStream::connect(gw.addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -465,12 +459,7 @@ fn connections_over_the_cap_are_closed_at_once() {
 #[test]
 fn a_pending_head_is_never_buffered_past_max_header_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("gateway.toml");
-    std::fs::write(&conf, "[limits]\nmax_header_bytes = 2048\n").unwrap();
-    let gw = Gateway::builder()
-        .arg("--config")
-        .arg(conf.to_str().unwrap())
-        .start();
+    let gw = configured(&dir, "[limits]\nmax_header_bytes = 2048\n");
     // 3 KiB of head that never ends: without the budget Pingora would keep buffering (up to
     // 1 MiB) and wait for the rest; with it, the gateway answers 431 once 2 KiB are in.
     let mut s = gw.connect(Duration::from_secs(20));

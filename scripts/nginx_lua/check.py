@@ -21,19 +21,18 @@ import http.client
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "oracle"))
 
 import target  # noqa: E402
+from bench_load import Procs, free_port, wait_port  # noqa: E402
 from botocore_presign import presign as botocore_presign  # noqa: E402
 
 KEY = "alp_" + "Ch3ck" * 6 + "Ab"            # unlimited-ish: limit 10**12
@@ -87,43 +86,6 @@ def check(ok, what):
     else:
         failed += 1
         print(f"FAIL {what}")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=15):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-class Procs:
-    def __init__(self):
-        self.all = []
-
-    def start(self, args, **kw):
-        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
-        self.all.append(p)
-        return p
-
-    def stop(self):
-        for p in self.all:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.all:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def call(port, method="POST", body='{"library":"audio.focus"}', auth=None, key=KEY):

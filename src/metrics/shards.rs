@@ -27,6 +27,11 @@ const SHARDS: usize = 16;
 #[derive(Default)]
 struct Line<T>(T);
 
+/// A line per shard.
+fn lines<T: Default>() -> Box<[Line<T>]> {
+    (0..SHARDS).map(|_| Line::default()).collect()
+}
+
 /// This thread's shard: threads are numbered as they first update a sharded metric.
 fn shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -43,9 +48,7 @@ pub struct Counter {
 
 impl Default for Counter {
     fn default() -> Self {
-        Self {
-            lines: (0..SHARDS).map(|_| Line::default()).collect(),
-        }
+        Self { lines: lines() }
     }
 }
 
@@ -67,9 +70,7 @@ pub struct Gauge {
 
 impl Default for Gauge {
     fn default() -> Self {
-        Self {
-            lines: (0..SHARDS).map(|_| Line::default()).collect(),
-        }
+        Self { lines: lines() }
     }
 }
 
@@ -98,9 +99,7 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self {
-            lines: (0..SHARDS).map(|_| Line::default()).collect(),
-        }
+        Self { lines: lines() }
     }
 }
 
