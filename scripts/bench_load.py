@@ -1,7 +1,8 @@
 """Load benchmark of the whole binary beside ceilings measured in the same run.
 
 Targets (all on 127.0.0.1, 2 server threads each unless --threads):
-  nginx          nginx answering the gateway's JSON with `return 200` (ceiling)
+  nginx          nginx answering the gateway's JSON with `return 200` (ceiling; `reuseport`, so
+                 the kernel spreads connections over its workers, as for nginx-lua)
   nginx-lua      POST /v1/audio in Lua on nginx (LuaJIT, per-worker lrucache of keys, one Redis
                  INCR per request: the architecture of Kong and APISIX; scripts/nginx_lua/) on
                  the same Redis, with the embedded target's key
@@ -296,8 +297,8 @@ events {{ worker_connections 4096; }}
 http {{
   access_log off;
   keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{nginx_port}; location / {{ default_type application/json; return 200 '{escaped}'; }} }}
-  server {{ listen 127.0.0.1:{up_port}; location / {{ default_type text/plain; return 200 'upstream says hello, a small body for passthrough'; }} }}
+  server {{ listen 127.0.0.1:{nginx_port} reuseport; location / {{ default_type application/json; return 200 '{escaped}'; }} }}
+  server {{ listen 127.0.0.1:{up_port} reuseport; location / {{ default_type text/plain; return 200 'upstream says hello, a small body for passthrough'; }} }}
 }}
 """)
         ngx = procs.start(["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work])
