@@ -10,7 +10,8 @@
 //!   the Redis one (Sentinel and `WAIT` in [`store::redis::sentinel`]), and the quota leases
 //!   through which both count: most calls need no round trip, leases are fenced, and the
 //!   outage policy is bounded (SPEC §4a).
-//! - [`cache`]: the per-node key cache in front of the store.
+//! - [`cache`]: the per-node key cache in front of the store, with each worker thread's
+//!   callers of the current second in front of it.
 //! - [`keys`]: key management, the operations behind the admin API.
 //! - [`accounts`]: accounts owning keys and sharing one monthly limit.
 //! - [`last_used`]: when each key was last used, written in the background.
@@ -22,7 +23,8 @@
 //! - [`sign`]: SigV4 presigned S3 URLs.
 //! - [`answers`]: the 200 bodies of the current second, kept per thread.
 //! - [`api`]: `/v1/audio` without HTTP, the checks in the order of the spec.
-//! - [`metrics`]: Prometheus metrics for `/metrics`.
+//! - [`metrics`]: Prometheus metrics for `/metrics`; what every request updates is kept per
+//!   worker thread (`metrics::shards`).
 //! - [`access_log`]: one line per request, written by its own thread (`text` or `json`).
 //! - [`forwarding`]: `X-Forwarded-For`/`-Proto` for the upstream, and `trusted_proxies`.
 //! - [`proxy`]: the Pingora glue for the public listener.
@@ -44,7 +46,8 @@
 //! - [`systemd`]: readiness and main-process notices for `Type=notify` units.
 //! - [`cli`]: the `audiolib` command.
 //! - [`clock`]: injectable time.
-//! - [`locks`]: poison-tolerant std locks and a per-key map of shared entries.
+//! - [`locks`]: poison-tolerant std locks and a per-key map of shared entries behind a
+//!   reader-sharded lock.
 
 pub mod access_log;
 pub mod accounts;
