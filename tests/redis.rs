@@ -246,10 +246,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[test]
 fn fail_open_serves_cached_keys_through_an_outage_and_loses_no_count() {
     let mut redis = RedisServer::start();
+    // A store answer slower than the timeout while Redis is up is load, not an outage, and
+    // is answered 503 rather than served locally (see `store::lease`). Right after the
+    // restart a busy machine (the whole suite in parallel) has made the first answers slower
+    // than 50 ms: the bound here is for the outage, not for that.
     let gw = Gateway::builder()
         .env("AUDIOLIB_REDIS_URL", redis.url())
         .env("AUDIOLIB_STORE_FAILURE", "fail_open")
-        .env("AUDIOLIB_STORE_TIMEOUT_MS", "50")
+        .env("AUDIOLIB_STORE_TIMEOUT_MS", "250")
         .start();
     let (limited_id, limited) = gw.create_key("free", Some(Some(1_000_000)));
     let (unlimited_id, unlimited) = gw.create_key("unlimited", None);
