@@ -50,6 +50,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 BODY = '{"library":"audio.focus"}'
+# What every gateway target and nginx-lua sign with: the gateway's defaults (AWS S3 in
+# us-east-1, virtual-host style, 3600 s) and a bucket and credentials of our choosing.
+S3 = dict(endpoint="https://s3.us-east-1.amazonaws.com", bucket="audiolib-media",
+          region="us-east-1", path_style=False, ttl=3600, access_key="AKIAIOSFODNN7EXAMPLE",
+          secret_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
 
 
 def free_port():
@@ -156,9 +161,9 @@ def start_gateway(procs, work, name, threads, extra_env, upstream=None, binary=N
         "AUDIOLIB_ADMIN_TOKEN": ADMIN_TOKEN,
         "AUDIOLIB_THREADS": str(threads),
         "AUDIOLIB_CATALOG_DIR": os.path.join(ROOT, "catalog"),
-        "AUDIOLIB_S3_BUCKET": "audiolib-media",
-        "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
-        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "AUDIOLIB_S3_BUCKET": S3["bucket"],
+        "AWS_ACCESS_KEY_ID": S3["access_key"],
+        "AWS_SECRET_ACCESS_KEY": S3["secret_key"],
     }
     if upstream:
         env["AUDIOLIB_UPSTREAM"] = upstream
@@ -315,10 +320,7 @@ http {{
             lua_port = free_port()
             nginx_lua.seed_key(redis_port, key, "key_bench", 10**12)
             lua = nginx_lua.start(procs, work, lua_port, redis_port, args.threads,
-                                  nginx_lua.s3_settings("https://s3.us-east-1.amazonaws.com",
-                                                        "audiolib-media", "us-east-1", False, 3600,
-                                                        "AKIAIOSFODNN7EXAMPLE",
-                                                        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+                                  nginx_lua.s3_settings(**S3),
                                   os.path.join(ROOT, "catalog"))
             wait_port(lua_port)
 

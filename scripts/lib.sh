@@ -54,3 +54,11 @@ need_playwright() {
     mkdir -p .tools/node
     npm install --silent --no-audit --no-fund --prefix .tools/node "playwright-core@$PLAYWRIGHT_VERSION"
 }
+
+# nginx with its Lua module (LuaJIT), resty.core, lrucache and cjson: the load benchmark's
+# nginx-lua comparison target (scripts/nginx_lua/).
+need_nginx_lua() {
+    apt_need nginx nginx-light
+    apt_need /usr/lib/nginx/modules/ngx_http_lua_module.so libnginx-mod-http-lua lua-resty-core lua-resty-lrucache
+    apt_need /usr/share/lua/5.1/cjson/util.lua lua-cjson
+}

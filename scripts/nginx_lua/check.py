@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "oracle"))
 
 import target  # noqa: E402
-from bench_load import Procs, free_port, wait_port  # noqa: E402
+from bench_load import S3, Procs, free_port, wait_port  # noqa: E402
 from botocore_presign import presign as botocore_presign  # noqa: E402
 
 KEY = "alp_" + "Ch3ck" * 6 + "Ab"            # unlimited-ish: limit 10**12
@@ -66,10 +66,7 @@ active = false
 '''
 
 CONFIGS = {
-    "virtual-host": dict(endpoint="https://s3.us-east-1.amazonaws.com", bucket="audiolib-media",
-                         region="us-east-1", path_style=False, ttl=3600,
-                         access_key="AKIAIOSFODNN7EXAMPLE",
-                         secret_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    "virtual-host": S3,
     "path-style+token": dict(endpoint="http://127.0.0.1:9000", bucket="media", region="eu-west-1",
                              path_style=True, ttl=900, access_key="AKIDEXAMPLE",
                              secret_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
@@ -245,8 +242,7 @@ def main():
         for name, s3 in CONFIGS.items():
             before = passed + failed
             port = free_port()
-            settings = target.s3_settings(s3["endpoint"], s3["bucket"], s3["region"], s3["path_style"],
-                                          s3["ttl"], s3["access_key"], s3["secret_key"], s3.get("token"))
+            settings = target.s3_settings(**s3)
             nginx = target.start(procs, work, port, redis_port, 2, settings, catalog_dir,
                                  name=f"nginx-lua-{name}")
             wait_port(port)

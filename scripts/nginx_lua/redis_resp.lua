@@ -35,6 +35,8 @@ function M.encode(out, args)
     return out
 end
 
+local read_replies
+
 -- One reply: a string, number, array, ngx.null; false and the message for a Redis error;
 -- nil and the socket's error when the connection failed.
 local function read_reply(sock)
@@ -60,15 +62,7 @@ local function read_reply(sock)
         if n < 0 then
             return null
         end
-        local arr = {}
-        for i = 1, n do
-            local v, e = read_reply(sock)
-            if v == nil then
-                return nil, e
-            end
-            arr[i] = v
-        end
-        return arr
+        return read_replies(sock, n)
     elseif prefix == 43 then -- '+'
         return sub(line, 2)
     elseif prefix == 45 then -- '-'
@@ -78,22 +72,11 @@ local function read_reply(sock)
 end
 M.read_reply = read_reply
 
--- Sends the already-encoded commands in `out` in one write and reads `count` replies. The
--- replies are returned in order; on a socket error, nil and the error.
-function M.pipeline(sock, out, count)
-    local ok, err = sock:send(out)
-    if not ok then
-        return nil, err
-    end
-    if count == 1 then
-        local v, e = read_reply(sock)
-        if v == nil then
-            return nil, e
-        end
-        return { v }
-    end
+-- `n` replies in order (an array's elements, or a pipeline's answers); nil and the socket's
+-- error when the connection failed.
+read_replies = function(sock, n)
     local replies = {}
-    for i = 1, count do
+    for i = 1, n do
         local v, e = read_reply(sock)
         if v == nil then
             return nil, e
@@ -101,6 +84,16 @@ function M.pipeline(sock, out, count)
         replies[i] = v
     end
     return replies
+end
+
+-- Sends the already-encoded commands in `out` in one write and reads `count` replies. The
+-- replies are returned in order; on a socket error, nil and the error.
+function M.pipeline(sock, out, count)
+    local ok, err = sock:send(out)
+    if not ok then
+        return nil, err
+    end
+    return read_replies(sock, count)
 end
 
 -- One command; its reply, or nil/false and the error as read_reply.
