@@ -153,20 +153,21 @@ impl KeyCache {
             self.metrics.hits.inc();
             return Ok(Some(caller));
         }
-        let Some(caller) = self.known.get(&digest).await else {
-            return self.get(digest).await;
-        };
-        self.metrics.hits.inc();
-        RECENT.with_borrow_mut(|slots| {
-            slots[slot] = Some(Recent {
-                cache: self.id,
-                epoch,
-                second,
-                digest,
-                caller: caller.clone(),
-            })
-        });
-        Ok(Some(caller))
+        let found = self.get(digest).await?;
+        // Kept under the epoch read before the lookup: an invalidation during it (a fetch
+        // that raced one included) has moved the epoch, which voids the slot.
+        if let Some(caller) = &found {
+            RECENT.with_borrow_mut(|slots| {
+                slots[slot] = Some(Recent {
+                    cache: self.id,
+                    epoch,
+                    second,
+                    digest,
+                    caller: caller.clone(),
+                })
+            });
+        }
+        Ok(found)
     }
 
     /// The caller for `digest`, `None` if no such key exists.

@@ -1,6 +1,6 @@
-//! `last_used_at` (SPEC §9, to the minute): noted on the request path with one atomic
-//! load per call (a write once a minute), written to the store by the background sync at most once a minute per
-//! key, never by a request.
+//! `last_used_at` (SPEC §9, to the minute): noted on the request path with one atomic load
+//! per call (and a write once a minute), written to the store by the background sync at most
+//! once a minute per key, never by a request.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -1,10 +1,10 @@
 //! Counters and histograms that every request updates, kept per thread.
 //!
 //! A Prometheus counter is one atomic that both worker threads write on every request, so its
-//! cache line moves between the cores each time; a histogram is several such lines. Measured
-//! on the load benchmark, the request path's four shared metrics cost 9 % of the gateway's CPU
-//! per answer. Here each thread writes a line of its own and a scrape adds the lines up: a
-//! scrape is rare, a request is not.
+//! cache line moves between the cores each time; a histogram is several such lines. With both
+//! threads updating a counter and a histogram at once, that costs 156–183 ns a pair against
+//! 12.5–13 ns here (criterion, `metrics_two_threads`). Here each thread writes a line of its
+//! own and a scrape adds the lines up: a scrape is rare, a request is not.
 //!
 //! The series are exposed through [`WithShards`], which adds them to the family of an
 //! ordinary metric vector (whose other label sets stay as they are), so `/metrics` reads the
@@ -41,27 +41,6 @@ fn shard() -> usize {
     SHARD.with(|s| *s)
 }
 
-/// A monotonically increasing count.
-pub struct Counter {
-    lines: Box<[Line<AtomicU64>]>,
-}
-
-impl Default for Counter {
-    fn default() -> Self {
-        Self { lines: lines() }
-    }
-}
-
-impl Counter {
-    pub fn inc(&self) {
-        self.lines[shard()].0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.lines.iter().map(|l| l.0.load(Ordering::Relaxed)).sum()
-    }
-}
-
 /// A count that goes up and down (requests in flight): each thread adds to its own line, and
 /// only the sum means anything.
 pub struct Gauge {
@@ -81,6 +60,20 @@ impl Gauge {
 
     pub fn get(&self) -> i64 {
         self.lines.iter().map(|l| l.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// A monotonically increasing count: a gauge that only goes up.
+#[derive(Default)]
+pub struct Counter(Gauge);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.add(1);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.get() as u64
     }
 }
 
@@ -130,7 +123,8 @@ impl Histogram {
     }
 
     /// The count of observations.
-    pub fn count(&self) -> u64 {
+    #[cfg(test)]
+    fn count(&self) -> u64 {
         self.totals().0.iter().sum()
     }
 
@@ -156,17 +150,17 @@ impl Histogram {
     }
 }
 
-/// A sharded series of a family: its labels and its values.
-enum Series {
-    Counter(Vec<LabelPair>, Arc<Counter>),
-    Histogram(Vec<LabelPair>, Arc<Histogram>),
+/// The values of a sharded series.
+enum Values {
+    Counter(Arc<Counter>),
+    Histogram(Arc<Histogram>),
 }
 
-/// A metric vector whose families also carry the sharded series added to it. The vector must
-/// never be given the label sets of those series itself.
+/// A metric vector whose families also carry the sharded series added to it, each under its
+/// labels. The vector must never be given the label sets of those series itself.
 pub struct WithShards<V> {
     base: V,
-    series: Vec<Series>,
+    series: Vec<(Vec<LabelPair>, Values)>,
 }
 
 impl<V: Collector> WithShards<V> {
@@ -180,14 +174,14 @@ impl<V: Collector> WithShards<V> {
     /// Adds `counter` under `labels` (name, value), in any order.
     pub fn counter(mut self, labels: &[(&str, &str)], counter: &Arc<Counter>) -> Self {
         self.series
-            .push(Series::Counter(label_pairs(labels), counter.clone()));
+            .push((label_pairs(labels), Values::Counter(counter.clone())));
         self
     }
 
     /// Adds `histogram` under `labels` (name, value), in any order.
     pub fn histogram(mut self, labels: &[(&str, &str)], histogram: &Arc<Histogram>) -> Self {
         self.series
-            .push(Series::Histogram(label_pairs(labels), histogram.clone()));
+            .push((label_pairs(labels), Values::Histogram(histogram.clone())));
         self
     }
 }
@@ -218,19 +212,16 @@ impl<V: Collector> Collector for WithShards<V> {
         let Some(family) = families.first_mut() else {
             return families;
         };
-        for series in &self.series {
+        for (labels, values) in &self.series {
             let mut metric = proto::Metric::default();
-            match series {
-                Series::Counter(labels, counter) => {
-                    metric.set_label(labels.clone());
+            metric.set_label(labels.clone());
+            match values {
+                Values::Counter(counter) => {
                     let mut c = proto::Counter::default();
                     c.set_value(counter.get() as f64);
                     metric.set_counter(c);
                 }
-                Series::Histogram(labels, histogram) => {
-                    metric.set_label(labels.clone());
-                    metric.set_histogram(histogram.to_proto());
-                }
+                Values::Histogram(histogram) => metric.set_histogram(histogram.to_proto()),
             }
             family.mut_metric().push(metric);
         }
