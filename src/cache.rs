@@ -40,6 +40,16 @@ pub struct Caller {
 }
 
 impl Caller {
+    pub fn new(key: KeyRecord, account: Option<AccountRecord>) -> Self {
+        Self {
+            key,
+            account,
+            last_minute: AtomicU64::new(0),
+            unwritten_calls: AtomicU64::new(0),
+            listed: AtomicBool::new(false),
+        }
+    }
+
     /// Whose quota a call counts against: the account for a key of one, else the key.
     pub fn subject(&self) -> &str {
         self.account.as_ref().map_or(&self.key.id, |a| &a.id)
@@ -197,13 +207,7 @@ impl KeyCache {
                     None => None,
                     Some(id) => store.account_by_id(id).await.map_err(Miss::Store)?,
                 };
-                Ok(Arc::new(Caller {
-                    key,
-                    account,
-                    last_minute: AtomicU64::new(0),
-                    unwritten_calls: AtomicU64::new(0),
-                    listed: AtomicBool::new(false),
-                }))
+                Ok(Arc::new(Caller::new(key, account)))
             })
             .await;
         // A change announced during the fetch: the answer may predate it, so it is used for
