@@ -150,7 +150,8 @@ def create_keys(port, n, plan, limit="default"):
     return keys
 
 
-def start_gateway(procs, work, name, threads, extra_env, upstream=None, binary=None):
+def start_gateway(procs, work, name, threads, extra_env, upstream=None, binary=None, wrap=()):
+    """The gateway on free ports, `wrap` (a command such as valgrind's) in front of it."""
     port, admin_port = free_port(), free_port()
     env = {
         "PATH": os.environ["PATH"],
@@ -169,9 +170,9 @@ def start_gateway(procs, work, name, threads, extra_env, upstream=None, binary=N
         env["AUDIOLIB_UPSTREAM"] = upstream
     env.update(extra_env)
     log = open(os.path.join(work, f"{name}.log"), "w")
-    p = procs.start([binary or os.path.join(RELEASE, "audiolib"), "serve"], env=env, cwd=work,
-                    stdout=log, stderr=log)
-    wait_port(port)
+    p = procs.start([*wrap, binary or os.path.join(RELEASE, "audiolib"), "serve"], env=env,
+                    cwd=work, stdout=log, stderr=log)
+    wait_port(port, timeout=120 if wrap else 30)
     wait_port(admin_port)
     return p, port, admin_port
 
