@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::SystemTime;
 
-use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, Utc};
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 
 use crate::clock::unix_secs;
 
@@ -17,12 +17,10 @@ pub struct Period {
 }
 
 impl Period {
+    /// The month of `t` (a time before 1970 counts as January 1970, as `unix_secs` does).
     pub fn containing(t: SystemTime) -> Self {
-        let dt: DateTime<Utc> = t.into();
-        Self {
-            year: dt.year(),
-            month: dt.month(),
-        }
+        let (year, month) = civil_month((unix_secs(t) / 86_400) as i64);
+        Self { year, month }
     }
 
     pub fn next(self) -> Self {
@@ -41,10 +39,10 @@ impl Period {
 
     /// Unix seconds of the first instant of the month.
     pub fn start_unix(self) -> i64 {
-        NaiveDate::from_ymd_opt(self.year, self.month, 1)
-            .and_then(|d| d.and_hms_opt(0, 0, 0))
-            .map(|dt| dt.and_utc().timestamp())
-            .unwrap_or(i64::MAX)
+        if !(1..=12).contains(&self.month) {
+            return i64::MAX;
+        }
+        days_to_month(self.year, self.month) * 86_400
     }
 
     /// Unix seconds of the first instant of the next month, when this period's quota resets.
@@ -68,6 +66,41 @@ impl Period {
     pub fn secs_to_reset(self, now: SystemTime) -> u64 {
         (self.reset_unix() - unix_secs(now) as i64).max(1) as u64
     }
+}
+
+// Every call derives its month, the month's bounds and the reset from the clock; the
+// proleptic Gregorian calendar in integers (H. Hinnant's `days_from_civil` and
+// `civil_from_days`, with March as the first month of the computing year so that the leap
+// day comes last) costs a tenth of the instructions of going through chrono's dates, which
+// the tests keep as the oracle.
+
+/// Days from 1970-01-01 to the first day of `month` (1–12) of `year`.
+fn days_to_month(year: i32, month: u32) -> i64 {
+    let y = i64::from(year) - i64::from(month <= 2);
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let shifted_month = i64::from((month + 9) % 12); // March is 0
+    let day_of_year = (153 * shifted_month + 2) / 5; // of the 1st of the month
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// The year and month (1–12) of the day `days` after 1970-01-01.
+fn civil_month(days: i64) -> (i32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153; // March is 0
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year as i32, month as u32)
 }
 
 /// A UTC day, as days since the Unix epoch: the unit of usage history (SPEC §9).
@@ -222,7 +255,79 @@ impl AsRef<[u8]> for Field {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Datelike;
     use std::time::{Duration, UNIX_EPOCH};
+
+    proptest::proptest! {
+        /// The integer calendar agrees with chrono's on every second from 1970 to 2400.
+        #[test]
+        fn the_month_of_any_second_is_chronos(secs in 0u64..13_574_563_200) {
+            let dt: DateTime<Utc> = at(secs).into();
+            let period = Period::containing(at(secs));
+            proptest::prop_assert_eq!((period.year, period.month), (dt.year(), dt.month()));
+            let start = NaiveDate::from_ymd_opt(dt.year(), dt.month(), 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp();
+            proptest::prop_assert_eq!(period.start_unix(), start);
+            proptest::prop_assert!(period.start_unix() <= secs as i64);
+            proptest::prop_assert!((secs as i64) < period.reset_unix());
+        }
+
+        /// And on the first day of every month of years far from now, before 1970 included.
+        #[test]
+        fn the_first_of_any_month_is_chronos(year in -9999i32..9999, month in 1u32..=12) {
+            let chrono = NaiveDate::from_ymd_opt(year, month, 1).unwrap();
+            let days = chrono.signed_duration_since(NaiveDate::from_ymd_opt(1970, 1, 1).unwrap());
+            proptest::prop_assert_eq!(days_to_month(year, month), days.num_days());
+            proptest::prop_assert_eq!(civil_month(days.num_days()), (year, month));
+        }
+    }
+
+    #[test]
+    fn every_month_starts_on_chronos_second() {
+        let mut before = Period::containing(at(0));
+        for year in 1970..2400 {
+            for month in 1..=12 {
+                let start = NaiveDate::from_ymd_opt(year, month, 1)
+                    .unwrap()
+                    .and_hms_opt(0, 0, 0)
+                    .unwrap()
+                    .and_utc()
+                    .timestamp() as u64;
+                let period = Period::containing(at(start));
+                assert_eq!((period.year, period.month), (year, month));
+                if start > 0 {
+                    assert_eq!(Period::containing(at(start - 1)), before);
+                    assert_eq!(before.next(), period);
+                    assert_eq!(before.reset_unix(), start as i64);
+                }
+                before = period;
+            }
+        }
+    }
+
+    #[test]
+    fn a_period_that_names_no_month_never_starts() {
+        assert_eq!(
+            Period {
+                year: 2026,
+                month: 13
+            }
+            .start_unix(),
+            i64::MAX
+        );
+        assert_eq!(
+            Period {
+                year: 2026,
+                month: 0
+            }
+            .start_unix(),
+            i64::MAX
+        );
+    }
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)

@@ -75,11 +75,14 @@ fn hex(b: u8) -> Option<u8> {
 /// removed (RFC 3986 §5.2.4). Borrowed, with no work beyond one scan, when there is nothing
 /// to do, the common case. Reserved characters stay encoded: `%2F` is not a separator.
 pub fn normalize(path: &str) -> Cow<'_, str> {
-    if !path.starts_with('/') || !(path.contains('%') || path.contains("//") || path.contains("/."))
-    {
+    let bytes = path.as_bytes();
+    let plain = bytes
+        .windows(2)
+        .all(|w| w[0] != b'%' && !(w[0] == b'/' && matches!(w[1], b'/' | b'.')))
+        && bytes.last() != Some(&b'%');
+    if bytes.first() != Some(&b'/') || plain {
         return Cow::Borrowed(path);
     }
-    let bytes = path.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -202,6 +205,17 @@ mod tests {
             assert_eq!(normalize(path), expected, "{path}");
         }
         assert!(matches!(normalize("/some/plain/path"), Cow::Borrowed(_)));
+    }
+
+    proptest::proptest! {
+        /// The one-scan check sends to the slow path exactly the paths that hold `%`, `//` or
+        /// `/.` (the slow path always answers `Owned`).
+        #[test]
+        fn only_paths_with_something_to_do_are_rewritten(path in "[/.%a2e]{0,12}") {
+            let rewritten = path.starts_with('/')
+                && (path.contains('%') || path.contains("//") || path.contains("/."));
+            proptest::prop_assert_eq!(matches!(normalize(&path), Cow::Owned(_)), rewritten);
+        }
     }
 
     #[test]
