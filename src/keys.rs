@@ -492,8 +492,10 @@ impl KeyService {
         if !self.store.insert_keys(records).await? {
             return Err(AdminError::DigestTaken);
         }
+        // Told to every node, as a created key is: one that a client tried before the import
+        // is in their caches of unknown keys (for `negative_ttl_secs`).
         for digest in &digests {
-            self.cache.invalidate(digest).await;
+            self.forget(digest).await;
         }
         Ok(ids)
     }

@@ -153,6 +153,29 @@ fn a_rotation_without_grace_stops_the_old_secret_at_once_on_every_node() {
 }
 
 #[test]
+fn an_imported_key_tried_before_its_import_works_at_once_on_every_node() {
+    let redis = RedisServer::start();
+    let (a, b) = Gateway::two_on(&redis);
+    let secret = format!("alp_{:0>32}", "importedbeforeitwasknown");
+    // Node b now holds the secret as unknown, for the negative TTL (5 s).
+    b.post_audio(&secret, BODY).assert_error(401, "INVALID_KEY");
+    let item = json!({
+        "digest": audiolib::auth::KeyDigest::of(&secret).to_string(),
+        "prefix": &secret[..8],
+        "name": "imported",
+        "plan": "free",
+    });
+    let imported = a.admin("POST", "/admin/keys:import", Some(json!({"keys": [item]})));
+    assert_eq!(imported.status, 201, "{:?}", imported.json());
+    assert_eq!(a.post_audio(&secret, BODY).status, 200);
+    wait_until(
+        "the other node forgets the secret was unknown",
+        Duration::from_secs(1),
+        || b.post_audio(&secret, BODY).status == 200,
+    );
+}
+
+#[test]
 fn bad_rotations_are_refused() {
     let gw = Gateway::start();
     let (id, key) = gw.create_key("free", None);
