@@ -35,6 +35,8 @@ impl KeyCalls {
         if caller.account.is_none() {
             return;
         }
+        // Acquire: a call counted after a flush's swap sees the flush unlist the caller (the
+        // store before the swap), so it lists it again rather than leave its call unwritten.
         caller.unwritten_calls.fetch_add(1, Ordering::AcqRel);
         // A load first: a busy key's callers are listed, and a swap on every call would make
         // its cache line bounce between cores.
@@ -88,7 +90,7 @@ mod tests {
         let mut key = KeyRecord::new(
             key_id.into(),
             KeyDigest([7; 32]),
-            "al_live_".into(),
+            "alp_1234".into(),
             String::new(),
             now,
         );
