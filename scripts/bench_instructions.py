@@ -54,13 +54,38 @@ def count(proc, work, name, url, script, seconds):
     if "Non-2xx" in out:
         raise SystemExit(f"{name}: answers other than 2xx under callgrind:\n{out}")
     answers = int(re.search(r"(\d+) requests in", out).group(1))
+    dump = os.path.join(work, f"callgrind.{name}.1")
     fields = {}
-    for line in open(os.path.join(work, f"callgrind.{name}.1")):
+    for line in open(dump):
         key, _, rest = line.partition(":")
         if key in ("events", "totals"):
             fields[key] = rest.split()
     totals = dict(zip(fields["events"], map(int, fields["totals"])))
-    return answers, {e: totals[e] / answers for e in EVENTS}
+    return answers, {e: totals[e] / answers for e in EVENTS}, dump
+
+
+def functions(dump, answers):
+    """Instructions per answer spent in each function itself (callees not included), read
+    from callgrind's format: cost lines under `fn=` are the function's own, except the one
+    after each `calls=` line, which is what that call cost. Names are compressed: `(n) name`
+    the first time (under `fn=` or `cfn=`), `(n)` after."""
+    names, spent, current, call_cost = {}, {}, None, False
+    for line in open(dump):
+        if line.startswith(("fn=", "cfn=")):
+            ref, _, name = line.partition("=")[2].strip().partition(" ")
+            name = names.setdefault(ref, name or ref)
+            if line.startswith("fn="):
+                current = name
+        elif line.startswith("calls="):
+            call_cost = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if call_cost:
+                call_cost = False
+            elif current:
+                fields = line.split()
+                ir = int(fields[1]) if len(fields) > 1 else 0
+                spent[current] = spent.get(current, 0) + ir / answers
+    return spent
 
 
 def main():
@@ -68,10 +93,12 @@ def main():
     ap.add_argument("--seconds", type=int, default=20, help="of wrk per target")
     ap.add_argument("--baseline", action="append", default=[],
                     help="NAME=BIN: another audiolib binary to count beside this one")
+    ap.add_argument("--top", type=int, default=0,
+                    help="list the N functions each gateway target spends most above its ceiling")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="audiolib-instructions-")
     procs = Procs()
-    rows = []  # (name, its ceiling, answers, counts per answer)
+    rows = []  # (name, its ceiling, answers, counts per answer, callgrind's dump)
     try:
         up_port = free_port()
         with open(os.path.join(work, "nginx.conf"), "w") as f:
@@ -132,11 +159,11 @@ http {{
     finally:
         procs.stop()
 
-    counts = {name: per for name, _, _, per in rows}
+    counts = {name: per for name, _, _, per, _ in rows}
     print(f"\ncallgrind, wrk -t1 -c8 for {args.seconds} s a target; per answer, and ÷ the ceiling")
     print(f"{'target':16} {'answers':>8} {'Ir':>8} {'I1mr':>6} {'D1 miss':>8}"
           f"   {'Ir':>5} {'I1mr':>5} {'D1':>5}")
-    for name, ceiling, answers, per in sorted(rows, key=lambda r: (r[1] or r[0], r[1] is not None)):
+    for name, ceiling, answers, per, _ in sorted(rows, key=lambda r: (r[1] or r[0], r[1] is not None)):
         d1 = per["D1mr"] + per["D1mw"]
         line = f"{name:16} {answers:8} {per['Ir']:8.0f} {per['I1mr']:6.0f} {d1:8.0f}"
         if ceiling:
@@ -144,6 +171,16 @@ http {{
             line += (f"   {per['Ir'] / c['Ir']:5.2f} {per['I1mr'] / c['I1mr']:5.2f}"
                      f" {d1 / (c['D1mr'] + c['D1mw']):5.2f}")
         print(line)
+    print(f"(callgrind's dumps: {work})")
+    dumps = {name: (dump, answers) for name, _, answers, _, dump in rows}
+    for name, ceiling, answers, _, dump in rows if args.top else []:
+        if not ceiling:
+            continue
+        ours, theirs = functions(dump, answers), functions(*dumps[ceiling])
+        extra = sorted(ours, key=lambda f: theirs.get(f, 0) - ours[f])[:args.top]
+        print(f"\n{name}: instructions an answer above {ceiling}, by function (itself only)")
+        for f in extra:
+            print(f"{ours[f] - theirs.get(f, 0):8.0f}  {f[:110]}")
 
 
 if __name__ == "__main__":
