@@ -98,7 +98,7 @@ pub fn apply(
         }
         None
     };
-    let client = peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_canonical().to_string());
+    let client = peer.map_or_else(|| "unknown".to_string(), |ip| text(ip.to_canonical()));
     let value = match sent_for {
         Some(chain) => format!("{chain}, {client}"),
         None => client,
@@ -111,6 +111,23 @@ pub fn apply(
     Ok(())
 }
 
+/// An address as `Display` writes it; IPv4, the common case, without the formatting
+/// machinery (a tenth of the instructions, on every passthrough request).
+fn text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut out = String::with_capacity(15);
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(digits.format(octet));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +138,15 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn addresses_read_as_display_writes_them(bits: u32, v6: u128) {
+            for ip in [IpAddr::from(bits.to_be_bytes()), IpAddr::from(v6.to_be_bytes())] {
+                proptest::prop_assert_eq!(text(ip), ip.to_string());
+            }
+        }
     }
 
     #[test]
