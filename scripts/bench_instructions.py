@@ -27,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 
-from bench_load import (BODY, RELEASE, Procs, create_keys, free_port, start_gateway, wait_port,
-                        wrk_script)
+from bench_load import (BODY, RELEASE, Procs, create_keys, free_port, start_gateway, start_nginx,
+                        wait_port, wrk_script)
 
 EVENTS = ("Ir", "I1mr", "D1mr", "D1mw")
 
@@ -101,19 +101,9 @@ def main():
     rows = []  # (name, its ceiling, answers, counts per answer, callgrind's dump)
     try:
         up_port = free_port()
-        with open(os.path.join(work, "nginx.conf"), "w") as f:
-            f.write(f"""
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx.err warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
+        start_nginx(procs, work, 1, f"""
   server {{ listen 127.0.0.1:{up_port}; location / {{ return 200 'upstream says hello'; }} }}
-}}
 """)
-        procs.start(["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work])
         wait_port(up_port)
         body_file = os.path.join(work, "body.json")
         post = wrk_script(work, "post", ["unused"])

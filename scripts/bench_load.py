@@ -177,6 +177,25 @@ def start_gateway(procs, work, name, threads, extra_env, upstream=None, binary=N
     return p, port, admin_port
 
 
+def start_nginx(procs, work, workers, servers):
+    """nginx with `servers` (server blocks) in its http block; its pid and log in `work`."""
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes {workers};
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+{servers}
+}}
+""")
+    return procs.start(["nginx", "-c", conf, "-p", work])
+
+
 def wrk_script(work, name, keys, method="POST", body=BODY):
     path = os.path.join(work, f"{name}.lua")
     keyfile = os.path.join(work, f"{name}.keys")
@@ -293,21 +312,10 @@ def main():
         with open(body_file, "wb") as f:
             f.write(answer)
         escaped = answer.decode().replace("\\", "\\\\").replace("'", "\\'")
-        with open(os.path.join(work, "nginx.conf"), "w") as f:
-            f.write(f"""
-worker_processes {args.threads};
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx.err warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
+        ngx = start_nginx(procs, work, args.threads, f"""
   server {{ listen 127.0.0.1:{nginx_port} reuseport; location / {{ default_type application/json; return 200 '{escaped}'; }} }}
   server {{ listen 127.0.0.1:{up_port} reuseport; location / {{ default_type text/plain; return 200 'upstream says hello, a small body for passthrough'; }} }}
-}}
 """)
-        ngx = procs.start(["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work])
         wait_port(nginx_port)
         wait_port(up_port)
 
