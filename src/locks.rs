@@ -1,21 +1,14 @@
-//! Std locks that tolerate poisoning, and a map of shared per-key entries built on them.
+//! Locks that tolerate poisoning: a std mutex, and the reader-sharded lock of a map of shared
+//! per-key entries.
 //!
 //! Every critical section in this crate is a map lookup or insert or a few integer updates,
 //! none with an `.await`: a panic inside one cannot leave data half-updated, so a poisoned lock
 //! is still safe to use.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
-
-pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
-}
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -43,37 +36,34 @@ impl<T> Default for PerKey<T> {
     }
 }
 
-fn read_sharded<T>(l: &ShardedLock<T>) -> ShardedLockReadGuard<'_, T> {
+fn read<T>(l: &ShardedLock<T>) -> ShardedLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write_sharded<T>(l: &ShardedLock<T>) -> ShardedLockWriteGuard<'_, T> {
+fn write<T>(l: &ShardedLock<T>) -> ShardedLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<T: Default> PerKey<T> {
     pub fn get(&self, key: &str) -> Option<Arc<T>> {
-        read_sharded(&self.map).get(key).cloned()
+        read(&self.map).get(key).cloned()
     }
 
     pub fn get_or_default(&self, key: &str) -> Arc<T> {
         if let Some(entry) = self.get(key) {
             return entry;
         }
-        write_sharded(&self.map)
-            .entry(key.to_string())
-            .or_default()
-            .clone()
+        write(&self.map).entry(key.to_string()).or_default().clone()
     }
 
     /// Keeps only the entries `keep` says yes to.
     pub fn retain(&self, keep: impl FnMut(&String, &mut Arc<T>) -> bool) {
-        write_sharded(&self.map).retain(keep);
+        write(&self.map).retain(keep);
     }
 
     /// Removes each of `keys` whose entry `remove` says yes to, under one write lock.
     pub fn remove_if(&self, keys: &[String], remove: impl Fn(&Arc<T>) -> bool) {
-        let mut map = write_sharded(&self.map);
+        let mut map = write(&self.map);
         for key in keys {
             if map.get(key).is_some_and(&remove) {
                 map.remove(key);
@@ -82,7 +72,7 @@ impl<T: Default> PerKey<T> {
     }
 
     pub fn len(&self) -> usize {
-        read_sharded(&self.map).len()
+        read(&self.map).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,6 +81,6 @@ impl<T: Default> PerKey<T> {
 
     /// The whole map, for walking every entry.
     pub fn all(&self) -> ShardedLockReadGuard<'_, Map<T>> {
-        read_sharded(&self.map)
+        read(&self.map)
     }
 }
