@@ -27,39 +27,42 @@ const SHARDS: usize = 16;
 #[derive(Default)]
 struct Line<T>(T);
 
-/// A line per shard.
-fn lines<T: Default>() -> Box<[Line<T>]> {
-    (0..SHARDS).map(|_| Line::default()).collect()
+/// A `T` per shard, each on lines of its own.
+struct Lines<T>(Box<[Line<T>]>);
+
+impl<T: Default> Default for Lines<T> {
+    fn default() -> Self {
+        Self((0..SHARDS).map(|_| Line::default()).collect())
+    }
 }
 
-/// This thread's shard: threads are numbered as they first update a sharded metric.
-fn shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+impl<T> Lines<T> {
+    /// This thread's: threads are numbered as they first update a sharded metric.
+    fn mine(&self) -> &T {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        }
+        &self.0[SHARD.with(|s| *s)].0
     }
-    SHARD.with(|s| *s)
+
+    fn all(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|line| &line.0)
+    }
 }
 
 /// A count that goes up and down (requests in flight): each thread adds to its own line, and
 /// only the sum means anything.
-pub struct Gauge {
-    lines: Box<[Line<AtomicI64>]>,
-}
-
-impl Default for Gauge {
-    fn default() -> Self {
-        Self { lines: lines() }
-    }
-}
+#[derive(Default)]
+pub struct Gauge(Lines<AtomicI64>);
 
 impl Gauge {
     pub fn add(&self, n: i64) {
-        self.lines[shard()].0.fetch_add(n, Ordering::Relaxed);
+        self.0.mine().fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> i64 {
-        self.lines.iter().map(|l| l.0.load(Ordering::Relaxed)).sum()
+        self.0.all().map(|n| n.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -86,19 +89,12 @@ struct Cells {
 }
 
 /// A latency histogram over [`LATENCY_BUCKETS`].
-pub struct Histogram {
-    lines: Box<[Line<Cells>]>,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self { lines: lines() }
-    }
-}
+#[derive(Default)]
+pub struct Histogram(Lines<Cells>);
 
 impl Histogram {
     pub fn observe(&self, seconds: f64) {
-        let cells = &self.lines[shard()].0;
+        let cells = self.0.mine();
         let bucket = LATENCY_BUCKETS
             .iter()
             .position(|&bound| seconds <= bound)
@@ -113,11 +109,11 @@ impl Histogram {
     fn totals(&self) -> ([u64; LATENCY_BUCKETS.len() + 1], f64) {
         let mut buckets = [0; LATENCY_BUCKETS.len() + 1];
         let mut nanos = 0u64;
-        for line in self.lines.iter() {
-            for (total, cell) in buckets.iter_mut().zip(&line.0.buckets) {
+        for cells in self.0.all() {
+            for (total, cell) in buckets.iter_mut().zip(&cells.buckets) {
                 *total += cell.load(Ordering::Relaxed);
             }
-            nanos = nanos.wrapping_add(line.0.sum_nanos.load(Ordering::Relaxed));
+            nanos = nanos.wrapping_add(cells.sum_nanos.load(Ordering::Relaxed));
         }
         (buckets, nanos as f64 / 1e9)
     }
