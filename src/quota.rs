@@ -258,6 +258,15 @@ mod tests {
     use chrono::Datelike;
     use std::time::{Duration, UNIX_EPOCH};
 
+    /// Unix seconds of the first instant of `month` of `year`, by chrono (the oracle).
+    fn chrono_month_start(year: i32, month: u32) -> i64 {
+        NaiveDate::from_ymd_opt(year, month, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .unwrap()
+            .and_utc()
+            .timestamp()
+    }
+
     proptest::proptest! {
         /// The integer calendar agrees with chrono's on every second from 1970 to 2400.
         #[test]
@@ -265,12 +274,7 @@ mod tests {
             let dt: DateTime<Utc> = at(secs).into();
             let period = Period::containing(at(secs));
             proptest::prop_assert_eq!((period.year, period.month), (dt.year(), dt.month()));
-            let start = NaiveDate::from_ymd_opt(dt.year(), dt.month(), 1)
-                .unwrap()
-                .and_hms_opt(0, 0, 0)
-                .unwrap()
-                .and_utc()
-                .timestamp();
+            let start = chrono_month_start(dt.year(), dt.month());
             proptest::prop_assert_eq!(period.start_unix(), start);
             proptest::prop_assert!(period.start_unix() <= secs as i64);
             proptest::prop_assert!((secs as i64) < period.reset_unix());
@@ -291,12 +295,7 @@ mod tests {
         let mut before = Period::containing(at(0));
         for year in 1970..2400 {
             for month in 1..=12 {
-                let start = NaiveDate::from_ymd_opt(year, month, 1)
-                    .unwrap()
-                    .and_hms_opt(0, 0, 0)
-                    .unwrap()
-                    .and_utc()
-                    .timestamp() as u64;
+                let start = chrono_month_start(year, month) as u64;
                 let period = Period::containing(at(start));
                 assert_eq!((period.year, period.month), (year, month));
                 if start > 0 {
