@@ -13,23 +13,75 @@ use serde_json::{Value, json};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
-/// A port nobody listens on right now.
+/// A port for a process a test starts, reserved until this test process exits.
+///
+/// Asking the kernel for a free port and releasing it races with everything else on the host:
+/// a test running beside this one can be handed the same port before our process binds it, and
+/// an outgoing connection can take it as its local port. Either way the process we start meets
+/// someone else's listener, or a stopped and restarted one finds its port gone. So ports come
+/// from below the kernel's ephemeral range, where no outgoing connection takes one, and each is
+/// held with a lock on a file named after it, which the tests of every other process respect
+/// and which the kernel drops when this process exits, however it exits.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    reserve_ports(None)
 }
 
-/// A free port for a Redis Cluster node: `redis-server` refuses a cluster port above 55,535
-/// (its bus port is the port + 10,000), and that bus port must be free too.
+/// A free port for a Redis Cluster node, with its bus port (the port + 10,000) reserved too:
+/// both must be free, and `redis-server` refuses a cluster port above 55,535.
 pub fn free_cluster_port() -> u16 {
-    loop {
-        let port = free_port();
-        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
-        }
+    reserve_ports(Some(10_000))
+}
+
+/// The next port (and the one `bus` above it) that no other test process holds and nothing
+/// listens on, taken in turn from a random start so that test processes rarely meet.
+fn reserve_ports(bus: Option<u16>) -> u16 {
+    struct Held {
+        /// Where the next search starts, as an offset into the range.
+        next: Option<u32>,
+        /// The locks, released when the process exits.
+        locks: Vec<std::fs::File>,
     }
+    static HELD: std::sync::Mutex<Held> = std::sync::Mutex::new(Held {
+        next: None,
+        locks: Vec::new(),
+    });
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000;
+    let span = ephemeral - u32::from(bus.unwrap_or(0)) - low;
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    let start = *held.next.get_or_insert_with(|| rand::random_range(0..span));
+    for i in 0..span {
+        let port = (low + (start + i) % span) as u16;
+        let Some(lock) = reserve_port(port) else {
+            continue;
+        };
+        let bus_lock = match bus {
+            Some(offset) => match reserve_port(port + offset) {
+                Some(l) => Some(l),
+                None => continue,
+            },
+            None => None,
+        };
+        held.next = Some((start + i + 1) % span);
+        held.locks
+            .extend([Some(lock), bus_lock].into_iter().flatten());
+        return port;
+    }
+    panic!("no free port in {low}..{ephemeral}");
+}
+
+/// Locks `port`'s file in the shared directory, if no other test process holds it and
+/// nothing listens on the port.
+fn reserve_port(port: u16) -> Option<std::fs::File> {
+    let dir = std::env::temp_dir().join("audiolib-test-ports");
+    std::fs::create_dir_all(&dir).ok()?;
+    let file = std::fs::File::create(dir.join(port.to_string())).ok()?;
+    file.try_lock().ok()?;
+    TcpListener::bind(("127.0.0.1", port)).ok()?;
+    Some(file)
 }
 
 /// Polls `check` until it holds or `limit` passes.
@@ -478,6 +530,23 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        // A failing test says how its gateway ended and what it logged; the log's directory
+        // goes with the test.
+        if std::thread::panicking() {
+            let status = match self.child.try_wait() {
+                Ok(Some(status)) => format!("had exited: {status}"),
+                _ => "was running".to_string(),
+            };
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "gateway on {} (admin {}) {status}; the end of its log:",
+                self.addr, self.admin
+            );
+            for line in tail.iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
