@@ -513,6 +513,49 @@ fn the_operator_signs_in_with_the_admin_token_and_invites_and_disables() {
 }
 
 #[test]
+fn the_operators_account_list_comes_a_page_at_a_time() {
+    let gw = Gateway::start();
+    for i in 0..105 {
+        invite(&gw, &format!("page{i:03}@example.com"));
+    }
+    let mut op = Browser::new(&gw.portal_url("/"));
+    let form = op.get("/operator");
+    let signed_in = op.post(
+        "/operator",
+        &[("csrf", &form.csrf()), ("token", common::ADMIN_TOKEN)],
+    );
+    assert_eq!(signed_in.status, 303, "{}", signed_in.body);
+    let emails = |page: &Page| -> Vec<String> {
+        page.body
+            .split("<td>")
+            .filter_map(|cell| cell.split_once("@example.com</td>"))
+            .map(|(user, _)| user.to_string())
+            .collect()
+    };
+
+    let first = op.get("/operator");
+    assert_eq!(first.status, 200);
+    assert_eq!(emails(&first).len(), 100);
+    assert!(!first.body.contains("First page"));
+    let after = text_between(&first.body, "href=\"/operator?after=", "\"").to_string();
+    let second = op.get(&format!("/operator?after={after}"));
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(emails(&second).len(), 5);
+    assert!(second.body.contains("href=\"/operator\">First page"));
+    assert!(!second.body.contains("?after="));
+    // Every account once, over the two pages.
+    let mut all = [emails(&first), emails(&second)].concat();
+    all.sort();
+    let expected: Vec<String> = (0..105).map(|i| format!("page{i:03}")).collect();
+    assert_eq!(all, expected);
+
+    // A cursor that names no account says so.
+    let stray = op.get("/operator?after=acct_nobody");
+    assert_eq!(stray.status, 400, "{}", stray.body);
+    assert!(stray.body.contains("cursor"), "{}", stray.body);
+}
+
+#[test]
 fn a_session_made_on_one_node_is_valid_on_another_and_ends_on_both() {
     let redis = RedisServer::start();
     let (one, two) = Gateway::two_on(&redis);

@@ -41,7 +41,7 @@ use self::core::{
     csrf_token, field,
 };
 use self::invite::Invites;
-use self::pages::{AccountRow, Shown, Viewer};
+use self::pages::{AccountPage, AccountRow, Shown, Viewer};
 use crate::accounts::{AccountService, AccountView, ChangeAccount, CreateAccount, normalize_email};
 use crate::audit::{ADMIN, Audit};
 use crate::clock::Clock;
@@ -53,6 +53,9 @@ use crate::store::{AccountStatus, StoreError};
 
 /// The session owner of an operator session (account ids start with `acct_`).
 const OPERATOR: &str = "admin";
+
+/// Accounts on a page of the operator's list.
+const OPERATOR_PAGE: usize = 100;
 
 /// What the portal is built from.
 pub struct PortalDeps {
@@ -844,17 +847,25 @@ impl Portal {
             Route::Operator => {}
             _ => return Ok(Answer::redirect("/operator")),
         }
-        let (accounts, _) = self.deps.accounts.list(None, 1000).await?;
-        let rows: Vec<AccountRow> = accounts
-            .iter()
-            .map(|a| AccountRow {
-                id: &a.id,
-                email: &a.email,
-                name: &a.name,
-                plan: &a.plan,
-                status: a.status.as_str(),
-            })
-            .collect();
+        // A page at a time: `?after=` names the last account of the page before. The answer
+        // to a form (an invite, an error) shows the first page.
+        let query = core::parse_form(req.query.as_bytes());
+        let after = field(&query, "after").filter(|_| !post);
+        let (accounts, next) = self.deps.accounts.list(after, OPERATOR_PAGE).await?;
+        let accounts = AccountPage {
+            rows: accounts
+                .iter()
+                .map(|a| AccountRow {
+                    id: &a.id,
+                    email: &a.email,
+                    name: &a.name,
+                    plan: &a.plan,
+                    status: a.status.as_str(),
+                })
+                .collect(),
+            later: after.is_some(),
+            next: next.as_deref(),
+        };
         let plans: Vec<(String, String)> = self
             .deps
             .plans
@@ -878,7 +889,7 @@ impl Portal {
         };
         let page = pages::operator(
             &viewer,
-            &rows,
+            &accounts,
             &plans,
             invite.as_ref().map(|(e, u)| (e.as_str(), u.as_str())),
             error.as_deref(),

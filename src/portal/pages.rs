@@ -4,6 +4,7 @@
 //! and for the browser tests.
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::keys::KeyView;
 use crate::portal::core::GRACES;
@@ -26,7 +27,7 @@ button.secondary{background:#fff;color:#1b1b1f}button.danger{background:#b00020;
 .table{overflow-x:auto}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.4rem;border-bottom:1px solid #eee;vertical-align:top}\
 code,pre{font-family:ui-monospace,monospace;font-size:.9em}pre{background:#f0f0f3;padding:.6rem;overflow-x:auto;white-space:pre-wrap;word-break:break-all}\
 .secret{display:block;padding:.5rem;background:#f0f0f3;word-break:break-all;font-size:1rem}\
-.row{display:flex;flex-wrap:wrap;gap:.5rem;align-items:end}.row form{margin:0}\
+.row{display:flex;flex-wrap:wrap;gap:.5rem;align-items:end}.row form{margin:0}.pages{display:flex;gap:1rem}\
 svg{max-width:100%;height:auto}\
 @media(max-width:640px){table.stack,table.stack tbody,table.stack tr,table.stack td{display:block}table.stack thead{display:none}\
 table.stack tr{border-bottom:1px solid #ddd;padding:.5rem 0}table.stack td{border:0;padding:.15rem 0}\
@@ -369,9 +370,17 @@ pub struct AccountRow<'a> {
 }
 
 /// The operator's view: accounts (disable, enable), plans, and an invite form.
+/// A page of the operator's account list: its rows, whether pages come before it, and the
+/// cursor of the next page.
+pub struct AccountPage<'a> {
+    pub rows: Vec<AccountRow<'a>>,
+    pub later: bool,
+    pub next: Option<&'a str>,
+}
+
 pub fn operator(
     viewer: &Viewer,
-    accounts: &[AccountRow],
+    accounts: &AccountPage,
     plans: &[(String, String)],
     invite: Option<(&str, &str)>,
     error: Option<&str>,
@@ -411,7 +420,7 @@ pub fn operator(
                 div.table { table {
                     thead { tr { th { "Email" } th { "Name" } th { "Plan" } th { "Status" } th {} } }
                     tbody {
-                        @for a in accounts {
+                        @for a in &accounts.rows {
                             tr {
                                 td { (a.email) } td { (a.name) } td { (a.plan) } td { (a.status) }
                                 td {
@@ -436,6 +445,14 @@ pub fn operator(
                         }
                     }
                 } }
+                @if accounts.later || accounts.next.is_some() {
+                    p.pages {
+                        @if accounts.later { a href="/operator" { "First page" } }
+                        @if let Some(next) = accounts.next {
+                            a href={"/operator?after=" (utf8_percent_encode(next, NON_ALPHANUMERIC))} { "Next page" }
+                        }
+                    }
+                }
             }
             section {
                 h2 { "Plans" }
