@@ -6,7 +6,9 @@ ratio to a ceiling moves with the host (embedded ÷ fixed body: 0.93 on a quiet 
 under valgrind's callgrind and is driven by `wrk -t1 -c8`; only the answers of the measured
 window are counted (counters zeroed before it, dumped after it). Printed per answer:
 instructions (Ir), first-level instruction-cache misses (I1mr) and data-cache misses (D1mr +
-D1mw) from callgrind's cache simulation, and each figure's ratio to its ceiling's.
+D1mw) from callgrind's cache simulation, and each figure's ratio to its ceiling's. The
+`embedded-log` target is `embedded` with the access log on, set beside `embedded`: what a line
+costs, the writer thread's work included.
 
 What it cannot show: the kernel's work (send and recv are a third to a half of either side's
 CPU), contention between threads (callgrind runs one at a time), and CPU features valgrind
@@ -109,9 +111,9 @@ def main():
         post = wrk_script(work, "post", ["unused"])
         get = wrk_script(work, "get", ["unused"], method="GET", body="")
 
-        def gateway(name, binary=None, upstream=None, path="/v1/audio"):
+        def gateway(name, binary=None, upstream=None, path="/v1/audio", env=None):
             proc, port, admin = start_gateway(
-                procs, work, name, 2, {"AUDIOLIB_DATA_DIR": os.path.join(work, name)},
+                procs, work, name, 2, {"AUDIOLIB_DATA_DIR": os.path.join(work, name), **(env or {})},
                 upstream=upstream, binary=binary, wrap=callgrind(work, name))
             key = create_keys(admin, 1, "free", 10**12)[0]
             if not os.path.exists(body_file):
@@ -135,6 +137,9 @@ def main():
                          args.seconds)
 
         rows.append(("embedded", "pingora-fixed", *gateway("embedded")))
+        # The access log's whole cost, the writer thread's included, above the same target.
+        rows.append(("embedded-log", "embedded",
+                     *gateway("embedded-log", env={"RUST_LOG": "warn,access=info"})))
         for spec in args.baseline:
             name, binary = spec.split("=", 1)
             rows.append((name, "pingora-fixed", *gateway(name, binary)))

@@ -58,6 +58,9 @@ pub struct Entry {
 
 pub struct AccessLog {
     queue: SyncSender<Entry>,
+    /// Whether `RUST_LOG` wants lines, read once: the filter is fixed at startup, and asking
+    /// it on every request cost as much as handing the line over.
+    enabled: bool,
     pub dropped: IntCounter,
 }
 
@@ -165,12 +168,16 @@ impl AccessLog {
             "Access log lines dropped because the writer fell behind",
         )
         .map_err(|e| e.to_string())?;
-        Ok(AccessLog { queue, dropped })
+        Ok(AccessLog {
+            queue,
+            enabled: log::log_enabled!(target: "access", log::Level::Info),
+            dropped,
+        })
     }
 
     /// Whether lines are wanted at all (`RUST_LOG`), checked before building an entry.
     pub fn enabled(&self) -> bool {
-        log::log_enabled!(target: "access", log::Level::Info)
+        self.enabled
     }
 
     /// Queues a line without waiting; a full queue drops it.
@@ -204,21 +211,32 @@ pub fn text_line(e: &Entry) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Appended piece by piece rather than through `write!`, whose formatting machinery was
+/// a third of what a logged request costs over an unlogged one.
 fn push_text(e: &Entry, out: &mut Vec<u8>) {
-    let _ = write!(
-        out,
-        "{} {} {} {} {}us id={} key={}",
-        e.method,
+    let mut number = itoa::Buffer::new();
+    let request_id = e.request_id.as_ref().and_then(|id| id.to_str().ok());
+    for piece in [
+        e.method.as_str(),
+        " ",
         e.uri.path(),
-        e.status,
+        " ",
+        number.format(e.status),
+        " ",
         e.code.unwrap_or("-"),
-        e.micros,
-        e.request_id
-            .as_ref()
-            .and_then(|id| id.to_str().ok())
-            .unwrap_or("-"),
+        " ",
+    ] {
+        out.extend_from_slice(piece.as_bytes());
+    }
+    for piece in [
+        number.format(e.micros),
+        "us id=",
+        request_id.unwrap_or("-"),
+        " key=",
         e.key_prefix.as_deref().unwrap_or("-"),
-    );
+    ] {
+        out.extend_from_slice(piece.as_bytes());
+    }
 }
 
 /// One JSON object: `ts` (RFC 3339, UTC, milliseconds), `method`, `path`, `status`, `code`,
@@ -293,6 +311,44 @@ mod tests {
         assert!(text_line(&bare).ends_with(" - 1469us id=- key=-"));
         let v: serde_json::Value = serde_json::from_str(&json_line(&bare)).unwrap();
         assert_eq!((v["code"].is_null(), v["key"].is_null()), (true, true));
+    }
+
+    #[test]
+    fn text_lines_read_as_the_format_string_would_write_them() {
+        let cases = [
+            entry(),
+            Entry {
+                method: Method::GET,
+                uri: "http://example.com/static/a%20b.mp3?x=1".parse().unwrap(),
+                status: 200,
+                code: None,
+                micros: 0,
+                request_id: Some(HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap()),
+                key_prefix: None,
+                ..entry()
+            },
+            Entry {
+                method: Method::from_bytes(b"PURGE").unwrap(),
+                status: 503,
+                micros: u64::MAX,
+                request_id: None,
+                ..entry()
+            },
+        ];
+        for e in &cases {
+            let id = e.request_id.as_ref().and_then(|id| id.to_str().ok());
+            let expected = format!(
+                "{} {} {} {} {}us id={} key={}",
+                e.method,
+                e.uri.path(),
+                e.status,
+                e.code.unwrap_or("-"),
+                e.micros,
+                id.unwrap_or("-"),
+                e.key_prefix.as_deref().unwrap_or("-"),
+            );
+            assert_eq!(text_line(e), expected);
+        }
     }
 
     #[test]
