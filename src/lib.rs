@@ -48,6 +48,8 @@
 //! - [`clock`]: injectable time.
 //! - [`locks`]: poison-tolerant std locks and a per-key map of shared entries behind a
 //!   reader-sharded lock.
+//! - [`per_thread`]: a value per worker thread on cache lines of its own (metrics, access
+//!   log lines).
 
 pub mod access_log;
 pub mod accounts;
@@ -71,6 +73,7 @@ pub mod last_used;
 pub mod ledger;
 pub mod locks;
 pub mod metrics;
+pub mod per_thread;
 pub mod portal;
 pub mod proxy;
 pub mod quota;

@@ -516,15 +516,15 @@ impl ProxyHttp for AudioProxy {
         if self.access_log.enabled() {
             // Owned facts only: formatting and writing happen on the log thread.
             let req = session.req_header();
-            self.access_log.record(Entry {
+            self.access_log.record(&Entry {
                 at: SystemTime::now(),
-                method: req.method.clone(),
-                uri: req.uri.clone(),
+                method: &req.method,
+                path: req.uri.path(),
                 status,
                 code: ctx.code,
                 micros: elapsed.as_micros() as u64,
-                request_id: ctx.request_id.take(),
-                key_prefix: ctx.key_prefix.take(),
+                request_id: ctx.request_id.as_ref(),
+                key_prefix: ctx.key_prefix.as_deref(),
             });
         }
     }

@@ -11,45 +11,13 @@
 //! same as before.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, MetricFamily};
 
 use super::LATENCY_BUCKETS;
-
-/// Lines per metric. Threads beyond this share lines, which stays correct (the writes are
-/// atomic) and only brings back some of the contention.
-const SHARDS: usize = 16;
-
-/// A cache line (two, for the adjacent-line prefetcher) of one shard.
-#[repr(align(128))]
-#[derive(Default)]
-struct Line<T>(T);
-
-/// A `T` per shard, each on lines of its own.
-struct Lines<T>(Box<[Line<T>]>);
-
-impl<T: Default> Default for Lines<T> {
-    fn default() -> Self {
-        Self((0..SHARDS).map(|_| Line::default()).collect())
-    }
-}
-
-impl<T> Lines<T> {
-    /// This thread's: threads are numbered as they first update a sharded metric.
-    fn mine(&self) -> &T {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-        }
-        &self.0[SHARD.with(|s| *s)].0
-    }
-
-    fn all(&self) -> impl Iterator<Item = &T> {
-        self.0.iter().map(|line| &line.0)
-    }
-}
+use crate::per_thread::Lines;
 
 /// A count that goes up and down (requests in flight): each thread adds to its own line, and
 /// only the sum means anything.
