@@ -466,10 +466,8 @@ fn quota_threshold_is_told_once_across_processes_on_one_data_dir() {
 
 #[test]
 fn an_event_survives_a_sigkill_before_its_delivery() {
-    // The receiver's port is taken but nobody answers yet: deliveries fail.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    // The receiver's port is reserved but nobody answers yet: deliveries fail.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let url = format!("http://{addr}/hooks/audiolib");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
