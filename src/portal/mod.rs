@@ -851,7 +851,20 @@ impl Portal {
         // to a form (an invite, an error) shows the first page.
         let query = core::parse_form(req.query.as_bytes());
         let after = field(&query, "after").filter(|_| !post);
-        let (accounts, next) = self.deps.accounts.list(after, OPERATOR_PAGE).await?;
+        let (accounts, next) = match self.deps.accounts.list(after, OPERATOR_PAGE).await {
+            Ok(page) => page,
+            Err(AdminError::InvalidField {
+                field: "cursor", ..
+            }) => {
+                return Ok(Answer::message(
+                    StatusCode::BAD_REQUEST,
+                    "No such page",
+                    "The list has no page after that account. Start again from the first page.",
+                    Some(("/operator", "First page")),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let accounts = AccountPage {
             rows: accounts
                 .iter()
