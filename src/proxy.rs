@@ -514,7 +514,7 @@ impl ProxyHttp for AudioProxy {
             elapsed.as_secs_f64(),
         );
         if self.access_log.enabled() {
-            // Owned facts only: formatting and writing happen on the log thread.
+            // Formatted into this thread's buffer; the log's own thread writes it out.
             let req = session.req_header();
             self.access_log.record(&Entry {
                 at: SystemTime::now(),
