@@ -76,9 +76,17 @@ fn reserve_ports(bus: Option<u16>) -> u16 {
 /// Locks `port`'s file in the shared directory, if no other test process holds it and
 /// nothing listens on the port.
 fn reserve_port(port: u16) -> Option<std::fs::File> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join("audiolib-test-ports");
-    std::fs::create_dir_all(&dir).ok()?;
-    let file = std::fs::File::create(dir.join(port.to_string())).ok()?;
+    if std::fs::create_dir(&dir).is_ok() {
+        // Shared by every user's tests, as /tmp is.
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777));
+    }
+    // A lock needs no write access: another user's file is opened for reading.
+    let path = dir.join(port.to_string());
+    let file = std::fs::File::open(&path)
+        .or_else(|_| std::fs::File::create(&path))
+        .ok()?;
     file.try_lock().ok()?;
     TcpListener::bind(("127.0.0.1", port)).ok()?;
     Some(file)
