@@ -67,7 +67,7 @@ pub struct Entry<'a> {
 #[derive(Default)]
 struct Pending {
     lines: Vec<u8>,
-    /// The text prefix of the last second seen, formatted once per second.
+    /// The start of a line for the last second seen, formatted once per second.
     stamp: Stamp,
 }
 
@@ -288,24 +288,19 @@ pub fn text_line(e: &Entry) -> String {
 /// Appended piece by piece rather than through `write!`, whose formatting machinery was
 /// a third of what a logged request costs over an unlogged one.
 fn push_text(e: &Entry, out: &mut Vec<u8>) {
-    let mut number = itoa::Buffer::new();
-    let request_id = e.request_id.and_then(|id| id.to_str().ok());
+    let (mut status, mut micros) = (itoa::Buffer::new(), itoa::Buffer::new());
     for piece in [
         e.method.as_str(),
         " ",
         e.path,
         " ",
-        number.format(e.status),
+        status.format(e.status),
         " ",
         e.code.unwrap_or("-"),
         " ",
-    ] {
-        out.extend_from_slice(piece.as_bytes());
-    }
-    for piece in [
-        number.format(e.micros),
+        micros.format(e.micros),
         "us id=",
-        request_id.unwrap_or("-"),
+        e.request_id.and_then(|id| id.to_str().ok()).unwrap_or("-"),
         " key=",
         e.key_prefix.unwrap_or("-"),
     ] {

@@ -369,7 +369,6 @@ pub struct AccountRow<'a> {
     pub status: &'a str,
 }
 
-/// The operator's view: accounts (disable, enable), plans, and an invite form.
 /// A page of the operator's account list: its rows, whether pages come before it, and the
 /// cursor of the next page.
 pub struct AccountPage<'a> {
@@ -378,6 +377,8 @@ pub struct AccountPage<'a> {
     pub next: Option<&'a str>,
 }
 
+/// The operator's view: accounts (disable, enable), a page at a time, plans, and an invite
+/// form.
 pub fn operator(
     viewer: &Viewer,
     accounts: &AccountPage,
