@@ -45,12 +45,33 @@ fn reserve_ports(bus: Option<u16>) -> u16 {
         next: None,
         locks: Vec::new(),
     });
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let low = 10_000;
-    let span = ephemeral - u32::from(bus.unwrap_or(0)) - low;
+    // Outside the kernel's ephemeral range, where outgoing connections take their ports:
+    // below it from 10,000 (Debian's range starts at 32,768), or above it on a host whose
+    // range leaves more room there.
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let mut bounds = range
+        .iter()
+        .flat_map(|r| r.split_whitespace())
+        .map_while(|n| n.parse::<u32>().ok());
+    let (first, last) = (
+        bounds.next().unwrap_or(32_768),
+        bounds.next().unwrap_or(60_999),
+    );
+    // A port and its bus port both.
+    let bus_gap = u32::from(bus.unwrap_or(0));
+    let top = 65_536 - bus_gap;
+    let below = 10_000..first.saturating_sub(bus_gap);
+    let above = (last + 1).min(top)..top;
+    let ports = if below.len() >= above.len() {
+        below
+    } else {
+        above
+    };
+    let (low, span) = (ports.start, ports.len() as u32);
+    assert!(
+        span > 0,
+        "no ports outside the ephemeral range {first}-{last}"
+    );
     let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
     let start = *held.next.get_or_insert_with(|| rand::random_range(0..span));
     for i in 0..span {
@@ -70,7 +91,7 @@ fn reserve_ports(bus: Option<u16>) -> u16 {
             .extend([Some(lock), bus_lock].into_iter().flatten());
         return port;
     }
-    panic!("no free port in {low}..{ephemeral}");
+    panic!("no free port in {low}..{}", low + span);
 }
 
 /// Locks `port`'s file in the shared directory, if no other test process holds it and
