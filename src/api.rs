@@ -215,7 +215,7 @@ impl Gateway {
                 if self.failure_policy == FailurePolicy::FailClosed {
                     return Outcome::error(self.store_down());
                 }
-                match self.quota.admit_local(subject, period, limit).await {
+                match self.quota.admit_local(subject, period, limit) {
                     LocalAdmission::Admitted { used, source } => (used, source),
                     LocalAdmission::Exhausted { used } => return exceeded(used),
                     LocalAdmission::Refused => return Outcome::error(self.store_down()),
@@ -237,7 +237,7 @@ impl Gateway {
             Ok(body) => body,
             Err(e) => {
                 log::warn!("presign failed for library {library}: {e}");
-                self.quota.refund(subject, period, source).await;
+                self.quota.refund(subject, period, source);
                 return Outcome {
                     result: Err(ApiError::PresignFailed),
                     rate: rate(used.saturating_sub(1)),

@@ -123,7 +123,7 @@ async fn quota_starts_afresh_in_a_new_utc_month() {
     };
     // Each month keeps its own count; a late report for January leaves February alone.
     assert_eq!(quota.usage(&view.id, jan).await.unwrap(), 2);
-    quota.refund(&view.id, jan, Source::Lease).await;
+    quota.refund(&view.id, jan, Source::Lease);
     quota.sync(true).await;
     assert_eq!(quota.usage(&view.id, jan).await.unwrap(), 1);
     assert_eq!(quota.usage(&view.id, feb).await.unwrap(), 1);

@@ -126,7 +126,7 @@ async fn reservations_are_exact(store: Arc<Quota>) {
         3,
         "denials are not counted"
     );
-    store.refund("k", NOV, Source::Lease).await;
+    store.refund("k", NOV, Source::Lease);
     store.sync(true).await;
     assert_eq!(store.usage("k", NOV).await.unwrap(), 2);
     assert_eq!(

@@ -34,8 +34,8 @@
 //!
 //! Time is Tokio's [`Instant`], so tests drive it with a paused clock.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use super::StoreError;
 use crate::clock::{Clock, SystemClock};
 use crate::events::{self, Crossing};
-use crate::locks::PerKey;
+use crate::locks::{PerKey, lock};
 use crate::metrics::{ShardedHistogram, StoreMetrics};
 use crate::quota::{Day, LocalAdmission, Period, Reservation, Source};
 
@@ -66,8 +66,6 @@ pub const STALE_AFTER: Duration = Duration::from_secs(15);
 /// retry (429, `Retry-After: 1`). Waiting is load, not an outage: it never fails over to the
 /// outage policy.
 pub const BUSY_WAIT: Duration = Duration::from_secs(2);
-/// `try_lock` attempts before a call queues for a subject's lock.
-const SPINS: u32 = 64;
 /// A subject with nothing held or owed is forgotten after this long without a call, so the
 /// book holds the subjects in use, not every one ever seen.
 pub const FORGET_AFTER: Duration = Duration::from_secs(60);
@@ -199,7 +197,13 @@ impl Lease {
     /// instant, so the lease is confirmed from then. Returns the thresholds the month's use
     /// has newly reached, as far as this node has announced them.
     fn apply(&mut self, op: &LeaseOp, answer: LeaseAnswer, sent: Instant) -> u8 {
-        self.units += answer.grant;
+        if op.limit == self.limit {
+            self.units += answer.grant;
+        } else {
+            // The limit changed while the operation was out: units granted under the old
+            // one go back, and the next refill asks under the new one.
+            self.returned += answer.grant;
+        }
         if let Some(c) = answer.committed {
             self.committed = Some(c);
         }
@@ -211,6 +215,22 @@ impl Lease {
         let new = reached & !self.announced;
         self.announced |= new;
         new
+    }
+
+    /// A unit from the block when it holds one and is confirmed, or the refusal that stands
+    /// for the calls queued behind a "used up" answer; `None` when the store must be asked.
+    fn take(&mut self, now: Instant) -> Option<Reservation> {
+        if self.units > 0 && self.confirmed(now) {
+            return Some(Reservation::Granted {
+                used: self.take_unit(now),
+            });
+        }
+        match self.spent {
+            Some((used, at)) if self.units == 0 && now - at < SPENT_TTL => {
+                Some(Reservation::Denied { used })
+            }
+            _ => None,
+        }
     }
 
     fn take_unit(&mut self, now: Instant) -> u64 {
@@ -269,13 +289,20 @@ impl SubjectLeases {
 
 #[derive(Default)]
 struct Entry {
-    /// Calls waiting for the lock: a refill asks for at least this many units.
+    /// Calls waiting for a refill: a refill asks for at least this many units.
     waiting: AtomicU64,
     /// Refills that failed: a call that waited through one does not queue for its own
     /// timeout (it fails at once if the store is down, else is told to retry); waiting
     /// itself is never a failure.
     failures: AtomicU64,
-    leases: AsyncMutex<SubjectLeases>,
+    /// The leases, under a lock never held across an `.await`: taking a unit is a critical
+    /// section of nanoseconds, and an async lock there turns into a convoy under load (a
+    /// worker preempted while holding it makes every call queue, and each hand-over then
+    /// waits for the next task to be polled).
+    leases: Mutex<SubjectLeases>,
+    /// Held by the call refilling the subject across its store call, so concurrent calls
+    /// that find no units share one refill instead of each asking the store.
+    refill: AsyncMutex<()>,
 }
 
 /// Whether a subject holds and owes nothing, has nobody waiting and has not been used for
@@ -288,7 +315,8 @@ fn forgettable(entry: &Entry, leases: &SubjectLeases, now: Instant) -> bool {
         })
 }
 
-/// An operation from [`LeaseBook::due`], to send and then hand to [`LeaseBook::settled`].
+/// An operation from [`LeaseBook::due`] (or a top-up from [`LeaseBook::reserve`]), to send
+/// and then hand to [`LeaseBook::settled`] (or [`LeaseBook::topped_up`]).
 #[derive(Debug, Clone)]
 pub struct Due {
     pub subject: String,
@@ -387,10 +415,15 @@ impl LeaseBook {
     /// Takes one unit, refilling from the store through `run` when none is left or the lease
     /// needs confirming. `run` gets the operation and its deadline (`timeout` from sending).
     /// A store failure is an `Err` (the caller applies the outage policy); waiting longer
-    /// than [`BUSY_WAIT`] for other calls is [`Reservation::Held`]. A call that waited through
-    /// another call's failed refill fails at once when `down()` says the store is down, and is
-    /// told to retry ([`Reservation::Held`]) when it was only slow: on a saturated node one
-    /// late answer must not fail every call queued behind it.
+    /// than [`BUSY_WAIT`] for another call's refill is [`Reservation::Held`]. A call that
+    /// waited through another call's failed refill fails at once when `down()` says the store
+    /// is down, and is told to retry ([`Reservation::Held`]) when it was only slow: on a
+    /// saturated node one late answer must not fail every call queued behind it.
+    ///
+    /// With a unit taken from a block running low comes an operation topping it up: the
+    /// caller sends it without holding up its call (which is answered at once, so a node
+    /// killed meanwhile has not counted a call it never answered) and hands the outcome to
+    /// [`Self::topped_up`].
     pub async fn reserve<F, Fut>(
         &self,
         subject: &str,
@@ -399,96 +432,87 @@ impl LeaseBook {
         timeout: Duration,
         run: F,
         down: impl Fn() -> bool,
-    ) -> Result<Reservation, StoreError>
+    ) -> Result<(Reservation, Option<Due>), StoreError>
     where
         F: Fn(LeaseOp, Instant) -> Fut,
         Fut: std::future::Future<Output = Result<LeaseAnswer, StoreError>>,
     {
         let entry = self.entry(subject);
         let failures = entry.failures.load(Ordering::Acquire);
-        // Most calls only take a unit: a critical section of nanoseconds. Spinning briefly on
-        // `try_lock` catches it without parking the task; only a call that meets a refill in
-        // progress queues (and counts itself as waiting for the refill to size its block).
-        // Tokio's lock is fair: once calls queue, a free lock goes to the first of them, and
-        // spinning could only burn the time they need (seen over HTTP/2, where hundreds of
-        // calls arrive at once); then a call queues at once.
-        let mut locked = None;
-        for _ in 0..SPINS {
-            if let Ok(guard) = entry.leases.try_lock() {
-                locked = Some(guard);
-                break;
-            }
-            if entry.waiting.load(Ordering::Relaxed) > 0 {
-                break;
-            }
-            std::hint::spin_loop();
+        let taken = {
+            let mut leases = lock(&entry.leases);
+            let now = Instant::now();
+            let lease = self.lease(&mut leases, period, limit, now);
+            lease.take(now).map(|reservation| {
+                // Running low: top the block up now, so the calls behind this one keep being
+                // served from what is left instead of waiting for the store (on the embedded
+                // store, for an fsync).
+                let low = matches!(reservation, Reservation::Granted { .. })
+                    && lease.parked.is_none()
+                    && lease.units < lease.want(0) / 2;
+                let top_up = low.then(|| self.park_next(lease, lease.want(0), now));
+                (reservation, top_up)
+            })
+        };
+        if let Some((reservation, top_up)) = taken {
+            let top_up = top_up.map(|op| Due {
+                subject: subject.to_string(),
+                op,
+                // Confirming from before it is sent: never later than the store applies it.
+                sent: Instant::now(),
+            });
+            return Ok((reservation, top_up));
         }
-        let mut leases = match locked {
-            Some(guard) => guard,
-            None => {
-                entry.waiting.fetch_add(1, Ordering::Relaxed);
-                let queued = tokio::time::timeout(BUSY_WAIT, entry.leases.lock()).await;
-                entry.waiting.fetch_sub(1, Ordering::Relaxed);
-                let Ok(guard) = queued else {
-                    return Ok(Reservation::Held);
-                };
-                guard
-            }
+        self.refill(&entry, subject, period, limit, failures, timeout, run, down)
+            .await
+            .map(|reservation| (reservation, None))
+    }
+
+    /// [`Self::reserve`] when no unit could be taken: one call refills, the others wait for it
+    /// and take from its grant.
+    #[allow(clippy::too_many_arguments)]
+    async fn refill<F, Fut>(
+        &self,
+        entry: &Entry,
+        subject: &str,
+        period: Period,
+        limit: Option<u64>,
+        failures: u64,
+        timeout: Duration,
+        run: F,
+        down: impl Fn() -> bool,
+    ) -> Result<Reservation, StoreError>
+    where
+        F: Fn(LeaseOp, Instant) -> Fut,
+        Fut: std::future::Future<Output = Result<LeaseAnswer, StoreError>>,
+    {
+        entry.waiting.fetch_add(1, Ordering::Relaxed);
+        let gate = tokio::time::timeout(BUSY_WAIT, entry.refill.lock()).await;
+        entry.waiting.fetch_sub(1, Ordering::Relaxed);
+        let Ok(_refilling) = gate else {
+            return Ok(Reservation::Held);
         };
         let failed_meanwhile = entry.failures.load(Ordering::Acquire) != failures;
-        let now = Instant::now();
-        let lease = self.lease(&mut leases, period, limit, now);
         // A parked operation may answer with units (a replay); a second round asks for more.
-        if let (0, Some((used, at))) = (lease.units, lease.spent)
-            && now - at < SPENT_TTL
-        {
-            return Ok(Reservation::Denied { used });
-        }
-        if lease.units > 0 && lease.confirmed(now) {
-            let used = lease.take_unit(now);
-            if lease.parked.is_none() && lease.units < lease.want(0) / 2 {
-                // Running low: top the block up now, without the lock, so the calls behind
-                // this one keep being served from what is left instead of waiting for the
-                // store (on the embedded store, for an fsync). Only this call waits for it.
-                let want = lease.want(0);
-                let op = self.next_op(lease, want, now);
-                lease.parked = Some(op.clone());
-                drop(leases);
-                let sent = Instant::now();
-                let result = run(op.clone(), sent + timeout).await;
-                if result.is_err() {
-                    entry.failures.fetch_add(1, Ordering::Release);
-                }
-                // Applied once, as any sync's answer: a replay may have answered first.
-                let due = Due {
-                    subject: subject.to_string(),
-                    op,
-                    sent,
-                };
-                self.settled(due, result.ok()).await;
-            }
-            return Ok(Reservation::Granted { used });
-        }
         for _ in 0..2 {
-            if lease.units > 0 && lease.confirmed(Instant::now()) {
-                return Ok(Reservation::Granted {
-                    used: lease.take_unit(Instant::now()),
-                });
-            }
-            if failed_meanwhile {
-                if !down() {
-                    return Ok(Reservation::Held);
+            let op = {
+                let mut leases = lock(&entry.leases);
+                let now = Instant::now();
+                let lease = self.lease(&mut leases, period, limit, now);
+                if let Some(reservation) = lease.take(now) {
+                    return Ok(reservation);
                 }
-                return Err(StoreError(
-                    "the store failed a refill this call waited for".into(),
-                ));
-            }
-            let waiting = entry.waiting.load(Ordering::Relaxed);
-            let want = lease.want(waiting);
-            let op = self.next_op(lease, want, now);
-            // Parked before sending: if this call is abandoned midway, the operation is
-            // replayed later rather than lost.
-            lease.parked = Some(op.clone());
+                if failed_meanwhile {
+                    if !down() {
+                        return Ok(Reservation::Held);
+                    }
+                    return Err(StoreError(
+                        "the store failed a refill this call waited for".into(),
+                    ));
+                }
+                let want = lease.want(entry.waiting.load(Ordering::Relaxed));
+                self.park_next(lease, want, now)
+            };
             let sent = Instant::now();
             let answer = match run(op.clone(), sent + timeout).await {
                 Ok(answer) => answer,
@@ -497,12 +521,21 @@ impl LeaseBook {
                     return Err(e);
                 }
             };
-            lease.parked = None;
-            self.apply(subject, lease, &op, answer, sent);
-            if lease.units > 0 {
+            self.settle(entry, subject, &op, sent, Some(answer));
+            let mut leases = lock(&entry.leases);
+            let Some(lease) = leases.find(period) else {
+                return Ok(Reservation::Held);
+            };
+            let now = Instant::now();
+            if lease.units > 0 && lease.confirmed(now) {
                 return Ok(Reservation::Granted {
-                    used: lease.take_unit(Instant::now()),
+                    used: lease.take_unit(now),
                 });
+            }
+            if lease.limit != op.limit {
+                // The key's limit changed while the refill was out: its grant went back, and
+                // the next call asks under the new limit.
+                return Ok(Reservation::Held);
             }
             if let (Some(committed), true) = (answer.committed, op.want > 0) {
                 // Nothing granted: the limit is used up unless live nodes hold units that
@@ -511,16 +544,48 @@ impl LeaseBook {
                     return Ok(Reservation::Held);
                 }
                 let used = committed - answer.live_others;
-                lease.spent = Some((used, Instant::now()));
+                lease.spent = Some((used, now));
                 return Ok(Reservation::Denied { used });
             }
         }
         Ok(Reservation::Held)
     }
 
+    /// The next operation of `lease`, parked before it is sent: if the call sending it is
+    /// abandoned midway, the operation is replayed later rather than lost.
+    fn park_next(&self, lease: &mut Lease, want: u64, now: Instant) -> LeaseOp {
+        let op = self.next_op(lease, want, now);
+        lease.parked = Some(op.clone());
+        op
+    }
+
+    /// Applies the outcome of `op` of `subject`, sent at `sent`, if it is still the parked
+    /// operation: the first answer to an operation (a refill's or a sync's replay of it)
+    /// applies its grant, exactly once.
+    fn settle(
+        &self,
+        entry: &Entry,
+        subject: &str,
+        op: &LeaseOp,
+        sent: Instant,
+        answer: Option<LeaseAnswer>,
+    ) {
+        let mut leases = lock(&entry.leases);
+        let Some(lease) = leases.find(op.period) else {
+            return;
+        };
+        if lease.parked.as_ref() != Some(op) {
+            return;
+        }
+        if let Some(answer) = answer {
+            lease.parked = None;
+            self.apply(subject, lease, op, answer, sent);
+        }
+    }
+
     /// Admits a call while the store is unreachable (fail-open): from units this node holds
     /// (already counted), else — when `beyond_held` — from the one block an outage allows.
-    pub async fn admit_local(
+    pub fn admit_local(
         &self,
         subject: &str,
         period: Period,
@@ -528,7 +593,7 @@ impl LeaseBook {
         beyond_held: bool,
     ) -> LocalAdmission {
         let entry = self.entry(subject);
-        let mut leases = entry.leases.lock().await;
+        let mut leases = lock(&entry.leases);
         let now = Instant::now();
         let lease = self.lease(&mut leases, period, limit, now);
         if lease.units > 0 {
@@ -557,9 +622,9 @@ impl LeaseBook {
     }
 
     /// Gives a unit back for a call that failed after taking it.
-    pub async fn refund(&self, subject: &str, period: Period, source: Source) {
+    pub fn refund(&self, subject: &str, period: Period, source: Source) {
         let entry = self.entry(subject);
-        let mut leases = entry.leases.lock().await;
+        let mut leases = lock(&entry.leases);
         let current = leases.current.as_ref().is_some_and(|l| l.period == period);
         if leases.find(period).is_none() {
             // A past month whose lease was already settled and dropped: a new one carries
@@ -592,7 +657,7 @@ impl LeaseBook {
     /// Operations to send now: reports of what was used (every [`REPORT_EVERY`]), units idle
     /// for [`IDLE_RETURN`] (or everything, with `all`), replays of parked operations. Each is
     /// parked until [`Self::settled`] so a failure is replayed.
-    pub async fn due(&self, all: bool) -> Vec<Due> {
+    pub fn due(&self, all: bool) -> Vec<Due> {
         let subjects = self.subjects.all();
         let now = Instant::now();
         let mut ops = Vec::new();
@@ -600,9 +665,10 @@ impl LeaseBook {
         // Runs every tick over every subject: no allocation for those with nothing to send.
         for (subject, entry) in subjects.iter() {
             // A subject busy refilling reports with that refill.
-            let Ok(mut leases) = entry.leases.try_lock() else {
+            if entry.refill.try_lock().is_err() {
                 continue;
-            };
+            }
+            let mut leases = lock(&entry.leases);
             let SubjectLeases {
                 current, retired, ..
             } = &mut *leases;
@@ -636,11 +702,7 @@ impl LeaseBook {
             // Checked again under the map's write lock: a call that got the entry since holds
             // a reference to it, and keeps it.
             self.subjects.remove_if(&idle, |entry| {
-                Arc::strong_count(entry) == 1
-                    && entry
-                        .leases
-                        .try_lock()
-                        .is_ok_and(|leases| forgettable(entry, &leases, now))
+                Arc::strong_count(entry) == 1 && forgettable(entry, &lock(&entry.leases), now)
             });
         }
         ops
@@ -648,19 +710,20 @@ impl LeaseBook {
 
     /// Applies the outcome of an operation from [`Self::due`]: the first to answer a parked
     /// operation applies its grant, exactly once.
-    pub async fn settled(&self, due: Due, answer: Option<LeaseAnswer>) {
+    pub fn settled(&self, due: Due, answer: Option<LeaseAnswer>) {
         let entry = self.entry(&due.subject);
-        let mut leases = entry.leases.lock().await;
-        let Some(lease) = leases.find(due.op.period) else {
-            return;
-        };
-        if lease.parked.as_ref() != Some(&due.op) {
-            return;
+        self.settle(&entry, &due.subject, &due.op, due.sent, answer);
+    }
+
+    /// Applies the outcome of a top-up from [`Self::reserve`]. A failure counts as a failed
+    /// refill for the calls waiting meanwhile.
+    pub fn topped_up(&self, due: Due, result: Result<LeaseAnswer, StoreError>) {
+        if result.is_err() {
+            self.entry(&due.subject)
+                .failures
+                .fetch_add(1, Ordering::Release);
         }
-        if let Some(answer) = answer {
-            lease.parked = None;
-            self.apply(&due.subject, lease, &due.op, answer, due.sent);
-        }
+        self.settled(due, result.ok());
     }
 
     /// Calls this node served in `period` and has not reported yet (an operation in flight
@@ -670,10 +733,7 @@ impl LeaseBook {
         let Some(entry) = self.subjects.get(subject) else {
             return 0;
         };
-        let Ok(mut leases) = entry.leases.try_lock() else {
-            return 0;
-        };
-        leases
+        lock(&entry.leases)
             .find(period)
             .map_or(0, |l| (l.consumed + l.extra as i64).max(0) as u64)
     }
@@ -681,16 +741,14 @@ impl LeaseBook {
     /// Whether anything is owed to the store or held from it.
     pub fn unsynced(&self) -> bool {
         let subjects = self.subjects.all();
-        subjects
-            .values()
-            .any(|entry| match entry.leases.try_lock() {
-                Ok(leases) => leases
-                    .current
-                    .iter()
-                    .chain(leases.retired.iter())
-                    .any(|l| l.owes() || l.units > 0),
-                Err(_) => true,
-            })
+        subjects.values().any(|entry| {
+            let leases = lock(&entry.leases);
+            leases
+                .current
+                .iter()
+                .chain(leases.retired.iter())
+                .any(|l| l.owes() || l.units > 0)
+        })
     }
 }
 
@@ -728,7 +786,8 @@ pub trait LeaseBackend: Send + Sync + 'static {
 /// A node's quota counting: its lease book over a store's [`LeaseBackend`]. The one place
 /// the request path, the admin API and the background sync meet the leases.
 pub struct Quota {
-    book: LeaseBook,
+    /// Shared with the top-ups sent in the background.
+    book: Arc<LeaseBook>,
     backend: Arc<dyn LeaseBackend>,
     /// Dates the usage history.
     clock: Arc<dyn Clock>,
@@ -740,7 +799,7 @@ pub struct Quota {
 impl Quota {
     pub fn new(backend: Arc<dyn LeaseBackend>, metrics: StoreMetrics) -> Self {
         Self {
-            book: LeaseBook::default(),
+            book: Arc::default(),
             backend,
             clock: Arc::new(SystemClock),
             reserve_latency: metrics.reserve_latency.clone(),
@@ -751,7 +810,9 @@ impl Quota {
     /// Tells `sink` of every threshold of a monthly limit this node sees reached (SPEC §9
     /// `quota.threshold`), once per subject and month while the node remembers the subject.
     pub fn with_crossings(mut self, sink: mpsc::UnboundedSender<Crossing>) -> Self {
-        self.book.crossings = Some(sink);
+        Arc::get_mut(&mut self.book)
+            .expect("set up before any call shares the book")
+            .crossings = Some(sink);
         self
     }
 
@@ -791,42 +852,45 @@ impl Quota {
         let started = std::time::Instant::now();
         self.book.set_today(Day::containing(self.clock.now()));
         let backend = &self.backend;
+        let timeout = backend.timeout();
         let result = self
             .book
             .reserve(
                 subject,
                 period,
                 limit,
-                backend.timeout(),
+                timeout,
                 |op, until| async move { backend.apply(subject, &op, until).await },
                 || backend.confirmed_down(),
             )
             .await;
         self.reserve_latency
             .observe(started.elapsed().as_secs_f64());
-        if result.is_err() {
-            self.reserve_errors.inc();
+        let (reservation, top_up) = result.inspect_err(|_| self.reserve_errors.inc())?;
+        if let Some(due) = top_up {
+            let (book, backend) = (self.book.clone(), self.backend.clone());
+            tokio::spawn(async move {
+                let result = backend
+                    .apply(&due.subject, &due.op, due.sent + timeout)
+                    .await;
+                book.topped_up(due, result);
+            });
         }
-        result
+        Ok(reservation)
     }
 
     /// Admits a call without the store, after [`Self::reserve`] failed, under the fail-open
     /// policy's bound (SPEC §4a.3). Beyond the units this node holds, only once the store is
     /// confirmed unreachable: one slow answer on a busy machine is load, not an outage, and
     /// must not admit a block the store never granted.
-    pub async fn admit_local(
-        &self,
-        subject: &str,
-        period: Period,
-        limit: Option<u64>,
-    ) -> LocalAdmission {
+    pub fn admit_local(&self, subject: &str, period: Period, limit: Option<u64>) -> LocalAdmission {
         let down = self.backend.confirmed_down();
-        self.book.admit_local(subject, period, limit, down).await
+        self.book.admit_local(subject, period, limit, down)
     }
 
     /// Gives back one unit taken in `period` from `source` (the call failed afterwards).
-    pub async fn refund(&self, subject: &str, period: Period, source: Source) {
-        self.book.refund(subject, period, source).await
+    pub fn refund(&self, subject: &str, period: Period, source: Source) {
+        self.book.refund(subject, period, source)
     }
 
     /// Calls counted for `subject` in `period`: what the store has, plus what this node has
@@ -851,13 +915,13 @@ impl Quota {
     pub async fn sync(&self, all: bool) {
         self.book.set_today(Day::containing(self.clock.now()));
         self.backend.upkeep().await;
-        let due = self.book.due(all).await;
+        let due = self.book.due(all);
         if due.is_empty() {
             return;
         }
         let answers = self.backend.apply_all(&due).await;
         for (due, answer) in due.into_iter().zip(answers) {
-            self.book.settled(due, answer).await;
+            self.book.settled(due, answer);
         }
     }
 

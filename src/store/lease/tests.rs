@@ -90,15 +90,21 @@ async fn reserve(book: &LeaseBook, store: &ModelStore, limit: Option<u64>) -> Re
         let answer = store.apply(0, &op);
         async move { Ok(answer) }
     };
-    book.reserve("k", NOV, limit, Duration::from_secs(1), run, || true)
+    let (reservation, top_up) = book
+        .reserve("k", NOV, limit, Duration::from_secs(1), run, || true)
         .await
-        .unwrap()
+        .unwrap();
+    if let Some(due) = top_up {
+        let answer = store.apply(0, &due.op);
+        book.topped_up(due, Ok(answer));
+    }
+    reservation
 }
 
 async fn sync(book: &LeaseBook, store: &ModelStore, all: bool) {
-    for due in book.due(all).await {
+    for due in book.due(all) {
         let answer = store.apply(0, &due.op);
-        book.settled(due, Some(answer)).await;
+        book.settled(due, Some(answer));
     }
 }
 
@@ -171,7 +177,7 @@ async fn refunds_and_idle_units_go_back() {
         reserve(&book, &store, None).await,
         Reservation::Granted { used: 1 }
     ));
-    book.refund("k", NOV, Source::Lease).await;
+    book.refund("k", NOV, Source::Lease);
     // Not yet idle: nothing is due but nothing is owed either.
     tokio::time::advance(IDLE_RETURN).await;
     sync(&book, &store, false).await;
@@ -187,10 +193,10 @@ async fn a_lost_answer_is_replayed_not_repeated() {
         reserve(&book, &store, None).await;
     }
     // The report is applied by the store but its answer is lost.
-    let ops = book.due(true).await;
+    let ops = book.due(true);
     assert_eq!(ops.len(), 1);
     store.apply(0, &ops[0].op);
-    book.settled(ops[0].clone(), None).await;
+    book.settled(ops[0].clone(), None);
     assert!(book.unsynced());
     // The replay changes nothing more.
     sync(&book, &store, true).await;
@@ -233,7 +239,7 @@ async fn fail_open_admits_one_block_per_outage() {
     let store = ModelStore::default();
     // Never seen: refused.
     assert_eq!(
-        book.admit_local("k", NOV, Some(160), true).await,
+        book.admit_local("k", NOV, Some(160), true),
         LocalAdmission::Refused
     );
     // Seen, then the store goes away with the node holding nothing.
@@ -243,7 +249,7 @@ async fn fail_open_admits_one_block_per_outage() {
     sync(&book, &store, true).await;
     let mut admitted = 0;
     for _ in 0..100 {
-        if let LocalAdmission::Admitted { .. } = book.admit_local("k", NOV, Some(160), true).await {
+        if let LocalAdmission::Admitted { .. } = book.admit_local("k", NOV, Some(160), true) {
             admitted += 1;
         }
     }
@@ -252,7 +258,7 @@ async fn fail_open_admits_one_block_per_outage() {
     sync(&book, &store, true).await;
     assert_eq!(store.used(), 160);
     assert_eq!(
-        book.admit_local("k", NOV, Some(160), true).await,
+        book.admit_local("k", NOV, Some(160), true),
         LocalAdmission::Exhausted { used: 160 }
     );
 }
@@ -276,6 +282,7 @@ async fn behind_a_slow_refill(store_down: bool) -> (usize, usize, usize) {
                     store_down
                 })
                 .await
+                .map(|(reservation, _)| reservation)
             })
         })
         .collect();
@@ -312,9 +319,15 @@ async fn concurrent_callers_share_one_refill() {
                         Ok(store.apply(0, &op))
                     }
                 };
-                book.reserve("k", NOV, Some(300), Duration::from_secs(1), run, || true)
+                let (reservation, top_up) = book
+                    .reserve("k", NOV, Some(300), Duration::from_secs(1), run, || true)
                     .await
-                    .unwrap()
+                    .unwrap();
+                if let Some(due) = top_up {
+                    let answer = store.apply(0, &due.op);
+                    book.topped_up(due, Ok(answer));
+                }
+                reservation
             })
         })
         .collect();
@@ -334,13 +347,61 @@ async fn concurrent_callers_share_one_refill() {
     );
 }
 
+/// A limit lowered while a refill under the old one is out: the units granted under the old
+/// limit go back instead of being served under the new one, and the refilling call is told to
+/// retry rather than that the month is used up.
+#[tokio::test(start_paused = true)]
+async fn a_grant_made_under_an_old_limit_goes_back() {
+    let book = Arc::new(LeaseBook::default());
+    let store = Arc::new(ModelStore::default());
+    let slow = {
+        let (book, store) = (book.clone(), store.clone());
+        tokio::spawn(async move {
+            let run = |op: LeaseOp, _| {
+                let store = store.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Ok(store.apply(0, &op))
+                }
+            };
+            book.reserve("k", NOV, Some(1000), Duration::from_secs(1), run, || true)
+                .await
+                .map(|(reservation, _)| reservation)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // The limit drops to 3 meanwhile; this call waits for the refill under way, then asks
+    // under its own limit.
+    let lowered = reserve(&book, &store, Some(3)).await;
+    assert_eq!(slow.await.unwrap().unwrap(), Reservation::Held);
+    assert_eq!(lowered, Reservation::Granted { used: 1 });
+    for _ in 0..2 {
+        assert!(matches!(
+            reserve(&book, &store, Some(3)).await,
+            Reservation::Granted { .. }
+        ));
+    }
+    assert_eq!(
+        reserve(&book, &store, Some(3)).await,
+        Reservation::Denied { used: 3 }
+    );
+    sync(&book, &store, true).await;
+    assert_eq!((store.used(), store.held()), (3, 0));
+}
+
 // ---------------------------------------------------------------------------------------
-// Simulation: several nodes, one store, faults picked by proptest.
+// Simulation: several nodes, one store, faults picked by proptest. Calls are tasks: a slow
+// call's store operation stays out until a later step delivers it (or its deadline passes), so
+// other calls, syncs, waits and faults of its node interleave with it.
 
 #[derive(Debug, Clone)]
 enum Step {
-    /// A call on a node.
+    /// A call on a node, its store operation (if any) answered at once.
     Call(usize),
+    /// A call on a node whose store operation is answered only by a later [`Step::Deliver`].
+    SlowCall(usize),
+    /// The store applies a node's oldest operation still out and answers it.
+    Deliver(usize),
     /// A node's background sync tick.
     Sync(usize),
     /// A node loses (or regains) its path to the store.
@@ -349,143 +410,222 @@ enum Step {
     LoseAnswer(usize),
     /// Time passes; a paused node is simply one that takes no steps meanwhile.
     Wait(u64),
-    /// A node is killed: whatever it did not report is gone with it.
+    /// A node is killed: whatever it did not report is gone with it, its calls in flight too.
     Kill(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         10 => (0..3usize).prop_map(Step::Call),
+        3 => (0..3usize).prop_map(Step::SlowCall),
+        3 => (0..3usize).prop_map(Step::Deliver),
         3 => (0..3usize).prop_map(Step::Sync),
         1 => (0..3usize).prop_map(Step::TogglePartition),
         1 => (0..3usize).prop_map(Step::LoseAnswer),
-        2 => prop_oneof![Just(100u64), Just(1_000), Just(3_000), Just(20_000)].prop_map(Step::Wait),
+        2 => prop_oneof![Just(10u64), Just(100), Just(1_000), Just(3_000), Just(20_000)]
+            .prop_map(Step::Wait),
         1 => (0..3usize).prop_map(Step::Kill),
     ]
 }
 
-struct Node {
-    book: LeaseBook,
-    /// The thresholds the book told.
-    crossings: mpsc::UnboundedReceiver<Crossing>,
+type Answer = Result<LeaseAnswer, StoreError>;
+
+/// A node's path to the store and what its calls served, shared with its call tasks.
+#[derive(Default)]
+struct Link {
     partitioned: bool,
     lose_next: bool,
-    dead: bool,
+    /// Operations sent and not yet delivered, oldest first.
+    out: std::collections::VecDeque<(LeaseOp, tokio::sync::oneshot::Sender<Answer>)>,
     /// Successful calls served, by where the unit came from.
     served: u64,
     served_local: u64,
     outages: u64,
 }
 
+impl Link {
+    /// Sends `op` from node `i` to the store, subject to the node's faults.
+    fn send(&mut self, i: usize, store: &ModelStore, op: &LeaseOp) -> Option<LeaseAnswer> {
+        if self.partitioned {
+            return None;
+        }
+        let answer = store.apply(i, op);
+        if std::mem::take(&mut self.lose_next) {
+            return None;
+        }
+        Some(answer)
+    }
+}
+
+struct Node {
+    book: Arc<LeaseBook>,
+    /// The thresholds the book told.
+    crossings: mpsc::UnboundedReceiver<Crossing>,
+    link: Arc<Mutex<Link>>,
+    calls: Vec<tokio::task::JoinHandle<()>>,
+    dead: bool,
+}
+
 impl Node {
     fn new() -> Self {
         let (tx, crossings) = mpsc::unbounded_channel();
         Self {
-            book: LeaseBook {
+            book: Arc::new(LeaseBook {
                 crossings: Some(tx),
                 ..LeaseBook::default()
-            },
+            }),
             crossings,
-            partitioned: false,
-            lose_next: false,
+            link: Arc::default(),
+            calls: Vec::new(),
             dead: false,
-            served: 0,
-            served_local: 0,
-            outages: 0,
+        }
+    }
+
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap()
+    }
+
+    fn sync(&self, i: usize, store: &ModelStore, all: bool) {
+        for due in self.book.due(all) {
+            let answer = self.link().send(i, store, &due.op);
+            self.book.settled(due, answer);
         }
     }
 }
 
-/// Sends `op` from node `i` to the store, subject to the node's faults.
-fn send(node: &mut Node, i: usize, store: &ModelStore, op: &LeaseOp) -> Option<LeaseAnswer> {
-    if node.partitioned {
-        return None;
+/// Sends `op` of node `i` to the store: answered at once, or (`slow`) when a later step
+/// delivers it, unless `until` passes first.
+async fn exchange(
+    store: Arc<ModelStore>,
+    link: Arc<Mutex<Link>>,
+    i: usize,
+    op: LeaseOp,
+    until: Instant,
+    slow: bool,
+) -> Answer {
+    if !slow {
+        let answer = link.lock().unwrap().send(i, &store, &op);
+        return answer.ok_or_else(|| StoreError("no answer".into()));
     }
-    let answer = store.apply(i, op);
-    if std::mem::take(&mut node.lose_next) {
-        return None;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    link.lock().unwrap().out.push_back((op, tx));
+    match tokio::time::timeout_at(until, rx).await {
+        Ok(Ok(answer)) => answer,
+        _ => {
+            // The store may still apply it later: that answer is lost.
+            link.lock().unwrap().outages += 1;
+            Err(StoreError("no answer in time".into()))
+        }
     }
-    Some(answer)
+}
+
+/// One call of node `i` as the request path makes it: reserve, and under fail-open admit
+/// locally when the store fails. A slow call's operation waits in the link for delivery.
+async fn call(
+    book: Arc<LeaseBook>,
+    store: Arc<ModelStore>,
+    link: Arc<Mutex<Link>>,
+    (i, limit, fail_open, slow): (usize, u64, bool, bool),
+) {
+    let run =
+        |op: LeaseOp, until: Instant| exchange(store.clone(), link.clone(), i, op, until, slow);
+    // A failed refill is an outage: calls behind it fail too.
+    let timeout = Duration::from_millis(50);
+    let reserved = book
+        .reserve("k", NOV, Some(limit), timeout, run, || true)
+        .await;
+    if let Ok((_, Some(due))) = &reserved {
+        // The top-up goes out beside the call, as the gateway sends it.
+        let (book, store, link, due) = (book.clone(), store.clone(), link.clone(), due.clone());
+        tokio::spawn(async move {
+            let until = Instant::now() + timeout;
+            let result = exchange(store, link, i, due.op.clone(), until, slow).await;
+            book.topped_up(due, result);
+        });
+    }
+    let source = match reserved.map(|(reservation, _)| reservation) {
+        Ok(Reservation::Granted { .. }) => Some(Source::Lease),
+        Ok(_) => None,
+        Err(_) if fail_open => match book.admit_local("k", NOV, Some(limit), true) {
+            LocalAdmission::Admitted { source, .. } => Some(source),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    let mut link = link.lock().unwrap();
+    match source {
+        Some(Source::Lease) => link.served += 1,
+        Some(Source::Local) => {
+            link.served += 1;
+            link.served_local += 1;
+        }
+        None => {}
+    }
+}
+
+/// Lets every task that can run do so.
+async fn settle_tasks() {
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
 }
 
 async fn simulate(steps: Vec<Step>, limit: u64, fail_open: bool) -> Result<(), TestCaseError> {
-    let store = ModelStore::default();
+    let store = Arc::new(ModelStore::default());
     let mut nodes: Vec<Node> = (0..3).map(|_| Node::new()).collect();
     let mut killed_served = 0;
     let mut any_killed = false;
     for step in steps {
         match step {
-            Step::Call(i) if !nodes[i].dead => {
+            Step::Call(i) | Step::SlowCall(i) if !nodes[i].dead => {
+                let slow = matches!(step, Step::SlowCall(_));
                 let node = &mut nodes[i];
-                let faults = std::cell::RefCell::new((node.partitioned, node.lose_next));
-                let answer = node
-                    .book
-                    .reserve(
-                        "k",
-                        NOV,
-                        Some(limit),
-                        Duration::from_millis(50),
-                        |op, _| {
-                            let mut f = faults.borrow_mut();
-                            let result = if f.0 {
-                                Err(StoreError("partitioned".into()))
-                            } else {
-                                let answer = store.apply(i, &op);
-                                if std::mem::take(&mut f.1) {
-                                    Err(StoreError("answer lost".into()))
-                                } else {
-                                    Ok(answer)
-                                }
-                            };
-                            async move { result }
-                        },
-                        // A partition is an outage: calls behind a failed refill fail too.
-                        || true,
-                    )
-                    .await;
-                node.lose_next = faults.borrow().1;
-                match answer {
-                    Ok(Reservation::Granted { .. }) => node.served += 1,
-                    Ok(_) => {}
-                    Err(_) if fail_open => {
-                        if let LocalAdmission::Admitted { source, .. } =
-                            node.book.admit_local("k", NOV, Some(limit), true).await
-                        {
-                            node.served += 1;
-                            if source == Source::Local {
-                                node.served_local += 1;
-                            }
-                        }
-                    }
-                    Err(_) => {}
+                let task = call(
+                    node.book.clone(),
+                    store.clone(),
+                    node.link.clone(),
+                    (i, limit, fail_open, slow),
+                );
+                node.calls.push(tokio::spawn(task));
+            }
+            Step::Deliver(i) if !nodes[i].dead => {
+                let mut link = nodes[i].link();
+                if let Some((op, reply)) = link.out.pop_front() {
+                    let answer = link.send(i, &store, &op);
+                    let _ = reply.send(answer.ok_or_else(|| StoreError("lost".into())));
                 }
             }
-            Step::Sync(i) if !nodes[i].dead => {
-                for due in nodes[i].book.due(false).await {
-                    let answer = send(&mut nodes[i], i, &store, &due.op);
-                    nodes[i].book.settled(due, answer).await;
-                }
-            }
+            Step::Sync(i) if !nodes[i].dead => nodes[i].sync(i, &store, false),
             Step::TogglePartition(i) => {
-                nodes[i].partitioned = !nodes[i].partitioned;
-                if nodes[i].partitioned {
-                    nodes[i].outages += 1;
+                let mut link = nodes[i].link();
+                link.partitioned = !link.partitioned;
+                if link.partitioned {
+                    link.outages += 1;
                 }
             }
             Step::LoseAnswer(i) => {
-                nodes[i].lose_next = true;
-                nodes[i].outages += 1;
+                let mut link = nodes[i].link();
+                link.lose_next = true;
+                link.outages += 1;
             }
             Step::Wait(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
             Step::Kill(i) if !nodes[i].dead => {
-                nodes[i].dead = true;
+                let node = &mut nodes[i];
+                node.dead = true;
+                for task in node.calls.drain(..) {
+                    task.abort();
+                }
                 any_killed = true;
-                killed_served += nodes[i].served;
+                killed_served += node.link().served;
             }
             _ => {}
         }
-        let served: u64 = nodes.iter().map(|n| n.served).sum();
-        let local: u64 = nodes.iter().map(|n| n.served_local).sum();
+        settle_tasks().await;
+        for node in nodes.iter_mut() {
+            node.calls.retain(|t| !t.is_finished());
+        }
+        let served: u64 = nodes.iter().map(|n| n.link().served).sum();
+        let local: u64 = nodes.iter().map(|n| n.link().served_local).sum();
         if !fail_open {
             prop_assert!(
                 served <= limit,
@@ -493,35 +633,52 @@ async fn simulate(steps: Vec<Step>, limit: u64, fail_open: bool) -> Result<(), T
             );
         } else {
             // Leased units never exceed the limit; beyond them each node admits at most one
-            // block per outage it went through (a lost answer is a blip of an outage too).
+            // block per outage it went through (a lost or late answer is a blip of one).
             prop_assert!(served - local <= limit, "leased units over the limit");
             let block = (limit / 16).max(1);
             for (i, n) in nodes.iter().enumerate() {
+                let link = n.link();
                 prop_assert!(
-                    n.served_local <= block * n.outages,
+                    link.served_local <= block * link.outages,
                     "node {i}: {} local admissions in {} outages",
-                    n.served_local,
-                    n.outages
+                    link.served_local,
+                    link.outages
                 );
             }
         }
     }
-    // Heal everything and let every live node hand back what it holds.
+    // Heal everything, deliver what is out, let the calls finish and every live node hand
+    // back what it holds.
     for (i, node) in nodes.iter_mut().enumerate() {
-        node.partitioned = false;
-        node.lose_next = false;
+        let mut link = node.link();
+        link.partitioned = false;
+        link.lose_next = false;
+        while let Some((op, reply)) = link.out.pop_front() {
+            if !node.dead {
+                let answer = link.send(i, &store, &op);
+                let _ = reply.send(answer.ok_or_else(|| StoreError("lost".into())));
+            }
+        }
+    }
+    settle_tasks().await;
+    tokio::time::advance(BUSY_WAIT + Duration::from_secs(1)).await;
+    settle_tasks().await;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        node.calls.retain(|t| !t.is_finished());
         if node.dead {
             continue;
         }
+        prop_assert!(node.calls.is_empty(), "node {i}: calls still waiting");
         for _ in 0..2 {
-            for due in node.book.due(true).await {
-                let answer = send(node, i, &store, &due.op);
-                node.book.settled(due, answer).await;
-            }
+            node.sync(i, &store, true);
         }
         prop_assert!(!node.book.unsynced(), "node {i} still owes the store");
     }
-    let live_served: u64 = nodes.iter().filter(|n| !n.dead).map(|n| n.served).sum();
+    let live_served: u64 = nodes
+        .iter()
+        .filter(|n| !n.dead)
+        .map(|n| n.link().served)
+        .sum();
     let used = store.used();
     // Nothing doubled: usage never exceeds what was served; nothing lost from live nodes:
     // usage covers all they served, and a killed node can only have lost what it never
