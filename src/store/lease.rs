@@ -71,10 +71,16 @@ pub const BUSY_WAIT: Duration = Duration::from_secs(2);
 pub const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// How long a "used up" answer stands for the calls that queued behind it.
 const SPENT_TTL: Duration = Duration::from_secs(1);
-/// Largest block for a limited subject; blocks are 1/16 of what is left, at least one unit.
-const MAX_BLOCK: u64 = 1024;
-/// Block for unlimited subjects: metering in batches.
-const UNLIMITED_BLOCK: u64 = 1024;
+/// The block a subject gets before its rate is known, and the floor of the block for a busy
+/// one; blocks of a limited subject are also at most 1/16 of what is left, at least one unit.
+const BASE_BLOCK: u64 = 1024;
+/// The ceiling of a block: about a second of a subject's calls on this node, so a busy
+/// subject refills once or twice a second whatever its rate (each refill is a store round
+/// trip, and on the embedded store a transaction and an fsync) while a killed node strands
+/// about a second of its calls, as many as it may have served unreported.
+const MAX_BLOCK: u64 = 65_536;
+/// Over how long a subject's rate of calls on this node is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// One operation of this node on one subject and month, as sent to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +138,10 @@ struct Lease {
     last_report: Instant,
     /// Thresholds of [`THRESHOLDS`](crate::events::THRESHOLDS) already announced, a bit each.
     announced: u8,
+    /// Calls served in the last complete [`RATE_WINDOW`], and so far in the current one.
+    rate: u64,
+    window_calls: u64,
+    window_start: Instant,
 }
 
 impl Lease {
@@ -152,18 +162,22 @@ impl Lease {
             last_use: now,
             last_report: now,
             announced: 0,
+            rate: 0,
+            window_calls: 0,
+            window_start: now,
         }
     }
 
-    /// Units to ask for: 1/16 of what is left, and at least enough for the calls waiting.
+    /// Units to ask for: about a second of this subject's calls (at least [`BASE_BLOCK`], at
+    /// most [`MAX_BLOCK`]), no more than 1/16 of what is left of a limit, and at least enough
+    /// for the calls waiting.
     fn want(&self, waiting: u64) -> u64 {
+        let busy = self.rate.clamp(BASE_BLOCK, MAX_BLOCK);
         let block = match self.limit {
-            None => UNLIMITED_BLOCK,
-            Some(limit) => {
-                (limit.saturating_sub(self.committed.unwrap_or(0)) / 16).clamp(1, MAX_BLOCK)
-            }
+            None => busy,
+            Some(limit) => (limit.saturating_sub(self.committed.unwrap_or(0)) / 16).clamp(1, busy),
         };
-        block.max(waiting.min(MAX_BLOCK))
+        block.max(waiting.min(busy))
     }
 
     fn confirmed(&self, now: Instant) -> bool {
@@ -237,6 +251,15 @@ impl Lease {
         self.units -= 1;
         self.consumed += 1;
         self.last_use = now;
+        self.window_calls += 1;
+        if now - self.window_start >= RATE_WINDOW {
+            // Calls a second over the window just closed; a window left idle for longer
+            // counts as the slower rate it was.
+            let secs = (now - self.window_start).as_secs_f64();
+            self.rate = (self.window_calls as f64 / secs) as u64;
+            self.window_calls = 0;
+            self.window_start = now;
+        }
         self.committed.unwrap_or(0).saturating_sub(self.units)
     }
 }

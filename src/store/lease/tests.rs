@@ -347,6 +347,42 @@ async fn concurrent_callers_share_one_refill() {
     );
 }
 
+/// A busy subject's blocks grow to about a second of its calls (up to [`MAX_BLOCK`]), so it
+/// refills a couple of times a second whatever its rate; a limit still caps them at 1/16 of
+/// what is left.
+#[tokio::test(start_paused = true)]
+async fn blocks_grow_to_a_second_of_calls() {
+    for (limit, busiest) in [
+        (None, 10_000),
+        (Some(10_000_000), 10_000),
+        (Some(64_000), 4_000),
+    ] {
+        let book = LeaseBook::default();
+        let store = ModelStore::default();
+        let mut calls_per_second = Vec::new();
+        for _ in 0..3 {
+            let before = store.calls.load(Ordering::Relaxed);
+            // 10,000 calls a second.
+            for _ in 0..10_000 {
+                assert!(matches!(
+                    reserve(&book, &store, limit).await,
+                    Reservation::Granted { .. }
+                ));
+                tokio::time::advance(Duration::from_micros(100)).await;
+            }
+            calls_per_second.push(store.calls.load(Ordering::Relaxed) - before);
+        }
+        // The first second refills about every 1,024 calls; then the block is the rate (or the
+        // limit's share), topped up at half.
+        assert!(calls_per_second[0] >= 9, "{limit:?}: {calls_per_second:?}");
+        let expected = 10_000 / (busiest / 2);
+        assert!(
+            calls_per_second[2] <= expected + 1,
+            "{limit:?}: {calls_per_second:?}"
+        );
+    }
+}
+
 /// A limit lowered while a refill under the old one is out: the units granted under the old
 /// limit go back instead of being served under the new one, and the refilling call is told to
 /// retry rather than that the month is used up.
