@@ -470,10 +470,11 @@ impl LeaseBook {
                 // Running low: top the block up now, so the calls behind this one keep being
                 // served from what is left instead of waiting for the store (on the embedded
                 // store, for an fsync).
+                let want = lease.want(0);
                 let low = matches!(reservation, Reservation::Granted { .. })
                     && lease.parked.is_none()
-                    && lease.units < lease.want(0) / 2;
-                let top_up = low.then(|| self.park_next(lease, lease.want(0), now));
+                    && lease.units < want / 2;
+                let top_up = low.then(|| self.park_next(lease, want, now));
                 (reservation, top_up)
             })
         };
@@ -741,12 +742,11 @@ impl LeaseBook {
     /// Applies the outcome of a top-up from [`Self::reserve`]. A failure counts as a failed
     /// refill for the calls waiting meanwhile.
     pub fn topped_up(&self, due: Due, result: Result<LeaseAnswer, StoreError>) {
+        let entry = self.entry(&due.subject);
         if result.is_err() {
-            self.entry(&due.subject)
-                .failures
-                .fetch_add(1, Ordering::Release);
+            entry.failures.fetch_add(1, Ordering::Release);
         }
-        self.settled(due, result.ok());
+        self.settle(&entry, &due.subject, &due.op, due.sent, result.ok());
     }
 
     /// Calls this node served in `period` and has not reported yet (an operation in flight

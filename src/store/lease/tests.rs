@@ -94,11 +94,35 @@ async fn reserve(book: &LeaseBook, store: &ModelStore, limit: Option<u64>) -> Re
         .reserve("k", NOV, limit, Duration::from_secs(1), run, || true)
         .await
         .unwrap();
+    send_top_up(book, store, top_up);
+    reservation
+}
+
+/// A call whose refill the store answers after `delay`.
+async fn reserve_slowly(
+    book: &LeaseBook,
+    store: &ModelStore,
+    limit: u64,
+    delay: Duration,
+) -> Reservation {
+    let run = |op: LeaseOp, _| async move {
+        tokio::time::sleep(delay).await;
+        Ok(store.apply(0, &op))
+    };
+    let (reservation, top_up) = book
+        .reserve("k", NOV, Some(limit), Duration::from_secs(1), run, || true)
+        .await
+        .unwrap();
+    send_top_up(book, store, top_up);
+    reservation
+}
+
+/// Sends the top-up a call handed back, answered at once.
+fn send_top_up(book: &LeaseBook, store: &ModelStore, top_up: Option<Due>) {
     if let Some(due) = top_up {
         let answer = store.apply(0, &due.op);
         book.topped_up(due, Ok(answer));
     }
-    reservation
 }
 
 async fn sync(book: &LeaseBook, store: &ModelStore, all: bool) {
@@ -310,24 +334,9 @@ async fn concurrent_callers_share_one_refill() {
     let tasks: Vec<_> = (0..500)
         .map(|_| {
             let (book, store) = (book.clone(), store.clone());
+            // A store that takes a while: every caller queues behind the refill.
             tokio::spawn(async move {
-                let run = |op: LeaseOp, _| {
-                    let store = store.clone();
-                    async move {
-                        // A store that takes a while: every caller queues behind the refill.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        Ok(store.apply(0, &op))
-                    }
-                };
-                let (reservation, top_up) = book
-                    .reserve("k", NOV, Some(300), Duration::from_secs(1), run, || true)
-                    .await
-                    .unwrap();
-                if let Some(due) = top_up {
-                    let answer = store.apply(0, &due.op);
-                    book.topped_up(due, Ok(answer));
-                }
-                reservation
+                reserve_slowly(&book, &store, 300, Duration::from_millis(5)).await
             })
         })
         .collect();
@@ -392,24 +401,15 @@ async fn a_grant_made_under_an_old_limit_goes_back() {
     let store = Arc::new(ModelStore::default());
     let slow = {
         let (book, store) = (book.clone(), store.clone());
-        tokio::spawn(async move {
-            let run = |op: LeaseOp, _| {
-                let store = store.clone();
-                async move {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    Ok(store.apply(0, &op))
-                }
-            };
-            book.reserve("k", NOV, Some(1000), Duration::from_secs(1), run, || true)
-                .await
-                .map(|(reservation, _)| reservation)
-        })
+        tokio::spawn(
+            async move { reserve_slowly(&book, &store, 1000, Duration::from_millis(10)).await },
+        )
     };
     tokio::time::sleep(Duration::from_millis(1)).await;
     // The limit drops to 3 meanwhile; this call waits for the refill under way, then asks
     // under its own limit.
     let lowered = reserve(&book, &store, Some(3)).await;
-    assert_eq!(slow.await.unwrap().unwrap(), Reservation::Held);
+    assert_eq!(slow.await.unwrap(), Reservation::Held);
     assert_eq!(lowered, Reservation::Granted { used: 1 });
     for _ in 0..2 {
         assert!(matches!(
