@@ -3,6 +3,7 @@
 //! `proxy` feeds it headers and the body and writes out what it returns, so tests and
 //! benches drive the same code the server runs.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -178,11 +179,11 @@ impl Gateway {
             Err(e) => return Outcome::error(e),
         };
         let catalog = self.catalog.snapshot();
-        let Some(lib) = catalog.libraries.get(library.as_str()) else {
-            return Outcome::error(ApiError::LibraryNotFound(library));
+        let Some(lib) = catalog.libraries.get(library.as_ref()) else {
+            return Outcome::error(ApiError::LibraryNotFound(library.into_owned()));
         };
         let Some(track) = lib.choose(&mut rand::rng()) else {
-            return Outcome::error(ApiError::NoAudioItems(library));
+            return Outcome::error(ApiError::NoAudioItems(library.into_owned()));
         };
 
         let now = self.clock.now();
@@ -277,7 +278,15 @@ pub fn success_body(title_json: &str, url: &str, duration_sec: u32) -> Bytes {
 
 /// Rows 7–8: the body must be one JSON object without repeated keys anywhere, whose
 /// `library` is a non-empty string.
-pub fn parse_request(body: &[u8]) -> Result<String, ApiError> {
+pub fn parse_request(body: &[u8]) -> Result<Cow<'_, str>, ApiError> {
+    match plain_request(body) {
+        Some(name) => Ok(Cow::Borrowed(name)),
+        None => parse_any(body).map(Cow::Owned),
+    }
+}
+
+/// [`parse_request`] for any body, through serde.
+fn parse_any(body: &[u8]) -> Result<String, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let library = RequestSeed
         .deserialize(&mut de)
@@ -287,6 +296,35 @@ pub fn parse_request(body: &[u8]) -> Result<String, ApiError> {
         Some(LibraryField::Name(name)) if !name.is_empty() => Ok(name),
         _ => Err(ApiError::MissingLibrary),
     }
+}
+
+/// The body every client sends, `{"library":"audio.focus"}` (whitespace allowed where JSON
+/// allows it), read without serde: the name borrowed, no allocation. Only a name of printable
+/// ASCII without escapes qualifies, whose JSON text is the name itself; any other body, valid
+/// or not, is left to the full parser, so both give the same answer for every body.
+fn plain_request(body: &[u8]) -> Option<&str> {
+    fn skip_ws(b: &[u8]) -> &[u8] {
+        let n = b
+            .iter()
+            .take_while(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+            .count();
+        &b[n..]
+    }
+    let rest = skip_ws(body).strip_prefix(b"{")?;
+    let rest = skip_ws(rest).strip_prefix(b"\"library\"")?;
+    let rest = skip_ws(rest).strip_prefix(b":")?;
+    let rest = skip_ws(rest).strip_prefix(b"\"")?;
+    let len = rest.iter().position(|&c| c == b'"')?;
+    let (name, rest) = rest.split_at(len);
+    let plain = !name.is_empty()
+        && name
+            .iter()
+            .all(|&c| (b' '..=b'~').contains(&c) && c != b'\\');
+    let rest = skip_ws(&rest[1..]).strip_prefix(b"}")?;
+    if !plain || !skip_ws(rest).is_empty() {
+        return None;
+    }
+    std::str::from_utf8(name).ok()
 }
 
 /// The `library` member as found.
@@ -493,6 +531,63 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn what_clients_send_takes_the_plain_path() {
+        for body in [
+            r#"{"library":"audio.focus"}"#,
+            r#"{"library": "audio.focus"}"#,
+            "{\n  \"library\" : \"audio.focus\"\n}\n",
+            r#"{"library":"a b~!"}"#,
+        ] {
+            let plain = plain_request(body.as_bytes());
+            assert!(plain.is_some(), "{body:?}");
+            assert_eq!(plain.map(str::to_string), parse_any(body.as_bytes()).ok());
+        }
+    }
+
+    proptest::proptest! {
+        /// Bodies shaped like a client's, each part drawn from near misses (whitespace JSON
+        /// does and does not allow, escapes, quotes, control and non-ASCII characters, other
+        /// members): wherever the plain path answers, serde answers the same.
+        #[test]
+        fn the_plain_path_agrees_with_serde(
+            parts in proptest::collection::vec(0usize..16, 11),
+            name in proptest::collection::vec(0usize..NAME.len(), 0..6),
+        ) {
+            // Mostly the well-formed option (the first), so that many bodies reach the end.
+            let pick = |i: usize, options: &[&'static str]| match parts[i] {
+                0..13 => options[0],
+                n => options[n % options.len()],
+            };
+            let ws = ["", " ", "\n\t\r ", "\u{c}", "\u{a0}"];
+            let body = [
+                pick(0, &ws), pick(1, &["{", "[", "{\"x\":1,"]), pick(2, &ws),
+                pick(3, &["\"library\"", "\"Library\"", "\"libr\\u0061ry\""]), pick(4, &ws),
+                pick(5, &[":", "=", ": "]), pick(6, &ws), pick(7, &["\"", "'"]),
+                &name.iter().map(|&i| NAME[i]).collect::<String>(),
+                pick(8, &["\"", "\"\""]), pick(9, &ws), pick(10, &["}", "}}", ",\"x\":1}", "} x"]),
+            ]
+            .concat();
+            if let Some(plain) = plain_request(body.as_bytes()) {
+                proptest::prop_assert_eq!(Ok(plain.to_string()), parse_any(body.as_bytes()), "{:?}", body);
+            }
+        }
+    }
+
+    const NAME: &[&str] = &[
+        "audio.focus",
+        " ",
+        "~",
+        "\\",
+        "\\u0066",
+        "\\\"",
+        "\u{0}",
+        "\u{1f}",
+        "\u{7f}",
+        "é",
+        "\t",
+    ];
 
     #[test]
     fn success_body_shape() {

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     match parse_request(data) {
         Ok(library) => {
             let value = reference.expect("accepted a body serde_json refuses");
-            assert_eq!(value["library"].as_str(), Some(library.as_str()));
+            assert_eq!(value["library"].as_str(), Some(&*library));
             assert!(!library.is_empty());
         }
         Err(ApiError::InvalidJson) => {}
