@@ -41,7 +41,8 @@ struct PendingHead {
     /// Bytes read from the client since this request began, while the head was pending.
     buffered: Cell<usize>,
     /// Where the head's deadline counts from: the accept (after the TLS handshake) for a
-    /// connection's first request, the first byte of the head for a later one (the wait before it is keep-alive idle time,
+    /// connection's first request; for a later one, the read after its first bytes, when
+    /// they did not hold the whole head (the wait before them is keep-alive idle time,
     /// bounded by `limits.keepalive_secs`). `None` until then.
     since: Cell<Option<Instant>>,
 }
@@ -388,6 +389,17 @@ impl AsyncRead for HeadBudget {
         let Some((buffered, since)) = pending else {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         };
+        let since = match since {
+            // A later request's head whose first read did not complete it: its deadline
+            // counts from now, microseconds after its first bytes. A head that arrives in one
+            // read, the common case, never reads the clock.
+            None if buffered > 0 => {
+                let now = Instant::now();
+                let _ = HEAD.try_with(|h| h.since.set(Some(now)));
+                Some(now)
+            }
+            since => since,
+        };
         let deadline = since.map(|t| t + this.timeout);
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Poll::Ready(Err(head_too_slow()));
@@ -431,12 +443,7 @@ impl AsyncRead for HeadBudget {
             Poll::Ready(result) => result?,
         };
         this.idle.busy();
-        let _ = HEAD.try_with(|h| {
-            h.buffered.set(buffered + n);
-            if since.is_none() && n > 0 {
-                h.since.set(Some(Instant::now()));
-            }
-        });
+        let _ = HEAD.try_with(|h| h.buffered.set(buffered + n));
         Poll::Ready(Ok(()))
     }
 }

@@ -447,11 +447,13 @@ impl LeaseBook {
     /// caller sends it without holding up its call (which is answered at once, so a node
     /// killed meanwhile has not counted a call it never answered) and hands the outcome to
     /// [`Self::topped_up`].
+    #[allow(clippy::too_many_arguments)]
     pub async fn reserve<F, Fut>(
         &self,
         subject: &str,
         period: Period,
         limit: Option<u64>,
+        now: Instant,
         timeout: Duration,
         run: F,
         down: impl Fn() -> bool,
@@ -464,7 +466,6 @@ impl LeaseBook {
         let failures = entry.failures.load(Ordering::Acquire);
         let taken = {
             let mut leases = lock(&entry.leases);
-            let now = Instant::now();
             let lease = self.lease(&mut leases, period, limit, now);
             lease.take(now).map(|reservation| {
                 // Running low: top the block up now, so the calls behind this one keep being
@@ -483,7 +484,7 @@ impl LeaseBook {
                 subject: subject.to_string(),
                 op,
                 // Confirming from before it is sent: never later than the store applies it.
-                sent: Instant::now(),
+                sent: now,
             });
             return Ok((reservation, top_up));
         }
@@ -872,7 +873,8 @@ impl Quota {
         period: Period,
         limit: Option<u64>,
     ) -> Result<Reservation, StoreError> {
-        let started = std::time::Instant::now();
+        // One clock read serves the lease (its rate, its idle time) and the latency histogram.
+        let started = Instant::now();
         self.book.set_today(Day::containing(self.clock.now()));
         let backend = &self.backend;
         let timeout = backend.timeout();
@@ -882,6 +884,7 @@ impl Quota {
                 subject,
                 period,
                 limit,
+                started,
                 timeout,
                 |op, until| async move { backend.apply(subject, &op, until).await },
                 || backend.confirmed_down(),
