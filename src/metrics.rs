@@ -31,8 +31,13 @@ pub struct Metrics {
     /// Per-thread series for what every request updates (see [`shards`]); the other label
     /// sets of `requests` are resolved per answer.
     latency_by_route: [Arc<ShardedHistogram>; Route::ALL.len()],
-    audio_ok: Arc<ShardedCounter>,
+    /// `requests` with status 200 and code "ok", for each of [`BUSY_ROUTES`].
+    ok: [Arc<ShardedCounter>; BUSY_ROUTES.len()],
 }
+
+/// The routes whose successes are most of the traffic: their count is kept per thread rather
+/// than in one counter both worker threads write on every answer.
+const BUSY_ROUTES: [Route; 2] = [Route::Audio, Route::Passthrough];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -67,16 +72,19 @@ impl Metrics {
         let metrics = Self {
             registry: Registry::new(),
             latency_by_route: Route::ALL.map(|_| Arc::default()),
-            audio_ok: Arc::default(),
+            ok: BUSY_ROUTES.map(|_| Arc::default()),
             requests,
             quota_denials,
         };
-        let ok = [
-            ("route", Route::Audio.label()),
-            ("status", "200"),
-            ("code", "ok"),
-        ];
-        metrics.register(WithShards::new(metrics.requests.clone()).counter(&ok, &metrics.audio_ok));
+        metrics.register(BUSY_ROUTES.iter().zip(&metrics.ok).fold(
+            WithShards::new(metrics.requests.clone()),
+            |family, (route, ok)| {
+                family.counter(
+                    &[("route", route.label()), ("status", "200"), ("code", "ok")],
+                    ok,
+                )
+            },
+        ));
         metrics.register(
             Route::ALL
                 .iter()
@@ -97,8 +105,9 @@ impl Metrics {
     }
 
     pub fn observe_request(&self, route: Route, status: u16, code: &str, seconds: f64) {
-        if (route, status, code) == (Route::Audio, 200, "ok") {
-            self.audio_ok.inc();
+        let busy = BUSY_ROUTES.iter().position(|r| *r == route);
+        if let (Some(i), 200, "ok") = (busy, status, code) {
+            self.ok[i].inc();
         } else {
             let status = status_label(status);
             self.requests
@@ -259,5 +268,35 @@ impl CatalogMetrics {
 impl Default for CatalogMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_and_other_series_render_as_one_family() {
+        let metrics = Metrics::new();
+        for _ in 0..3 {
+            metrics.observe_request(Route::Passthrough, 200, "ok", 0.001);
+        }
+        metrics.observe_request(Route::Passthrough, 404, "ok", 0.001);
+        metrics.observe_request(Route::Audio, 200, "ok", 0.001);
+        metrics.observe_request(Route::Audio, 429, "QUOTA_EXCEEDED", 0.001);
+        let text = metrics.render();
+        for line in [
+            r#"audiolib_http_requests_total{code="ok",route="passthrough",status="200"} 3"#,
+            r#"audiolib_http_requests_total{code="ok",route="passthrough",status="404"} 1"#,
+            r#"audiolib_http_requests_total{code="ok",route="audio",status="200"} 1"#,
+            r#"audiolib_http_requests_total{code="QUOTA_EXCEEDED",route="audio",status="429"} 1"#,
+            r#"audiolib_http_request_duration_seconds_count{route="passthrough"} 4"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
+        assert_eq!(
+            text.matches("# TYPE audiolib_http_requests_total").count(),
+            1
+        );
     }
 }
