@@ -447,13 +447,11 @@ impl LeaseBook {
     /// caller sends it without holding up its call (which is answered at once, so a node
     /// killed meanwhile has not counted a call it never answered) and hands the outcome to
     /// [`Self::topped_up`].
-    #[allow(clippy::too_many_arguments)]
     pub async fn reserve<F, Fut>(
         &self,
         subject: &str,
         period: Period,
         limit: Option<u64>,
-        now: Instant,
         timeout: Duration,
         run: F,
         down: impl Fn() -> bool,
@@ -464,10 +462,13 @@ impl LeaseBook {
     {
         let entry = self.entry(subject);
         let failures = entry.failures.load(Ordering::Acquire);
-        let taken = {
+        let (taken, now) = {
             let mut leases = lock(&entry.leases);
+            // Read under the lock: a call held up before it must not judge the fence by the
+            // time it had before the wait.
+            let now = Instant::now();
             let lease = self.lease(&mut leases, period, limit, now);
-            lease.take(now).map(|reservation| {
+            let taken = lease.take(now).map(|reservation| {
                 // Running low: top the block up now, so the calls behind this one keep being
                 // served from what is left instead of waiting for the store (on the embedded
                 // store, for an fsync).
@@ -477,7 +478,8 @@ impl LeaseBook {
                     && lease.units < want / 2;
                 let top_up = low.then(|| self.park_next(lease, want, now));
                 (reservation, top_up)
-            })
+            });
+            (taken, now)
         };
         if let Some((reservation, top_up)) = taken {
             let top_up = top_up.map(|op| Due {
@@ -873,8 +875,7 @@ impl Quota {
         period: Period,
         limit: Option<u64>,
     ) -> Result<Reservation, StoreError> {
-        // One clock read serves the lease (its rate, its idle time) and the latency histogram.
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         self.book.set_today(Day::containing(self.clock.now()));
         let backend = &self.backend;
         let timeout = backend.timeout();
@@ -884,7 +885,6 @@ impl Quota {
                 subject,
                 period,
                 limit,
-                started,
                 timeout,
                 |op, until| async move { backend.apply(subject, &op, until).await },
                 || backend.confirmed_down(),

@@ -91,15 +91,7 @@ async fn reserve(book: &LeaseBook, store: &ModelStore, limit: Option<u64>) -> Re
         async move { Ok(answer) }
     };
     let (reservation, top_up) = book
-        .reserve(
-            "k",
-            NOV,
-            limit,
-            Instant::now(),
-            Duration::from_secs(1),
-            run,
-            || true,
-        )
+        .reserve("k", NOV, limit, Duration::from_secs(1), run, || true)
         .await
         .unwrap();
     send_top_up(book, store, top_up);
@@ -118,15 +110,7 @@ async fn reserve_slowly(
         Ok(store.apply(0, &op))
     };
     let (reservation, top_up) = book
-        .reserve(
-            "k",
-            NOV,
-            Some(limit),
-            Instant::now(),
-            Duration::from_secs(1),
-            run,
-            || true,
-        )
+        .reserve("k", NOV, Some(limit), Duration::from_secs(1), run, || true)
         .await
         .unwrap();
     send_top_up(book, store, top_up);
@@ -258,7 +242,6 @@ async fn a_lease_not_confirmed_for_the_fence_time_is_not_served() {
             "k",
             NOV,
             Some(1000),
-            Instant::now(),
             Duration::from_secs(1),
             |_, _| async { Err(StoreError("partitioned".into())) },
             || true,
@@ -319,15 +302,9 @@ async fn behind_a_slow_refill(store_down: bool) -> (usize, usize, usize) {
                     }
                     Err(StoreError("no answer in time".into()))
                 };
-                book.reserve(
-                    "k",
-                    NOV,
-                    Some(300),
-                    Instant::now(),
-                    Duration::from_millis(50),
-                    run,
-                    || store_down,
-                )
+                book.reserve("k", NOV, Some(300), Duration::from_millis(50), run, || {
+                    store_down
+                })
                 .await
                 .map(|(reservation, _)| reservation)
             })
@@ -591,7 +568,7 @@ async fn call(
     // A failed refill is an outage: calls behind it fail too.
     let timeout = Duration::from_millis(50);
     let reserved = book
-        .reserve("k", NOV, Some(limit), Instant::now(), timeout, run, || true)
+        .reserve("k", NOV, Some(limit), timeout, run, || true)
         .await;
     if let Ok((_, Some(due))) = &reserved {
         // The top-up goes out beside the call, as the gateway sends it.
