@@ -462,13 +462,13 @@ impl LeaseBook {
     {
         let entry = self.entry(subject);
         let failures = entry.failures.load(Ordering::Acquire);
-        let (taken, now) = {
+        let taken = {
             let mut leases = lock(&entry.leases);
             // Read under the lock: a call held up before it must not judge the fence by the
             // time it had before the wait.
             let now = Instant::now();
             let lease = self.lease(&mut leases, period, limit, now);
-            let taken = lease.take(now).map(|reservation| {
+            lease.take(now).map(|reservation| {
                 // Running low: top the block up now, so the calls behind this one keep being
                 // served from what is left instead of waiting for the store (on the embedded
                 // store, for an fsync).
@@ -476,19 +476,17 @@ impl LeaseBook {
                 let low = matches!(reservation, Reservation::Granted { .. })
                     && lease.parked.is_none()
                     && lease.units < want / 2;
-                let top_up = low.then(|| self.park_next(lease, want, now));
+                let top_up = low.then(|| Due {
+                    subject: subject.to_string(),
+                    op: self.park_next(lease, want, now),
+                    // Confirming from before it is sent: never later than the store applies it.
+                    sent: now,
+                });
                 (reservation, top_up)
-            });
-            (taken, now)
+            })
         };
-        if let Some((reservation, top_up)) = taken {
-            let top_up = top_up.map(|op| Due {
-                subject: subject.to_string(),
-                op,
-                // Confirming from before it is sent: never later than the store applies it.
-                sent: now,
-            });
-            return Ok((reservation, top_up));
+        if let Some(taken) = taken {
+            return Ok(taken);
         }
         self.refill(&entry, subject, period, limit, failures, timeout, run, down)
             .await
