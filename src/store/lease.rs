@@ -546,8 +546,10 @@ impl LeaseBook {
                     return Err(e);
                 }
             };
-            self.settle(entry, subject, &op, sent, Some(answer));
+            // Applied and taken under one lock: a unit granted to this call is not left for
+            // another worker's call to take before this one looks.
             let mut leases = lock(&entry.leases);
+            self.settle_in(&mut leases, subject, &op, sent, Some(answer));
             let Some(lease) = leases.find(period) else {
                 return Ok(Reservation::Held);
             };
@@ -562,9 +564,13 @@ impl LeaseBook {
                 // the next call asks under the new limit.
                 return Ok(Reservation::Held);
             }
-            if let (Some(committed), true) = (answer.committed, op.want > 0) {
-                // Nothing granted: the limit is used up unless live nodes hold units that
-                // may come back. Units of silent nodes count as spent.
+            // Only an answer that granted nothing though units were asked for says the month
+            // may be used up. Units granted and already gone went to calls that arrived while
+            // the answer came back by another path (a top-up or a sync sending the same
+            // operation): the next round asks again.
+            if let (Some(committed), true, 0) = (answer.committed, op.want > 0, answer.grant) {
+                // The limit is used up unless live nodes hold units that may come back. Units
+                // of silent nodes count as spent.
                 if limit.is_some() && answer.live_others > 0 {
                     return Ok(Reservation::Held);
                 }
@@ -595,7 +601,18 @@ impl LeaseBook {
         sent: Instant,
         answer: Option<LeaseAnswer>,
     ) {
-        let mut leases = lock(&entry.leases);
+        self.settle_in(&mut lock(&entry.leases), subject, op, sent, answer);
+    }
+
+    /// [`Self::settle`] with the subject's leases already locked.
+    fn settle_in(
+        &self,
+        leases: &mut SubjectLeases,
+        subject: &str,
+        op: &LeaseOp,
+        sent: Instant,
+        answer: Option<LeaseAnswer>,
+    ) {
         let Some(lease) = leases.find(op.period) else {
             return;
         };

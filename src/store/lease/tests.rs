@@ -4,6 +4,7 @@
 use super::*;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
 
 use proptest::prelude::*;
 
@@ -27,6 +28,10 @@ struct ModelStore {
     used: Mutex<i64>,
     nodes: Mutex<HashMap<usize, NodeState>>,
     calls: AtomicU64,
+    /// Per node, when the store granted nothing of what it asked for, and whether the month
+    /// was used up for it then: the calls counted and the units held by itself and by silent
+    /// nodes reached the limit (units of live nodes may still come back).
+    verdicts: Mutex<HashMap<usize, Vec<(Instant, bool)>>>,
 }
 
 impl ModelStore {
@@ -63,6 +68,11 @@ impl ModelStore {
             None => op.want,
             Some(l) => op.want.min((l as i64 - *used - held).max(0) as u64),
         };
+        if let (Some(l), true, 0) = (op.limit, op.want > 0, grant) {
+            let used_up = *used + held - live >= l as i64;
+            let mut verdicts = self.verdicts.lock().unwrap();
+            verdicts.entry(node).or_default().push((now, used_up));
+        }
         let me = nodes.get_mut(&node).expect("inserted");
         me.held += grant as i64;
         me.seq = op.seq;
@@ -356,6 +366,54 @@ async fn concurrent_callers_share_one_refill() {
     );
 }
 
+/// A refill whose grant reaches the lease first by another path (a top-up or a sync sending
+/// the same operation) and is taken by calls arriving meanwhile: the refilling call finds no
+/// unit, but the store granted some, so the month is not used up. It asks again; it must not
+/// answer `QUOTA_EXCEEDED` (a failover test caught it refusing 12 units short of the limit,
+/// on a busy machine where the unit went to another worker thread's call).
+#[tokio::test(start_paused = true)]
+async fn a_grant_taken_by_other_calls_is_not_a_used_up_month() {
+    let book = LeaseBook::default();
+    let store = ModelStore::default();
+    // Limit 3: blocks of one unit, so the refill's whole grant can go to another call.
+    assert!(matches!(
+        reserve(&book, &store, Some(3)).await,
+        Reservation::Granted { used: 1 }
+    ));
+    let raced = AtomicBool::new(false);
+    let run = |op: LeaseOp, _| {
+        let (book, store, raced) = (&book, &store, &raced);
+        async move {
+            let answer = store.apply(0, &op);
+            if !raced.swap(true, Ordering::Relaxed) {
+                // The same operation's answer arrives first by another path and is applied...
+                let due = Due {
+                    subject: "k".into(),
+                    op: op.clone(),
+                    sent: Instant::now(),
+                };
+                book.settled(due, Some(answer));
+                // ...and a call arriving meanwhile takes the unit it granted.
+                assert!(matches!(
+                    reserve(book, store, Some(3)).await,
+                    Reservation::Granted { used: 2 }
+                ));
+            }
+            Ok(answer)
+        }
+    };
+    let (reservation, _) = book
+        .reserve("k", NOV, Some(3), Duration::from_secs(1), run, || true)
+        .await
+        .unwrap();
+    assert!(
+        matches!(reservation, Reservation::Granted { used: 3 }),
+        "{reservation:?}"
+    );
+    sync(&book, &store, true).await;
+    assert_eq!((store.used(), store.held()), (3, 0));
+}
+
 /// A busy subject's blocks grow to about a second of its calls (up to [`MAX_BLOCK`]), so it
 /// refills a couple of times a second whatever its rate; a limit still caps them at 1/16 of
 /// what is left.
@@ -477,6 +535,8 @@ struct Link {
     served: u64,
     served_local: u64,
     outages: u64,
+    /// Calls refused as over the limit while the store still had units to grant.
+    dishonest: Vec<String>,
 }
 
 impl Link {
@@ -581,6 +641,22 @@ async fn call(
     }
     let source = match reserved.map(|(reservation, _)| reservation) {
         Ok(Reservation::Granted { .. }) => Some(Source::Lease),
+        Ok(Reservation::Denied { used }) => {
+            // Honest refusals (SPEC §4a.7): a refusal stands on the store's verdict that the
+            // month is used up for this node, given at most [`SPENT_TTL`] ago (calls queued
+            // behind that answer are refused without asking again).
+            let now = Instant::now();
+            let verdicts = store.verdicts.lock().unwrap();
+            let backed = verdicts.get(&i).is_some_and(|v| {
+                v.iter()
+                    .any(|(at, used_up)| *used_up && now - *at <= SPENT_TTL)
+            });
+            if !backed {
+                let why = format!("node {i} refused at {used} without a used-up verdict");
+                link.lock().unwrap().dishonest.push(why);
+            }
+            None
+        }
         Ok(_) => None,
         Err(_) if fail_open => match book.admit_local("k", NOV, Some(limit), true) {
             LocalAdmission::Admitted { source, .. } => Some(source),
@@ -662,6 +738,10 @@ async fn simulate(steps: Vec<Step>, limit: u64, fail_open: bool) -> Result<(), T
         }
         let served: u64 = nodes.iter().map(|n| n.link().served).sum();
         let local: u64 = nodes.iter().map(|n| n.link().served_local).sum();
+        for n in &nodes {
+            let link = n.link();
+            prop_assert!(link.dishonest.is_empty(), "{:?}", link.dishonest);
+        }
         if !fail_open {
             prop_assert!(
                 served <= limit,
