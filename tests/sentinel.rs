@@ -333,6 +333,15 @@ fn failover_under_load(policy: &str) {
         window.map(|w| w.0),
         window.map(|w| w.1)
     );
+    // Writes need WAIT 1 answered: the other replica must have attached to the new master.
+    wait_until(
+        "a replica of the new master",
+        Duration::from_secs(30),
+        || {
+            redis_cli(new_master, &["INFO", "replication"])
+                .is_some_and(|i| i.contains("connected_slaves:1") && i.contains("state=online"))
+        },
+    );
     // Every key acknowledged before the kill works on the new master.
     for (id, key) in &late_keys {
         assert_eq!(gw.post_audio(key, BODY).status, 200, "key {id}");
@@ -356,8 +365,10 @@ fn failover_under_load(policy: &str) {
             ))
         },
     );
+    // The other node's first call since the failover.
     let (revoked_id, revoked_key) = &late_keys[0];
-    assert_eq!(other.post_audio(revoked_key, BODY).status, 200);
+    let first = other.post_audio(revoked_key, BODY);
+    assert_eq!(first.status, 200, "{}", other.log_text());
     assert_eq!(
         gw.admin("DELETE", &format!("/admin/keys/{revoked_id}"), None)
             .status,
@@ -686,6 +697,19 @@ fn a_forced_failover_is_followed_through_readonly_and_the_subscription_moves() {
         .env("AUDIOLIB_REDIS_URL", sentinels.url())
         .env("AUDIOLIB_STORE_FAILURE", "fail_closed")
         .start();
+    // C serves one call, gives its unused units back and then makes no call until after the
+    // switch. The demoted master still answers its reads, so only the sentinels can tell it
+    // the master moved (without WAIT, which has no replica to count on for a moment).
+    let c = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", sentinels.url())
+        .env("AUDIOLIB_STORE_FAILURE", "fail_closed")
+        .env("AUDIOLIB_REDIS_WAIT_REPLICAS", "0")
+        .start();
+    let (c_id, c_key) = a.create_key("free", Some(Some(50)));
+    assert_eq!(c.post_audio(&c_key, BODY).status, 200);
+    wait_until("C's units back", Duration::from_secs(20), || {
+        stored_usage(master.port, &c_id) == Some(1) && stored_held(master.port, &c_id) == Some(0)
+    });
     let (id, key) = a.create_key("free", Some(Some(50)));
     let mut served = 0;
     for _ in 0..5 {
@@ -753,6 +777,16 @@ fn a_forced_failover_is_followed_through_readonly_and_the_subscription_moves() {
             ))
         });
     }
+    // C's subscription moved, and its calls with it: its first write goes to the new master,
+    // not to the demoted one (READONLY).
+    wait_until("C's subscription moved", Duration::from_secs(20), || {
+        c.log_text().contains(&format!(
+            "subscribed to key invalidations on redis://127.0.0.1:{}/",
+            replica.port
+        ))
+    });
+    let first = c.post_audio(&c_key, BODY);
+    assert_eq!(first.status, 200, "{}", c.log_text());
     // B caches a key made on the new master; revoked through A, B refuses it within a second.
     let (id2, key2) = a.create_key("free", None);
     assert_eq!(b.post_audio(&key2, BODY).status, 200);

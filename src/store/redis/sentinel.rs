@@ -3,8 +3,12 @@
 //!
 //! The sentinels are asked (`SENTINEL get-master-addr-by-name`) when the store first connects
 //! and again after any call failed on the connection, answered `READONLY` or was not confirmed
-//! by `WAIT`: after a failover the next call finds the promoted replica. A server the sentinels
-//! name is used only once it says it is a master (`ROLE`), since sentinels can lag behind.
+//! by `WAIT`: after a failover the next call finds the promoted replica. The invalidation
+//! subscription asks them every second too, and a master named elsewhere than the connection
+//! goes sends the next call there: a demoted master that still runs answers reads and pings,
+//! so without that a node that made no write since the switch would send its first one there.
+//! A server the sentinels name is used only once it says it is a master (`ROLE`), since
+//! sentinels can lag behind.
 //!
 //! Our own lookup rather than `redis::sentinel`: that module hands out a client for the
 //! master of the moment, but a `ConnectionManager` built on it keeps reconnecting to that one
@@ -227,6 +231,13 @@ impl SentinelMaster {
             match asked {
                 Ok(Ok(Some(addr))) => {
                     self.first.store(i, Ordering::Relaxed);
+                    // A master named elsewhere: the next call follows (see the module doc).
+                    // Within `connection`, which holds the lock, the lookup is its own.
+                    if let Ok(current) = self.current.try_lock()
+                        && current.as_ref().is_some_and(|(known, _)| *known != addr)
+                    {
+                        self.suspect();
+                    }
                     return Ok(addr);
                 }
                 Ok(Ok(None)) => problems.push(format!(
