@@ -535,7 +535,7 @@ struct Link {
     served: u64,
     served_local: u64,
     outages: u64,
-    /// Calls refused as over the limit while the store still had units to grant.
+    /// Calls refused as over the limit without the store's word that the month is used up.
     dishonest: Vec<String>,
 }
 
