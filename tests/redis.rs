@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -363,6 +364,43 @@ fn unknown_keys_are_refused_while_redis_is_down() {
     redis.kill();
     gw.post_audio("alp_0123456789abcdefABCDEF0123456789", BODY)
         .assert_error(503, "SERVICE_UNAVAILABLE");
+}
+
+#[test]
+fn admin_calls_wait_out_a_pause_that_request_calls_do_not() {
+    // The production bound (50 ms) on the request path; admin calls are patient (2 s).
+    let redis = RedisServer::start();
+    let gw = Gateway::builder()
+        .env("AUDIOLIB_REDIS_URL", redis.url())
+        .env("AUDIOLIB_STORE_TIMEOUT_MS", "50")
+        .start();
+    gw.create_key("free", None);
+    let kill = |sig: &str| {
+        let pid = redis.pid().to_string();
+        let sig = format!("-{sig}");
+        move || {
+            assert!(
+                Command::new("kill")
+                    .args([&sig, &pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            )
+        }
+    };
+    kill("STOP")();
+    // A key nobody has seen: the lookup gives up at the bound (401 had it waited the pause out).
+    gw.post_audio("alp_0123456789abcdefABCDEF0123456789", BODY)
+        .assert_error(503, "SERVICE_UNAVAILABLE");
+    let resume = kill("CONT");
+    let resumed = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        resume();
+    });
+    // An admin write in the same pause waits it out (it got 503 "timed out" when the
+    // connection's own timeouts were the request path's).
+    gw.create_key("free", None);
+    resumed.join().unwrap();
 }
 
 #[test]

@@ -61,6 +61,21 @@ pub use self::scripts::{USAGE_GRACE_SECS, Wait};
 
 /// Bound on admin and background calls (key management, usage reads, lease reports).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// The bound of a patient call: never shorter than the request path's.
+fn patient(timeout: Duration) -> Duration {
+    ADMIN_TIMEOUT.max(timeout)
+}
+
+/// A connection manager's settings. Its own timeouts are the patient bound, so they never cut
+/// an admin or background call short; the request path's shorter bound is `call_within`'s.
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(patient(timeout)))
+        .set_response_timeout(Some(patient(timeout)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(200))
+}
+
 /// Commands a bulk import keeps in flight at once.
 const IMPORT_DEPTH: usize = 64;
 
@@ -116,11 +131,7 @@ impl RedisStore {
         } else if urls.len() == 1 {
             let client = redis::Client::open(urls[0].as_str())
                 .map_err(|e| format!("redis url '{}': {e}", urls[0]))?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(200));
+            let config = manager_config(timeout);
             // Entered, not blocked on: the manager's tasks go to the I/O runtime, and this works
             // from inside another runtime too.
             let _context = io.handle().enter();
@@ -132,8 +143,8 @@ impl RedisStore {
                 return Err("WAIT for replicas is not supported on Redis Cluster".into());
             }
             let client = ClusterClient::builder(urls.clone())
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
+                .connection_timeout(patient(timeout))
+                .response_timeout(patient(timeout))
                 .retries(1)
                 .build()
                 .map_err(|e| format!("redis cluster: {e}"))?;
@@ -278,7 +289,7 @@ impl RedisStore {
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        self.call_within(ADMIN_TIMEOUT.max(self.timeout), op).await
+        self.call_within(patient(self.timeout), op).await
     }
 
     async fn call_within<T, F, Fut>(&self, timeout: Duration, op: F) -> Result<T, StoreError>

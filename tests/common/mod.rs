@@ -928,6 +928,12 @@ impl RedisServer {
         }
     }
 
+    /// The running server's process id (for `kill -STOP`: a pause, as a stalled disk or a
+    /// swapped-out process would cause).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Starts (again) on the same port and data directory.
     pub fn restart(&mut self) {
         self.kill();

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::RedisError;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use tokio::sync::Mutex as AsyncMutex;
 
 pub const SCHEME: &str = "redis+sentinel://";
@@ -298,12 +298,8 @@ impl SentinelMaster {
     /// Connects to `addr` and checks it is a master.
     async fn connect(&self, addr: &(String, u16)) -> Result<ConnectionManager, RedisError> {
         let client = redis::Client::open(self.url.master_url(addr))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let mut conn = ConnectionManager::new_with_config(client, config).await?;
+        let mut conn =
+            ConnectionManager::new_with_config(client, super::manager_config(self.timeout)).await?;
         let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
         let role = role
             .first()
