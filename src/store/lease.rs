@@ -127,6 +127,8 @@ struct Lease {
     parked: Option<LeaseOp>,
     /// Used plus held by all nodes, as of the last fresh answer; `None` until one arrives.
     committed: Option<u64>,
+    /// Of `committed`, the units live other nodes held then: they may still come back.
+    live_others: u64,
     /// Leased units may be served until then.
     confirmed_until: Option<Instant>,
     /// Calls admitted locally during the current outage, not yet acknowledged by the store.
@@ -156,6 +158,7 @@ impl Lease {
             seq,
             parked: None,
             committed: None,
+            live_others: 0,
             confirmed_until: None,
             outage: 0,
             spent: None,
@@ -220,6 +223,7 @@ impl Lease {
         }
         if let Some(c) = answer.committed {
             self.committed = Some(c);
+            self.live_others = answer.live_others;
         }
         self.confirmed_until = Some(sent + FENCE_AFTER);
         self.outage = self.outage.saturating_sub(op.extra);
@@ -650,7 +654,18 @@ impl LeaseBook {
         let seen = lease.committed.unwrap_or(0) + lease.outage;
         match limit {
             Some(_) if lease.committed.is_none() => return LocalAdmission::Refused,
-            Some(limit) if seen >= limit => return LocalAdmission::Exhausted { used: seen },
+            Some(limit) if seen >= limit => {
+                // Admission stops at what was committed, but the month is over only if it is
+                // without the units live nodes held (they may come back) and those this node
+                // is giving back (not yet in `committed`'s answer).
+                let giving_back =
+                    lease.returned + lease.parked.as_ref().map_or(0, |op| op.returned);
+                let spent = seen.saturating_sub(lease.live_others + giving_back);
+                return match spent >= limit {
+                    true => LocalAdmission::Exhausted { used: spent },
+                    false => LocalAdmission::Refused,
+                };
+            }
             Some(limit) if lease.outage >= (limit / 16).max(1) => return LocalAdmission::Refused,
             _ => {}
         }

@@ -96,15 +96,28 @@ impl ModelStore {
 }
 
 async fn reserve(book: &LeaseBook, store: &ModelStore, limit: Option<u64>) -> Reservation {
+    reserve_on(0, book, store, limit).await
+}
+
+/// A call on node `node`, whose book is `book`.
+async fn reserve_on(
+    node: usize,
+    book: &LeaseBook,
+    store: &ModelStore,
+    limit: Option<u64>,
+) -> Reservation {
     let run = |op: LeaseOp, _| {
-        let answer = store.apply(0, &op);
+        let answer = store.apply(node, &op);
         async move { Ok(answer) }
     };
     let (reservation, top_up) = book
         .reserve("k", NOV, limit, Duration::from_secs(1), run, || true)
         .await
         .unwrap();
-    send_top_up(book, store, top_up);
+    if let Some(due) = top_up {
+        let answer = store.apply(node, &due.op);
+        book.topped_up(due, Ok(answer));
+    }
     reservation
 }
 
@@ -293,6 +306,51 @@ async fn fail_open_admits_one_block_per_outage() {
     assert_eq!(store.used(), 160);
     assert_eq!(
         book.admit_local("k", NOV, Some(160), true),
+        LocalAdmission::Exhausted { used: 160 }
+    );
+}
+
+/// In an outage, units a live node held at the last answer may still come back: running
+/// out of what was committed is then a 503, not a month used up (SPEC §4a.7).
+#[tokio::test(start_paused = true)]
+async fn an_outage_refuses_with_503_while_live_nodes_hold_units() {
+    let (a, b) = (LeaseBook::default(), LeaseBook::default());
+    let store = ModelStore::default();
+    // Node B, live, holds a block; node A takes the rest.
+    assert!(matches!(
+        reserve_on(1, &b, &store, Some(160)).await,
+        Reservation::Granted { used: 1 }
+    ));
+    let mut a_served = 0;
+    while let Reservation::Granted { .. } = reserve(&a, &store, Some(160)).await {
+        a_served += 1;
+    }
+    // (B's block, one of it served, is all held as far as the store knows.)
+    let b_block = store.nodes.lock().unwrap()[&1].held as u64;
+    assert_eq!(a_served + b_block, 160);
+    // The store goes away: what A holds (nothing) and the committed total admit nothing more,
+    // and B's units may come back, so the answer is "unavailable".
+    assert_eq!(
+        a.admit_local("k", NOV, Some(160), true),
+        LocalAdmission::Refused
+    );
+    // B serves its block, and A hears so before the next outage: the month is over.
+    for _ in 1..b_block {
+        assert!(matches!(
+            reserve_on(1, &b, &store, Some(160)).await,
+            Reservation::Granted { .. }
+        ));
+    }
+    for due in b.due(true) {
+        let answer = store.apply(1, &due.op);
+        b.settled(due, Some(answer));
+    }
+    assert!(matches!(
+        reserve(&a, &store, Some(160)).await,
+        Reservation::Denied { used: 160 }
+    ));
+    assert_eq!(
+        a.admit_local("k", NOV, Some(160), true),
         LocalAdmission::Exhausted { used: 160 }
     );
 }
