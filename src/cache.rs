@@ -6,6 +6,11 @@
 //! digest share a single store fetch (`try_get_with`). TTLs are the backstop; changes made
 //! through the admin API invalidate entries at once.
 //!
+//! A key in use is read again in the background once three quarters of its TTL have passed,
+//! so its entry is replaced before it expires: otherwise every call of a busy key would wait
+//! on one fetch when it did, and under load a fetch that misses the request path's bound
+//! would refuse them all (503) for a key the node knew a moment before.
+//!
 //! An invalidation that arrives while a record is being fetched must not be undone by the
 //! fetch finishing afterwards (SPEC §4a.8): every invalidation moves an epoch, and a fetch
 //! that saw the epoch move drops what it cached.
@@ -37,6 +42,9 @@ pub struct Caller {
     /// key is in the list of those to write ([`crate::key_calls::KeyCalls`]).
     pub unwritten_calls: AtomicU64,
     pub listed: AtomicBool,
+    /// The Unix second from which a call should have this entry read again; 0 until the
+    /// cache has scheduled it ([`KeyCache::refresh_if_due`]).
+    refresh_at: AtomicU64,
 }
 
 impl Caller {
@@ -47,6 +55,7 @@ impl Caller {
             last_minute: AtomicU64::new(0),
             unwritten_calls: AtomicU64::new(0),
             listed: AtomicBool::new(false),
+            refresh_at: AtomicU64::new(0),
         }
     }
 
@@ -96,7 +105,11 @@ pub struct KeyCache {
     known: Cache<KeyDigest, Arc<Caller>>,
     unknown: Cache<KeyDigest, ()>,
     /// Moves on every invalidation; a fetch compares it before and after.
-    epoch: AtomicU64,
+    epoch: Arc<AtomicU64>,
+    /// Seconds after a fetch before a call has the entry read again, and between tries when
+    /// that read fails.
+    refresh_after: u64,
+    refresh_retry: u64,
     /// Hits count answers from either cache: both spare the store a read.
     pub metrics: CacheMetrics,
 }
@@ -123,6 +136,20 @@ thread_local! {
         RefCell::new((0..RECENT_SLOTS).map(|_| None).collect());
 }
 
+/// A key's record and its account's, as the store has them now.
+async fn fetch(store: &dyn Store, digest: &KeyDigest) -> Result<Arc<Caller>, Miss> {
+    let key = match store.key_by_digest(digest).await {
+        Ok(Some(key)) => key,
+        Ok(None) => return Err(Miss::Unknown),
+        Err(e) => return Err(Miss::Store(e)),
+    };
+    let account = match &key.account_id {
+        None => None,
+        Some(id) => store.account_by_id(id).await.map_err(Miss::Store)?,
+    };
+    Ok(Arc::new(Caller::new(key, account)))
+}
+
 impl KeyCache {
     pub fn new(store: Arc<dyn Store>, config: &KeyCacheConfig) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -137,7 +164,9 @@ impl KeyCache {
                 .max_capacity(config.negative_capacity)
                 .time_to_live(config.negative_ttl)
                 .build(),
-            epoch: AtomicU64::new(0),
+            epoch: Arc::new(AtomicU64::new(0)),
+            refresh_after: (config.ttl.as_secs() * 3 / 4).max(1),
+            refresh_retry: (config.ttl.as_secs() / 8).max(1),
             metrics: CacheMetrics::new(),
         }
     }
@@ -167,6 +196,7 @@ impl KeyCache {
         // Kept under the epoch read before the lookup: an invalidation during it (a fetch
         // that raced one included) has moved the epoch, which voids the slot.
         if let Some(caller) = &found {
+            self.refresh_if_due(digest, caller, second);
             RECENT.with_borrow_mut(|slots| {
                 slots[slot] = Some(Recent {
                     cache: self.id,
@@ -198,16 +228,7 @@ impl KeyCache {
             .known
             .try_get_with(digest, async {
                 fetched_here.store(true, Ordering::Relaxed);
-                let key = match store.key_by_digest(&digest).await {
-                    Ok(Some(key)) => key,
-                    Ok(None) => return Err(Miss::Unknown),
-                    Err(e) => return Err(Miss::Store(e)),
-                };
-                let account = match &key.account_id {
-                    None => None,
-                    Some(id) => store.account_by_id(id).await.map_err(Miss::Store)?,
-                };
-                Ok(Arc::new(Caller::new(key, account)))
+                fetch(store.as_ref(), &digest).await
             })
             .await;
         // A change announced during the fetch: the answer may predate it, so it is used for
@@ -231,6 +252,46 @@ impl KeyCache {
                 Miss::Store(e) => Err(e.clone()),
             },
         }
+    }
+
+    /// Schedules the first read-ahead of a caller just fetched in `second`, or starts it once
+    /// due: one call of each period wins the exchange and spawns it (what it reads is due
+    /// again `refresh_after` seconds from then). A read that fails
+    /// leaves the entry as it is, tried again `refresh_retry` seconds later; its TTL
+    /// still ends it. What the read finds replaces the entry unless an invalidation came
+    /// first (the epoch), exactly as a fetch on a miss would.
+    fn refresh_if_due(&self, digest: KeyDigest, caller: &Caller, second: u64) {
+        let due = caller.refresh_at.load(Ordering::Relaxed);
+        let next = match due {
+            0 => second + self.refresh_after,
+            _ if second >= due => second + self.refresh_retry,
+            _ => return,
+        };
+        let won = caller
+            .refresh_at
+            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if due == 0 || !won {
+            return;
+        }
+        let (store, known, epoch) = (self.store.clone(), self.known.clone(), self.epoch.clone());
+        let fresh_due = second + self.refresh_after;
+        tokio::spawn(async move {
+            let before = epoch.load(Ordering::SeqCst);
+            match fetch(store.as_ref(), &digest).await {
+                Ok(fresh) if epoch.load(Ordering::SeqCst) == before => {
+                    fresh.refresh_at.store(fresh_due, Ordering::Relaxed);
+                    known.insert(digest, fresh).await;
+                    if epoch.load(Ordering::SeqCst) != before {
+                        known.invalidate(&digest).await;
+                    }
+                }
+                Ok(_) => {}
+                // Gone from the store: what the TTL would have found, found sooner.
+                Err(Miss::Unknown) => known.invalidate(&digest).await,
+                Err(Miss::Store(e)) => log::debug!("reading a cached key again failed: {e}"),
+            }
+        });
     }
 
     /// The store behind the cache.

@@ -520,6 +520,57 @@ async fn a_key_changed_within_the_second_it_was_used_is_seen_changed_at_once() {
     assert_eq!(call(gw).await.unwrap_err(), ApiError::InvalidKey);
 }
 
+#[tokio::test]
+async fn a_key_in_use_is_read_again_before_its_cache_entry_expires() {
+    // The key cache's TTL is 60 s: a key in use is read again from 45 s on, in the background,
+    // so its calls never wait on (or fail with) a fetch when the entry would have expired.
+    let store = Hooked::new(|| Box::pin(async {}));
+    let clock = Arc::new(ManualClock::at_unix(END_OF_JANUARY));
+    let (gw, keys) = gateway(store.clone(), clock.clone(), FailurePolicy::FailClosed);
+    let (view, header) = new_key(&keys).await;
+    let call = || gw.authenticate(std::iter::once(header.as_bytes()));
+    let read_again = |lookups: u64| {
+        let store = store.clone();
+        async move {
+            for _ in 0..1000 {
+                if store.lookups() == lookups {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            panic!("{} lookups, expected {lookups}", store.lookups());
+        }
+    };
+    assert!(call().await.is_ok());
+    clock.set_unix(END_OF_JANUARY + 44);
+    assert!(call().await.is_ok());
+    assert_eq!(store.lookups(), 1, "not due yet");
+    clock.set_unix(END_OF_JANUARY + 45);
+    assert!(call().await.is_ok(), "served while it is read again");
+    read_again(2).await;
+    // What the read found replaced the entry: a change made behind the cache's back (no
+    // invalidation; the TTL was the only backstop) is seen at the next read.
+    let disabled = KeyUpdate {
+        status: Some(audiolib::store::KeyStatus::Disabled),
+        ..Default::default()
+    };
+    store
+        .update_key(&view.id, disabled, SystemTime::now())
+        .await
+        .unwrap();
+    clock.set_unix(END_OF_JANUARY + 89);
+    assert!(
+        call().await.is_ok(),
+        "the entry read at 45 s is not due before 90 s"
+    );
+    clock.set_unix(END_OF_JANUARY + 90);
+    let _ = call().await;
+    read_again(3).await;
+    clock.set_unix(END_OF_JANUARY + 91);
+    assert_eq!(call().await.unwrap_err(), ApiError::InvalidKey);
+    assert_eq!(store.lookups(), 3);
+}
+
 /// Usage history (SPEC §9): calls on two days of the gateway's clock are counted on each, on
 /// both stores. The clock starts 10 s before the end of today (Redis drops counters whose
 /// expiry, reckoned from the day, has passed on its own clock).

@@ -26,18 +26,29 @@ struct Tally {
     other: Vec<(u16, String)>,
 }
 
-/// One keep-alive connection sending calls until the month's quota is refused or `cap` calls.
+/// One keep-alive client sending calls until the month's quota is refused or `cap` calls. As
+/// any HTTP client does, it opens a new connection after an answer that closed its own (a
+/// call refused before its body was read: 401, or 503 when the key could not be looked up).
 async fn hammer(addr: SocketAddr, key: String, cap: usize) -> std::io::Result<Tally> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
+    type Halves = (
+        BufReader<tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+    );
     let request = format!(
         "POST /v1/audio HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
         BODY.len()
     );
     let mut tally = Tally::default();
+    let mut open: Option<Halves> = None;
     for _ in 0..cap {
+        let (read, write) = match &mut open {
+            Some(halves) => halves,
+            None => {
+                let (read, write) = tokio::net::TcpStream::connect(addr).await?.into_split();
+                open.insert((BufReader::new(read), write))
+            }
+        };
         write.write_all(request.as_bytes()).await?;
         let mut line = String::new();
         read.read_line(&mut line).await?;
@@ -46,19 +57,26 @@ async fn hammer(addr: SocketAddr, key: String, cap: usize) -> std::io::Result<Ta
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let mut length = 0;
+        let (mut length, mut close) = (0, false);
         loop {
             line.clear();
             read.read_line(&mut line).await?;
             if line == "\r\n" || line.is_empty() {
                 break;
             }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
                 length = v.trim().parse().unwrap_or(0);
             }
+            close |= lower
+                .strip_prefix("connection:")
+                .is_some_and(|v| v.trim() == "close");
         }
         let mut body = vec![0; length];
         read.read_exact(&mut body).await?;
+        if close {
+            open = None;
+        }
         let code = serde_json::from_slice::<Value>(&body)
             .ok()
             .and_then(|v| v["code"].as_str().map(str::to_string))
