@@ -334,14 +334,28 @@ fn failover_under_load(policy: &str) {
         window.map(|w| w.1)
     );
     // Writes need WAIT 1 answered: the other replica must have attached to the new master.
-    wait_until(
-        "a replica of the new master",
-        Duration::from_secs(30),
-        || {
-            redis_cli(new_master, &["INFO", "replication"])
-                .is_some_and(|i| i.contains("connected_slaves:1") && i.contains("state=online"))
-        },
-    );
+    // The sentinels move it during the failover, or, when that step outlasts the failover
+    // timeout, at one of their periodic checks afterwards (+fix-slave-config).
+    let attached = || {
+        redis_cli(new_master, &["INFO", "replication"])
+            .is_some_and(|i| i.contains("connected_slaves:1") && i.contains("state=online"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !attached() {
+        if Instant::now() > deadline {
+            let info = |port: u16| redis_cli(port, &["INFO", "replication"]).unwrap_or_default();
+            panic!(
+                "no replica attached to the new master in 60 s\nnew master:\n{}\nreplicas:\n{}",
+                info(new_master),
+                replicas
+                    .iter()
+                    .map(|r| info(r.port))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Every key acknowledged before the kill works on the new master.
     for (id, key) in &late_keys {
         assert_eq!(gw.post_audio(key, BODY).status, 200, "key {id}");

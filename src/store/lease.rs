@@ -41,6 +41,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use prometheus::IntCounter;
 use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::Notify;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -328,8 +329,32 @@ struct Entry {
     /// waits for the next task to be polled).
     leases: Mutex<SubjectLeases>,
     /// Held by the call refilling the subject across its store call, so concurrent calls
-    /// that find no units share one refill instead of each asking the store.
+    /// that find no units share one refill instead of each asking the store. Only ever
+    /// tried, never queued for: see [`LeaseBook::turn`].
     refill: AsyncMutex<()>,
+    /// Told when a refill ends: every call waiting for it looks again at once.
+    refilled: Notify,
+}
+
+/// The refill gate, held: released before the calls waiting are told, so the one of them
+/// that refills next finds it free.
+struct Refilling<'a> {
+    gate: Option<tokio::sync::MutexGuard<'a, ()>>,
+    done: &'a Notify,
+}
+
+impl Drop for Refilling<'_> {
+    fn drop(&mut self) {
+        drop(self.gate.take());
+        self.done.notify_waiters();
+    }
+}
+
+/// How a call that found no unit goes on: served (or refused) by what another call's refill
+/// brought, or refilling itself.
+enum Turn<'a> {
+    Done(Result<Reservation, StoreError>),
+    Refill(Refilling<'a>),
 }
 
 /// Whether a subject holds and owes nothing, has nobody waiting and has not been used for
@@ -516,12 +541,14 @@ impl LeaseBook {
         Fut: std::future::Future<Output = Result<LeaseAnswer, StoreError>>,
     {
         entry.waiting.fetch_add(1, Ordering::Relaxed);
-        let gate = tokio::time::timeout(BUSY_WAIT, entry.refill.lock()).await;
+        let turn =
+            tokio::time::timeout(BUSY_WAIT, self.turn(entry, period, limit, failures, &down)).await;
         entry.waiting.fetch_sub(1, Ordering::Relaxed);
-        let Ok(_refilling) = gate else {
-            return Ok(Reservation::Held);
+        let _refilling = match turn {
+            Err(_) => return Ok(Reservation::Held),
+            Ok(Turn::Done(result)) => return result,
+            Ok(Turn::Refill(refilling)) => refilling,
         };
-        let failed_meanwhile = entry.failures.load(Ordering::Acquire) != failures;
         // A parked operation may answer with units (a replay); a second round asks for more.
         for _ in 0..2 {
             let op = {
@@ -530,14 +557,6 @@ impl LeaseBook {
                 let lease = self.lease(&mut leases, period, limit, now);
                 if let Some(reservation) = lease.take(now) {
                     return Ok(reservation);
-                }
-                if failed_meanwhile {
-                    if !down() {
-                        return Ok(Reservation::Held);
-                    }
-                    return Err(StoreError(
-                        "the store failed a refill this call waited for".into(),
-                    ));
                 }
                 let want = lease.want(entry.waiting.load(Ordering::Relaxed));
                 self.park_next(lease, want, now)
@@ -584,6 +603,50 @@ impl LeaseBook {
             }
         }
         Ok(Reservation::Held)
+    }
+
+    /// Waits until a unit can be taken or this call's turn to refill has come. Every call
+    /// waiting for a refill looks again as soon as it ends, rather than queueing for the gate
+    /// to take a unit under it one by one: with thousands of calls on one key, each hand-over
+    /// of a queued lock waits for the next task to be polled behind all the others, and the
+    /// queue outlasts [`BUSY_WAIT`]. A call that waited through a refill that failed does not
+    /// try its own (see [`Self::reserve`]).
+    async fn turn<'a>(
+        &self,
+        entry: &'a Entry,
+        period: Period,
+        limit: Option<u64>,
+        failures: u64,
+        down: &impl Fn() -> bool,
+    ) -> Turn<'a> {
+        loop {
+            // Registered before looking, so a refill ending meanwhile is not missed.
+            let refilled = entry.refilled.notified();
+            tokio::pin!(refilled);
+            refilled.as_mut().enable();
+            {
+                let mut leases = lock(&entry.leases);
+                let now = Instant::now();
+                if let Some(reservation) = self.lease(&mut leases, period, limit, now).take(now) {
+                    return Turn::Done(Ok(reservation));
+                }
+            }
+            if entry.failures.load(Ordering::Acquire) != failures {
+                return Turn::Done(match down() {
+                    false => Ok(Reservation::Held),
+                    true => Err(StoreError(
+                        "the store failed a refill this call waited for".into(),
+                    )),
+                });
+            }
+            if let Ok(gate) = entry.refill.try_lock() {
+                return Turn::Refill(Refilling {
+                    gate: Some(gate),
+                    done: &entry.refilled,
+                });
+            }
+            refilled.await;
+        }
     }
 
     /// The next operation of `lease`, parked before it is sent: if the call sending it is
