@@ -144,6 +144,10 @@ struct Lease {
     /// Calls served in the last complete [`RATE_WINDOW`], and so far in the current one.
     rate: u64,
     window_calls: u64,
+    /// Calls told to retry (no unit in time) in the last complete window, and so far in the
+    /// current one: a crowd that is coming back.
+    turned_away: u64,
+    window_turned_away: u64,
     window_start: Instant,
 }
 
@@ -168,20 +172,25 @@ impl Lease {
             announced: 0,
             rate: 0,
             window_calls: 0,
+            turned_away: 0,
+            window_turned_away: 0,
             window_start: now,
         }
     }
 
     /// Units to ask for: about a second of this subject's calls (at least [`BASE_BLOCK`], at
     /// most [`MAX_BLOCK`]), no more than 1/16 of what is left of a limit, and at least enough
-    /// for the calls waiting.
+    /// for the calls waiting and those told to retry in the last second. Near a limit the
+    /// 1/16 shrinks the blocks, and a crowd larger than a block would need a refill per
+    /// block; on a saturated node each refill waits its turn to run, the crowd outwaits
+    /// [`BUSY_WAIT`], and counting only the calls still waiting would keep the blocks small.
     fn want(&self, waiting: u64) -> u64 {
         let busy = self.rate.clamp(BASE_BLOCK, MAX_BLOCK);
         let block = match self.limit {
             None => busy,
             Some(limit) => (limit.saturating_sub(self.committed.unwrap_or(0)) / 16).clamp(1, busy),
         };
-        block.max(waiting.min(busy))
+        block.max((waiting + self.turned_away).min(busy))
     }
 
     fn confirmed(&self, now: Instant) -> bool {
@@ -257,15 +266,27 @@ impl Lease {
         self.consumed += 1;
         self.last_use = now;
         self.window_calls += 1;
+        self.close_window(now);
+        self.committed.unwrap_or(0).saturating_sub(self.units)
+    }
+
+    /// Notes a call told to retry.
+    fn turn_away(&mut self, now: Instant) {
+        self.window_turned_away += 1;
+        self.close_window(now);
+    }
+
+    /// Closes the rate window once it is [`RATE_WINDOW`] old: calls a second over it (a
+    /// window left idle for longer counts as the slower rate it was).
+    fn close_window(&mut self, now: Instant) {
         if now - self.window_start >= RATE_WINDOW {
-            // Calls a second over the window just closed; a window left idle for longer
-            // counts as the slower rate it was.
             let secs = (now - self.window_start).as_secs_f64();
             self.rate = (self.window_calls as f64 / secs) as u64;
+            self.turned_away = (self.window_turned_away as f64 / secs) as u64;
             self.window_calls = 0;
+            self.window_turned_away = 0;
             self.window_start = now;
         }
-        self.committed.unwrap_or(0).saturating_sub(self.units)
     }
 }
 
@@ -517,9 +538,15 @@ impl LeaseBook {
         if let Some(taken) = taken {
             return Ok(taken);
         }
-        self.refill(&entry, subject, period, limit, failures, timeout, run, down)
-            .await
-            .map(|reservation| (reservation, None))
+        let reservation = self
+            .refill(&entry, subject, period, limit, failures, timeout, run, down)
+            .await?;
+        if reservation == Reservation::Held
+            && let Some(lease) = lock(&entry.leases).find(period)
+        {
+            lease.turn_away(Instant::now());
+        }
+        Ok((reservation, None))
     }
 
     /// [`Self::reserve`] when no unit could be taken: one call refills, the others wait for it

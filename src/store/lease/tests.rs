@@ -472,6 +472,30 @@ async fn a_grant_taken_by_other_calls_is_not_a_used_up_month() {
     assert_eq!((store.used(), store.held()), (3, 0));
 }
 
+/// Near a limit blocks shrink to 1/16 of what is left; a crowd told to retry in the last
+/// second (it is coming back) sizes the next block as the calls still waiting do.
+#[test]
+fn calls_told_to_retry_count_toward_the_next_block() {
+    let now = Instant::now();
+    let mut lease = Lease::new(NOV, Some(16_000), 0, now);
+    lease.committed = Some(15_000);
+    assert_eq!(lease.want(0), 62, "1,000 left: 1/16 of it");
+    assert_eq!(lease.want(300), 300, "the calls waiting");
+    for _ in 0..1500 {
+        lease.turn_away(now);
+    }
+    lease.close_window(now + RATE_WINDOW);
+    assert_eq!(
+        lease.want(0),
+        BASE_BLOCK,
+        "the crowd, up to a second of calls"
+    );
+    assert_eq!(lease.want(300), BASE_BLOCK);
+    // A second later, nobody turned away: back to 1/16.
+    lease.close_window(now + 2 * RATE_WINDOW);
+    assert_eq!(lease.want(0), 62);
+}
+
 /// A busy subject's blocks grow to about a second of its calls (up to [`MAX_BLOCK`]), so it
 /// refills a couple of times a second whatever its rate; a limit still caps them at 1/16 of
 /// what is left.
