@@ -256,10 +256,10 @@ impl KeyCache {
 
     /// Schedules the first read-ahead of a caller just fetched in `second`, or starts it once
     /// due: one call of each period wins the exchange and spawns it (what it reads is due
-    /// again `refresh_after` seconds from then). A read that fails
-    /// leaves the entry as it is, tried again `refresh_retry` seconds later; its TTL
-    /// still ends it. What the read finds replaces the entry unless an invalidation came
-    /// first (the epoch), exactly as a fetch on a miss would.
+    /// again `refresh_after` seconds from then). A read that fails leaves the entry as it
+    /// is, tried again `refresh_retry` seconds later; its TTL still ends it. What the read
+    /// finds replaces the entry unless an invalidation came first (the epoch), exactly as a
+    /// fetch on a miss would.
     fn refresh_if_due(&self, digest: KeyDigest, caller: &Caller, second: u64) {
         let due = caller.refresh_at.load(Ordering::Relaxed);
         let next = match due {
