@@ -66,11 +66,13 @@ fn patient(timeout: Duration) -> Duration {
     ADMIN_TIMEOUT.max(timeout)
 }
 
-/// A connection manager's settings. Its own timeouts are the patient bound, so they never cut
-/// an admin or background call short; the request path's shorter bound is `call_within`'s.
+/// A connection manager's settings. Its response timeout is the patient bound, so it never
+/// cuts an admin or background call short (the request path's shorter bound is
+/// `call_within`'s); a connection attempt keeps the short bound, so one that hangs while Redis
+/// restarts is given up and tried again soon.
 fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(patient(timeout)))
+        .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(patient(timeout)))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(200))
@@ -143,7 +145,7 @@ impl RedisStore {
                 return Err("WAIT for replicas is not supported on Redis Cluster".into());
             }
             let client = ClusterClient::builder(urls.clone())
-                .connection_timeout(patient(timeout))
+                .connection_timeout(timeout)
                 .response_timeout(patient(timeout))
                 .retries(1)
                 .build()
