@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -375,32 +374,19 @@ fn admin_calls_wait_out_a_pause_that_request_calls_do_not() {
         .env("AUDIOLIB_STORE_TIMEOUT_MS", "50")
         .start();
     gw.create_key("free", None);
-    let kill = |sig: &str| {
-        let pid = redis.pid().to_string();
-        let sig = format!("-{sig}");
-        move || {
-            assert!(
-                Command::new("kill")
-                    .args([&sig, &pid])
-                    .status()
-                    .unwrap()
-                    .success()
-            )
-        }
-    };
-    kill("STOP")();
+    redis.signal("STOP");
     // A key nobody has seen: the lookup gives up at the bound (401 had it waited the pause out).
     gw.post_audio("alp_0123456789abcdefABCDEF0123456789", BODY)
         .assert_error(503, "SERVICE_UNAVAILABLE");
-    let resume = kill("CONT");
-    let resumed = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        resume();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            redis.signal("CONT");
+        });
+        // An admin write in the same pause waits it out (it got 503 "timed out" when the
+        // connection's own timeouts were the request path's).
+        gw.create_key("free", None);
     });
-    // An admin write in the same pause waits it out (it got 503 "timed out" when the
-    // connection's own timeouts were the request path's).
-    gw.create_key("free", None);
-    resumed.join().unwrap();
 }
 
 #[test]

@@ -532,11 +532,7 @@ impl Gateway {
     }
 
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.pid(), sig);
     }
 
     /// A new connection to the public listener whose reads give up after `limit`.
@@ -928,10 +924,10 @@ impl RedisServer {
         }
     }
 
-    /// The running server's process id (for `kill -STOP`: a pause, as a stalled disk or a
-    /// swapped-out process would cause).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+    /// Sends `sig` to the running server (`STOP`: a pause, as a stalled disk or a swapped-out
+    /// process would cause).
+    pub fn signal(&self, sig: &str) {
+        send_signal(self.child.as_ref().expect("running").id(), sig);
     }
 
     /// Starts (again) on the same port and data directory.
@@ -966,6 +962,15 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Sends `sig` (`STOP`, `CONT`, `TERM`, ...) to process `pid`.
+pub fn send_signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 /// Runs a command to completion: (success, stdout, stderr).

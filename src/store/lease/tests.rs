@@ -114,10 +114,7 @@ async fn reserve_on(
         .reserve("k", NOV, limit, Duration::from_secs(1), run, || true)
         .await
         .unwrap();
-    if let Some(due) = top_up {
-        let answer = store.apply(node, &due.op);
-        book.topped_up(due, Ok(answer));
-    }
+    send_top_up(node, book, store, top_up);
     reservation
 }
 
@@ -136,14 +133,14 @@ async fn reserve_slowly(
         .reserve("k", NOV, Some(limit), Duration::from_secs(1), run, || true)
         .await
         .unwrap();
-    send_top_up(book, store, top_up);
+    send_top_up(0, book, store, top_up);
     reservation
 }
 
-/// Sends the top-up a call handed back, answered at once.
-fn send_top_up(book: &LeaseBook, store: &ModelStore, top_up: Option<Due>) {
+/// Sends the top-up a call of node `node` handed back, answered at once.
+fn send_top_up(node: usize, book: &LeaseBook, store: &ModelStore, top_up: Option<Due>) {
     if let Some(due) = top_up {
-        let answer = store.apply(0, &due.op);
+        let answer = store.apply(node, &due.op);
         book.topped_up(due, Ok(answer));
     }
 }
