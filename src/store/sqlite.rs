@@ -166,12 +166,15 @@ CREATE INDEX IF NOT EXISTS keys_by_previous_digest ON keys (previous_digest);
 PRAGMA user_version = 2;
 ";
 
-/// The connections: writes go through one, reads (key lookups, usage, polling) through the
-/// other so they never wait behind a commit's fsync. std locks: the holder is a blocking
+/// The connections: writes go through one, reads (key lookups, usage, polling) through
+/// another so they never wait behind a commit's fsync, checkpoints through a third. std locks: the holder is a blocking
 /// thread doing SQLite work, never an `.await`.
 struct Db {
     write: Mutex<Connection>,
     read: Mutex<Connection>,
+    /// Kept open for the upkeep's checkpoints: opening a connection parses the schema again
+    /// (some 650 k instructions, every few seconds).
+    checkpointer: Mutex<Connection>,
 }
 
 pub struct SqliteStore {
@@ -436,8 +439,7 @@ impl Db {
     /// under this process's write lock finishes the copy (most of it was just done) and
     /// empties the file; in-process writers wait for it, briefly.
     fn checkpoint(&self, path: &Path) -> rusqlite::Result<()> {
-        let conn = Self::open(path)?;
-        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        lock(&self.checkpointer).query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         if std::fs::metadata(&wal).map_or(0, |m| m.len()) > WAL_LIMIT {
@@ -526,6 +528,7 @@ impl SqliteStore {
         write.execute_batch(portal::SCHEMA).map_err(fail)?;
         Db::migrate(&write).map_err(fail)?;
         let read = Db::open(&path).map_err(fail)?;
+        let checkpointer = Db::open(&path).map_err(fail)?;
         let node = crate::auth::new_id("node");
         let pid = std::process::id();
         let started = process_start(pid).unwrap_or(0);
@@ -543,6 +546,7 @@ impl SqliteStore {
         let db = Arc::new(Db {
             write: Mutex::new(write),
             read: Mutex::new(read),
+            checkpointer: Mutex::new(checkpointer),
         });
         db.reap_dead(&node).map_err(fail)?;
         Ok(Self {
