@@ -40,6 +40,8 @@ pub struct RequestCtx {
     key_prefix: Option<String>,
     /// Set in `request_filter`, before anything can be answered.
     request_id: Option<HeaderValue>,
+    /// The id is the client's own, so a passthrough request carries it already.
+    request_id_sent: bool,
     /// Upstream peers tried for this request (each address at most once).
     upstream_tries: usize,
 }
@@ -348,12 +350,14 @@ impl ProxyHttp for AudioProxy {
             code: None,
             key_prefix: None,
             request_id: None,
+            request_id_sent: false,
             upstream_tries: 0,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.request_id = Some(request_id::of(&session.req_header().headers));
+        let (id, sent) = request_id::of(&session.req_header().headers);
+        (ctx.request_id, ctx.request_id_sent) = (Some(id), sent);
         // Whether this connection may be reused is Pingora's decision (the request's
         // `Connection` header and version; never after a request with both Content-Length
         // and Transfer-Encoding, RFC 9112 §6.1); how long it may then wait for its next
@@ -433,7 +437,7 @@ impl ProxyHttp for AudioProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(id) = &ctx.request_id {
+        if let Some(id) = ctx.request_id.as_ref().filter(|_| !ctx.request_id_sent) {
             upstream_request.insert_header(request_id::HEADER, id.clone())?;
         }
         let peer = session

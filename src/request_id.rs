@@ -18,12 +18,13 @@ pub fn acceptable(id: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The request's id: the client's single acceptable `X-Request-Id`, else a new one.
-pub fn of(headers: &HeaderMap) -> HeaderValue {
+/// The request's id: the client's single acceptable `X-Request-Id`, else a new one; and
+/// whether it is the client's (then the request already carries it, as it is).
+pub fn of(headers: &HeaderMap) -> (HeaderValue, bool) {
     let mut sent = headers.get_all(HEADER).iter();
     match (sent.next(), sent.next()) {
-        (Some(id), None) if acceptable(id.as_bytes()) => id.clone(),
-        _ => generate(),
+        (Some(id), None) if acceptable(id.as_bytes()) => (id.clone(), true),
+        _ => (generate(), false),
     }
 }
 
@@ -67,16 +68,18 @@ mod tests {
     #[test]
     fn a_single_acceptable_id_is_kept_else_one_is_generated() {
         let mut headers = HeaderMap::new();
-        let generated = of(&headers);
+        let (generated, kept) = of(&headers);
         assert_eq!(generated.len(), 32);
-        assert!(acceptable(generated.as_bytes()));
-        assert_ne!(generated, of(&headers));
+        assert!(acceptable(generated.as_bytes()) && !kept);
+        assert_ne!(generated, of(&headers).0);
 
         headers.insert(HEADER, HeaderValue::from_static("trace-1"));
-        assert_eq!(of(&headers), "trace-1");
+        assert_eq!(of(&headers), (HeaderValue::from_static("trace-1"), true));
         headers.append(HEADER, HeaderValue::from_static("trace-2"));
-        assert_eq!(of(&headers).len(), 32, "two ids: neither is trusted");
+        let (id, kept) = of(&headers);
+        assert!(id.len() == 32 && !kept, "two ids: neither is trusted");
         headers.insert(HEADER, HeaderValue::from_static("not ok"));
-        assert_eq!(of(&headers).len(), 32);
+        let (id, kept) = of(&headers);
+        assert!(id.len() == 32 && !kept);
     }
 }
