@@ -94,7 +94,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=20, help="of wrk per target")
     ap.add_argument("--baseline", action="append", default=[],
-                    help="NAME=BIN: another audiolib binary to count beside this one")
+                    help="NAME=BIN: another audiolib binary to count beside this one "
+                         "(as NAME on /v1/audio and NAME-passthrough)")
     ap.add_argument("--top", type=int, default=0,
                     help="list the N functions each gateway target spends most above its ceiling")
     args = ap.parse_args()
@@ -151,6 +152,11 @@ def main():
         rows.append(("passthrough", "pingora-proxy",
                      *gateway("passthrough", upstream=f"http://localhost:{up_port}",
                               path="/static/x")))
+        for spec in args.baseline:
+            name, binary = spec.split("=", 1)
+            rows.append((f"{name}-passthrough", "pingora-proxy",
+                         *gateway(f"{name}-passthrough", binary,
+                                  upstream=f"http://localhost:{up_port}", path="/static/x")))
     finally:
         procs.stop()
 
