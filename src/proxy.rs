@@ -245,6 +245,23 @@ impl AudioProxy {
         }
     }
 
+    /// Reads what is left of a body and drops it as it comes, within the body timeout, up to
+    /// [`DISCARD_MAX`] times the body limit: a bigger upload is not worth taking in, and
+    /// its stream gets the reset.
+    async fn discard_body(&self, session: &mut Session) {
+        let max = self.gateway.max_body_bytes.saturating_mul(DISCARD_MAX);
+        let discard = async {
+            let mut seen = 0;
+            while let Ok(Some(chunk)) = session.read_request_body().await {
+                seen += chunk.len();
+                if seen > max {
+                    break;
+                }
+            }
+        };
+        let _ = pingora::time::timeout(self.limits.body_timeout, discard).await;
+    }
+
     async fn health(&self, session: &mut Session, ctx: &mut RequestCtx, ready: bool) -> Result<()> {
         let method = &session.req_header().method;
         if method != Method::GET && method != Method::HEAD {
@@ -270,6 +287,10 @@ impl AudioProxy {
         self.respond(session, ctx, status, body, None, None).await
     }
 }
+
+/// How many times `max_body_bytes` of an unread body are read and dropped before an HTTP/2
+/// stream answered early ends (see [`AudioProxy::discard_body`]).
+const DISCARD_MAX: usize = 4;
 
 const AUDIO_METHODS: ApiError = ApiError::MethodNotAllowed {
     allow: "POST, OPTIONS",
@@ -385,13 +406,12 @@ impl ProxyHttp for AudioProxy {
                     .await?
             }
         }
-        // Answered before its body was read (a refused key, say): over HTTP/1.1 the
-        // connection closes; an HTTP/2 stream would be reset instead (RST_STREAM NO_ERROR,
-        // RFC 9113 §8.1), which some clients (curl 7.88) take for a failed request even after
-        // the whole answer. So a body within the limit is read and dropped first, within the
-        // body timeout; a bigger one still gets the reset.
+        // Answered before its body was read (a refused key, a body over the limit): over
+        // HTTP/1.1 the connection closes; an HTTP/2 stream would be reset instead (RST_STREAM
+        // NO_ERROR, RFC 9113 §8.1), which some clients (curl 7.88) take for a failed request
+        // even after the whole answer. So the rest is read and dropped first.
         if session.is_http2() && !session.is_body_done() {
-            let _ = self.read_body(session).await;
+            self.discard_body(session).await;
         }
         Ok(true)
     }
