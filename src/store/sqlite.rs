@@ -167,8 +167,8 @@ PRAGMA user_version = 2;
 ";
 
 /// The connections: writes go through one, reads (key lookups, usage, polling) through
-/// another so they never wait behind a commit's fsync, checkpoints through a third. std locks: the holder is a blocking
-/// thread doing SQLite work, never an `.await`.
+/// another so they never wait behind a commit's fsync, checkpoints through a third. std
+/// locks: the holder is a blocking thread doing SQLite work, never an `.await`.
 struct Db {
     write: Mutex<Connection>,
     read: Mutex<Connection>,
