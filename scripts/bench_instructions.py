@@ -144,6 +144,9 @@ def main():
         for spec in args.baseline:
             name, binary = spec.split("=", 1)
             rows.append((name, "pingora-fixed", *gateway(name, binary)))
+            rows.append((f"{name}-passthrough", "pingora-proxy",
+                         *gateway(f"{name}-passthrough", binary,
+                                  upstream=f"http://localhost:{up_port}", path="/static/x")))
         rows.append(("pingora-fixed", None,
                      *example("fixed_body", body_file, path="/v1/audio", script=post)))
         rows.append(("pingora-proxy", None,
@@ -152,11 +155,6 @@ def main():
         rows.append(("passthrough", "pingora-proxy",
                      *gateway("passthrough", upstream=f"http://localhost:{up_port}",
                               path="/static/x")))
-        for spec in args.baseline:
-            name, binary = spec.split("=", 1)
-            rows.append((f"{name}-passthrough", "pingora-proxy",
-                         *gateway(f"{name}-passthrough", binary,
-                                  upstream=f"http://localhost:{up_port}", path="/static/x")))
     finally:
         procs.stop()
 
