@@ -170,7 +170,9 @@ def start_gateway(procs, work, name, threads, extra_env, upstream=None, binary=N
         env["AUDIOLIB_UPSTREAM"] = upstream
     env.update(extra_env)
     log = open(os.path.join(work, f"{name}.log"), "w")
-    p = procs.start([*wrap, binary or os.path.join(RELEASE, "audiolib"), "serve"], env=env,
+    # Run from the work directory: a binary given relative to ours is made absolute first.
+    binary = os.path.abspath(binary) if binary else os.path.join(RELEASE, "audiolib")
+    p = procs.start([*wrap, binary, "serve"], env=env,
                     cwd=work, stdout=log, stderr=log)
     wait_port(port, timeout=120 if wrap else 30)
     wait_port(admin_port)
