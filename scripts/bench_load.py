@@ -10,6 +10,7 @@ Targets (all on 127.0.0.1, 2 server threads each unless --threads):
   embedded       the gateway, embedded durable store (SQLite in a temp dir), one free-plan key
   NAME           with --baseline NAME=BIN (repeatable): another build of the gateway (an
                  earlier release) on its embedded store, one key: before/after comparisons
+  NAME-passthrough  that build proxying the passthrough target's upstream
   redis-limited  the gateway on Redis, a free-plan key with a huge limit
   redis-unlimited the gateway on Redis, an unlimited key
   redis-10k      the gateway on Redis, 10,000 distinct keys in rotation
@@ -411,8 +412,15 @@ def main():
             base_key = create_keys(base_admin, 1, "free", 10**12)[0]
             targets[name] = (f"http://127.0.0.1:{base_port}/v1/audio",
                              wrk_script(work, name, [base_key]), base.pid)
+            base_pas, base_pas_port, _ = start_gateway(procs, work, f"{name}-passthrough",
+                                                       args.threads, {}, binary=binary,
+                                                       upstream=f"localhost:{up_port}")
+            targets[f"{name}-passthrough"] = (f"http://127.0.0.1:{base_pas_port}/static/x",
+                                              targets["passthrough"][1], base_pas.pid)
         if args.only:
-            keep = args.only.split(",") + [spec.partition("=")[0] for spec in args.baseline]
+            keep = args.only.split(",") + [f"{spec.partition('=')[0]}{suffix}"
+                                           for spec in args.baseline
+                                           for suffix in ("", "-passthrough")]
             targets = {k: v for k, v in targets.items() if k in keep}
         results = {name: [] for name in targets}
         for r in range(args.rounds):
@@ -448,6 +456,8 @@ def main():
         for name, m in med.items():
             base = {"passthrough": "pingora-proxy", "embedded-tls": "pingora-fixed-tls",
                     "embedded-h2": "pingora-fixed-h2"}.get(name, "pingora-fixed")
+            if name.endswith("-passthrough"):
+                base = "pingora-proxy"
             print(f"{name:16} {m['rps']:>10.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} {m['cpu']:>7.1f} "
                   f"{ratio(name, 'nginx'):>7} {ratio(name, base):>8} {paired(name, base):>7}")
         print("(/pingora: ratio of the medians to the target's ceiling; paired: median of the "

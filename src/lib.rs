@@ -67,6 +67,7 @@ pub mod connection;
 pub mod error;
 pub mod events;
 pub mod forwarding;
+pub mod headers;
 pub mod key_calls;
 pub mod keys;
 pub mod last_used;

@@ -19,6 +19,7 @@ use crate::config::{CorsOrigins, Limits};
 use crate::connection;
 use crate::error::ApiError;
 use crate::forwarding::{self, Cidr};
+use crate::headers;
 use crate::metrics::Metrics;
 use crate::quota::RateInfo;
 use crate::request_id;
@@ -339,10 +340,12 @@ fn never_indexed(mut value: HeaderValue) -> HeaderValue {
 
 /// Passthrough answers get our request id, not the upstream's.
 fn add_request_id(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
-    if let Some(id) = &ctx.request_id {
-        resp.insert_header(request_id::HEADER, id.clone())?;
-    }
-    Ok(())
+    let Some(id) = &ctx.request_id else {
+        return Ok(());
+    };
+    headers::edit_response(resp, 1, |headers| {
+        headers.insert(REQUEST_ID, id.clone());
+    })
 }
 
 /// The size of the request head as sent: request line and `name: value\r\n` per header.
@@ -457,23 +460,26 @@ impl ProxyHttp for AudioProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(id) = ctx.request_id.as_ref().filter(|_| !ctx.request_id_sent) {
-            upstream_request.insert_header(request_id::HEADER, id.clone())?;
-        }
+        let id = ctx.request_id.as_ref().filter(|_| !ctx.request_id_sent);
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        forwarding::apply(upstream_request, peer, &self.trusted_proxies, https)?;
-        if let Some(host) = self
+        let host = self
             .upstream
             .as_ref()
-            .and_then(|u| u.upstream().host_header.as_ref())
-        {
-            upstream_request.insert_header(header::HOST, host.as_str())?;
-        }
-        Ok(())
+            .and_then(|u| u.upstream().host_header.as_ref());
+        // The request id, the two forwarding headers and the upstream's `Host`.
+        headers::edit_request(upstream_request, 4, |headers| {
+            if let Some(id) = id {
+                headers.insert(REQUEST_ID, id.clone());
+            }
+            forwarding::apply(headers, peer, &self.trusted_proxies, https);
+            if let Some(host) = host {
+                headers.insert(header::HOST, host.clone());
+            }
+        })
     }
 
     async fn response_filter(

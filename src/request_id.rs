@@ -3,8 +3,11 @@
 //! repeated, too long, other characters that could break a log line or a header) is replaced
 //! by a generated one. The id goes on every answer, to the upstream and into the access log.
 
+use std::cell::RefCell;
+
 use http::{HeaderMap, HeaderValue};
-use rand::Rng;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 pub const HEADER: &str = "x-request-id";
 
@@ -28,10 +31,16 @@ pub fn of(headers: &HeaderMap) -> (HeaderValue, bool) {
     }
 }
 
+thread_local! {
+    /// Ids must be unique, not secret: a small generator seeded from the OS once per thread
+    /// costs a third of the thread's cryptographic one (`rand::rng()`) per id.
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
 /// 128 random bits as 32 lowercase hex digits: unique without coordination between nodes.
 pub fn generate() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits: u128 = rand::rng().random();
+    let bits: u128 = RNG.with_borrow_mut(|rng| rng.random());
     let mut text = [0u8; 32];
     for (i, c) in text.iter_mut().enumerate() {
         *c = HEX[((bits >> (i * 4)) & 0xf) as usize];

@@ -291,3 +291,50 @@ fn pipelined_requests_are_all_answered_in_order() {
         }
     }
 }
+
+/// Header names reach the origin as Pingora writes them for any HTTP/2 client: a dozen common
+/// ones in their usual case (`Content-Type`), the rest in lower case (the gateway adds its
+/// headers without the map that would keep the client's case, see `headers`); values, order
+/// and repeats are kept, as are the target byte for byte and the origin's reason phrase. The
+/// client's `Connection` is hop-by-hop and not forwarded.
+#[test]
+fn header_names_are_sent_in_the_usual_case_and_everything_else_as_it_came() {
+    let up = Upstream::start(false);
+    let gw = gateway_for(&up);
+    let target = "/case/%7Eodd?b=2&a=1";
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHOST: {}\r\ncontent-TYPE: text/plain\r\nX-Custom-Thing: 1\r\n\
+         ACCEPT: */*\r\nx-custom-thing: 2\r\nConnection: close\r\n\r\n",
+        gw.addr
+    );
+    let reply = gw.raw(request.as_bytes(), Duration::from_secs(10));
+    let body = &reply[reply.find("\r\n\r\n").expect("a whole answer") + 4..];
+    let report: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(report["target"], target);
+    let seen: Vec<(&str, &str)> = report["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h[0].as_str().unwrap(), h[1].as_str().unwrap()))
+        .filter(|(name, _)| !name.starts_with("x-request-id") && !name.starts_with("x-forwarded"))
+        .collect();
+    let host = gw.addr.to_string();
+    assert_eq!(
+        seen,
+        [
+            ("Host", host.as_str()),
+            ("Content-Type", "text/plain"),
+            ("x-custom-thing", "1"),
+            ("x-custom-thing", "2"),
+            ("accept", "*/*"),
+        ]
+    );
+
+    let reply = gw.raw(
+        b"GET /reason HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(reply.starts_with("HTTP/1.1 200 Fine By Me\r\n"), "{reply}");
+    assert!(reply.contains("\r\nx-mixed-case: kept\r\n"), "{reply}");
+    assert!(reply.contains("\r\nx-request-id: "), "{reply}");
+}

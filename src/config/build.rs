@@ -175,7 +175,15 @@ pub fn upstream(
     env: &dyn Env,
     file: &mut FileConfig,
 ) -> (Option<Upstream>, Option<PathBuf>) {
-    let host = s::UPSTREAM_HOST.pick(p, env, file.upstream_host.take());
+    let host = s::UPSTREAM_HOST
+        .pick(p, env, file.upstream_host.take())
+        .and_then(|raw| match http::HeaderValue::try_from(raw) {
+            Ok(value) => Some(value),
+            Err(_) => {
+                p.add(s::UPSTREAM_HOST, "is not a valid Host header value");
+                None
+            }
+        });
     let upstream = s::UPSTREAM
         .pick(p, env, file.upstream.take())
         .and_then(|raw| match parse_upstream(&raw, host) {

@@ -55,7 +55,7 @@ pub struct Upstream {
     /// SNI and certificate name for TLS.
     pub sni: String,
     /// Host header to send instead of the client's, if set.
-    pub host_header: Option<String>,
+    pub host_header: Option<http::HeaderValue>,
 }
 
 /// CORS origins allowed to call the API from a browser.
@@ -289,7 +289,7 @@ fn parse_endpoint(raw: &str) -> Result<(String, String), String> {
 }
 
 /// `host:port` (plain) or `https://host[:port]` (TLS, port 443 by default).
-fn parse_upstream(raw: &str, host_header: Option<String>) -> Result<Upstream, String> {
+fn parse_upstream(raw: &str, host_header: Option<http::HeaderValue>) -> Result<Upstream, String> {
     let (tls, rest) = match raw.strip_prefix("https://") {
         Some(rest) => (true, rest),
         None => (false, raw.strip_prefix("http://").unwrap_or(raw)),
@@ -439,9 +439,13 @@ mod tests {
             (u.address.as_str(), u.tls, u.sni.as_str()),
             ("127.0.0.1:8000", false, "127.0.0.1")
         );
-        let u = parse_upstream("https://cdn.example.com:8443", Some("h".into())).unwrap();
+        let u = parse_upstream(
+            "https://cdn.example.com:8443",
+            Some(http::HeaderValue::from_static("h")),
+        )
+        .unwrap();
         assert_eq!((u.address.as_str(), u.tls), ("cdn.example.com:8443", true));
-        assert_eq!(u.host_header.as_deref(), Some("h"));
+        assert_eq!(u.host_header.unwrap(), "h");
         assert!(parse_upstream("cdn.example.com", None).is_err());
         assert!(parse_upstream("https://x/y", None).is_err());
     }

@@ -6,6 +6,7 @@ Routes (any method):
   /open/NAME          releases /gate/NAME
   /seen               JSON list of events ("NAME:first" once the first body chunk of an
                       upload to /upload/NAME arrived)
+  /reason             200 with the reason phrase "Fine By Me" and a header `X-Mixed-Case`
   anything else       JSON: method, target, headers, body length and SHA-256
 
 usage: upstream.py PORT [CERT KEY]   (TLS when a certificate and key are given)
@@ -76,6 +77,13 @@ class Handler(BaseHTTPRequestHandler):
             self.read_body()
             with lock:
                 return self.reply(200, json.dumps(events).encode())
+        if self.path == "/reason":
+            self.read_body()
+            self.send_response(200, "Fine By Me")
+            self.send_header("X-Mixed-Case", "kept")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if len(parts) == 3 and parts[1] == "gate":
             self.read_body()
             self.send_response(200)
