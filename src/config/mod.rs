@@ -399,7 +399,7 @@ mod tests {
     #[test]
     fn problems_name_the_setting() {
         let errors = build(
-            "[s3]\nurl_ttl_secs = 604801\n",
+            "upstream_host = \"cdn\\nexample\"\n[s3]\nurl_ttl_secs = 604801\n",
             &[
                 ("AUDIOLIB_LISTEN", "nonsense"),
                 ("AUDIOLIB_STORE_FAILURE", "maybe"),
@@ -418,6 +418,7 @@ mod tests {
             "7 days",
             "AWS_ACCESS_KEY_ID",
             "`upstream`",
+            "`upstream_host` (AUDIOLIB_UPSTREAM_HOST): is not a valid Host header value",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
