@@ -41,8 +41,6 @@ pub struct RequestCtx {
     key_prefix: Option<String>,
     /// Set in `request_filter`, before anything can be answered.
     request_id: Option<HeaderValue>,
-    /// The id is the client's own, so a passthrough request carries it already.
-    request_id_sent: bool,
     /// Upstream peers tried for this request (each address at most once).
     upstream_tries: usize,
 }
@@ -263,6 +261,26 @@ impl AudioProxy {
         let _ = pingora::time::timeout(self.limits.body_timeout, discard).await;
     }
 
+    /// Adds what a passthrough request carries upstream: the request id (unless `sent`, the
+    /// client's own already there) and the forwarding headers. Set on the client's request, of
+    /// which Pingora sends a copy (on each attempt), so the copy has room for them, and for
+    /// the upstream's `Host` (`upstream_request_filter`), and no case map to copy (see
+    /// `headers`).
+    fn forward(&self, session: &mut Session, ctx: &RequestCtx, sent: bool) -> Result<()> {
+        let id = ctx.request_id.as_ref().filter(|_| !sent);
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        headers::edit_request(session.req_header_mut(), 4, |headers| {
+            if let Some(id) = id {
+                headers.insert(request_id::HEADER, id.clone());
+            }
+            forwarding::apply(headers, peer, &self.trusted_proxies, https);
+        })
+    }
+
     async fn health(&self, session: &mut Session, ctx: &mut RequestCtx, ready: bool) -> Result<()> {
         let method = &session.req_header().method;
         if method != Method::GET && method != Method::HEAD {
@@ -299,7 +317,6 @@ const AUDIO_METHODS: ApiError = ApiError::MethodNotAllowed {
 
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-const REQUEST_ID: HeaderName = HeaderName::from_static(request_id::HEADER);
 
 /// The head of one of our own answers, built on `http`'s header map directly. Pingora's
 /// `insert_header` parses every name again and keeps a second map for its letter case, which
@@ -316,7 +333,7 @@ impl Head {
         parts.headers.reserve(12);
         let mut head = Self(parts);
         if let Some(id) = &ctx.request_id {
-            head.set(REQUEST_ID, never_indexed(id.clone()));
+            head.set(request_id::HEADER, never_indexed(id.clone()));
         }
         head
     }
@@ -344,7 +361,7 @@ fn add_request_id(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
         return Ok(());
     };
     headers::edit_response(resp, 1, |headers| {
-        headers.insert(REQUEST_ID, id.clone());
+        headers.insert(request_id::HEADER, id.clone());
     })
 }
 
@@ -374,14 +391,13 @@ impl ProxyHttp for AudioProxy {
             code: None,
             key_prefix: None,
             request_id: None,
-            request_id_sent: false,
             upstream_tries: 0,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let (id, sent) = request_id::of(&session.req_header().headers);
-        (ctx.request_id, ctx.request_id_sent) = (Some(id), sent);
+        ctx.request_id = Some(id);
         // Whether this connection may be reused is Pingora's decision (the request's
         // `Connection` header and version; never after a request with both Content-Length
         // and Transfer-Encoding, RFC 9112 §6.1); how long it may then wait for its next
@@ -400,7 +416,10 @@ impl ProxyHttp for AudioProxy {
         }
         ctx.route = Route::of(session.req_header().uri.path(), self.upstream.is_some());
         match ctx.route {
-            Route::Passthrough => return Ok(false),
+            Route::Passthrough => {
+                self.forward(session, ctx, sent)?;
+                return Ok(false);
+            }
             Route::Audio => self.audio(session, ctx).await?,
             Route::Healthz => self.health(session, ctx, false).await?,
             Route::Readyz => self.health(session, ctx, true).await?,
@@ -454,32 +473,22 @@ impl ProxyHttp for AudioProxy {
         e
     }
 
+    /// The upstream's own `Host`, when set: here, since Pingora makes an HTTP/2 request's
+    /// `Host` from its authority after `request_filter`.
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream_request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
+        _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let id = ctx.request_id.as_ref().filter(|_| !ctx.request_id_sent);
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let host = self
+        if let Some(host) = self
             .upstream
             .as_ref()
-            .and_then(|u| u.upstream().host_header.as_ref());
-        // The request id, the two forwarding headers and the upstream's `Host`.
-        headers::edit_request(upstream_request, 4, |headers| {
-            if let Some(id) = id {
-                headers.insert(REQUEST_ID, id.clone());
-            }
-            forwarding::apply(headers, peer, &self.trusted_proxies, https);
-            if let Some(host) = host {
-                headers.insert(header::HOST, host.clone());
-            }
-        })
+            .and_then(|u| u.upstream().host_header.as_ref())
+        {
+            upstream_request.insert_header(header::HOST, host.clone())?;
+        }
+        Ok(())
     }
 
     async fn response_filter(

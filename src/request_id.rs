@@ -5,11 +5,12 @@
 
 use std::cell::RefCell;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-pub const HEADER: &str = "x-request-id";
+/// A constant name: looked up and set without parsing it on every request.
+pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 const MAX_LEN: usize = 128;
 
@@ -24,7 +25,7 @@ pub fn acceptable(id: &[u8]) -> bool {
 /// The request's id: the client's single acceptable `X-Request-Id`, else a new one; and
 /// whether it is the client's (then the request already carries it, as it is).
 pub fn of(headers: &HeaderMap) -> (HeaderValue, bool) {
-    let mut sent = headers.get_all(HEADER).iter();
+    let mut sent = headers.get_all(&HEADER).iter();
     match (sent.next(), sent.next()) {
         (Some(id), None) if acceptable(id.as_bytes()) => (id.clone(), true),
         _ => (generate(), false),

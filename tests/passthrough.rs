@@ -120,8 +120,19 @@ fn host_header_can_be_set_for_the_upstream() {
             up.ca_file.as_ref().unwrap().to_str().unwrap(),
         )
         .env("AUDIOLIB_UPSTREAM_HOST", "cdn.example.com")
+        .env("AUDIOLIB_H2C", "true")
         .start();
     let report = read_reply(agent().get(gw.url("/x")).call().unwrap()).json();
+    assert_eq!(header(&report, "host"), ["cdn.example.com"]);
+
+    // Over HTTP/2, where Pingora makes a `Host` from the request's authority.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
+        .arg(gw.url("/x"))
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(header(&report, "host"), ["cdn.example.com"]);
 }
 
