@@ -7,15 +7,14 @@
 //! connection and a request costs no extra future, timer or wrapper. HTTP/2 connections go to
 //! Pingora's own loop.
 //!
-//! Per-request state that the stream needs from the proxy's hooks (has the head been read yet,
-//! how much has been buffered for it) is a task-local: Pingora runs a connection's requests
-//! inside our future and offers no other way to hand state to the hooks.
+//! Whether a request's head is still being read is told to the stream by the proxy's first
+//! hook ([`head_read`]), which finds it through the session: no state per request beyond the
+//! stream's own fields, and nothing to set up per poll.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -34,44 +33,27 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::config::Limits;
 use crate::error::ApiError;
 
-/// The request head being read on this connection.
-struct PendingHead {
-    /// Set by [`head_read`] once Pingora has parsed the head.
-    read: Cell<bool>,
-    /// Bytes read from the client since this request began, while the head was pending.
-    buffered: Cell<usize>,
-    /// Where the head's deadline counts from: the accept (after the TLS handshake) for a
-    /// connection's first request; for a later one, the read after its first bytes, when
-    /// they did not hold the whole head (the wait before them is keep-alive idle time,
-    /// bounded by `limits.keepalive_secs`). `None` until then.
-    since: Cell<Option<Instant>>,
-}
+/// Where the connection's current request head stands ([`HeadBudget::state`]).
+const PENDING: u8 = 0;
+/// A later request on a kept-alive connection: its head's counters start at its first read.
+const NEXT: u8 = 1;
+/// Parsed by Pingora: reads (the body, the next request's first bytes) pass through.
+const READ: u8 = 2;
 
-impl PendingHead {
-    fn first(ready: Instant) -> Self {
-        Self {
-            read: Cell::new(false),
-            buffered: Cell::new(0),
-            since: Cell::new(Some(ready)),
-        }
-    }
-
-    /// The next request on a kept-alive connection.
-    fn next(&self) {
-        self.read.set(false);
-        self.buffered.set(0);
-        self.since.set(None);
+/// Called by the proxy as soon as Pingora has parsed a request head (its first hook): ends the
+/// head deadline and the head budget for this request. A no-op for a stream not ours (HTTP/2
+/// streams, the admin listener).
+pub fn head_read(session: &ServerSession) {
+    if let Some(budget) = session.stream().and_then(|s| budget(s)) {
+        budget.state.store(READ, Ordering::Relaxed);
     }
 }
 
-tokio::task_local! {
-    static HEAD: PendingHead;
-}
-
-/// Called by the proxy as soon as Pingora has parsed a request head (its `new_ctx`): ends the
-/// head deadline and the head budget for this request. A no-op outside [`ClientConnections`].
-pub fn head_read() {
-    let _ = HEAD.try_with(|h| h.read.set(true));
+/// The [`HeadBudget`] under a connection's stream, if it has one.
+fn budget(stream: &Stream) -> Option<&HeadBudget> {
+    // Through the trait object: `Box<dyn IO>` is an `IO` itself, whose `as_any` is the box.
+    let io: &dyn pingora::protocols::IO = &**stream;
+    io.as_any().downcast_ref::<HeadBudget>()
 }
 
 /// Takes every client connection of the public listener:
@@ -217,26 +199,26 @@ where
         }
         self.open_gauge.inc();
         let _open = Open(&self.open, &self.open_gauge);
-        let stream = self.handshake(stream).await?;
+        let mut stream = self.handshake(stream).await?;
         // The first head's deadline counts from here: the handshake had its own.
         let ready = Instant::now();
-        let mut stream: Stream = Box::new(HeadBudget {
+        if self.is_http2(&mut stream).await? {
+            // Pingora's own loop, which makes each stream a task of its own; the h2 crate
+            // bounds a stream's headers (SETTINGS_MAX_HEADER_LIST_SIZE) itself.
+            return self.app.process_new(stream, shutdown).await;
+        }
+        let stream = Box::new(HeadBudget {
             inner: stream,
             max: self.max_head_bytes,
             timeout: self.head_timeout,
+            state: AtomicU8::new(PENDING),
+            buffered: 0,
+            since: Some(ready),
             timer: None,
             idle: Idle::new(self.keepalive),
             too_large: self.too_large.clone(),
         });
-        if self.is_http2(&mut stream).await? {
-            // Pingora's own loop, which makes each stream a task of its own.
-            return self.app.process_new(stream, shutdown).await;
-        }
-        HEAD.scope(
-            PendingHead::first(ready),
-            self.serve_http1(stream, shutdown),
-        )
-        .await;
+        self.serve_http1(stream, shutdown).await;
         None
     }
 
@@ -266,7 +248,9 @@ where
         );
         let mut reused = self.app.process_new_http(session, shutdown).await;
         while let Some((stream, settings)) = reused.map(|r| r.consume()) {
-            HEAD.with(PendingHead::next);
+            if let Some(budget) = budget(&stream) {
+                budget.state.store(NEXT, Ordering::Relaxed);
+            }
             let mut session = ServerSession::new_http1(stream);
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
@@ -283,7 +267,7 @@ where
 ///   budget is spent with the head still incomplete, the 431 answer is written (best effort:
 ///   nothing has been parsed, so it carries no request id or CORS headers) and the read fails,
 ///   which closes the connection.
-/// - **Time**: the whole head must arrive within `timeout` of [`PendingHead::since`] (Pingora's
+/// - **Time**: the whole head must arrive within `timeout` of [`HeadBudget::since`] (Pingora's
 ///   own timeout restarts on every byte, so a client dribbling a byte at a time would hold the
 ///   connection forever). Past it, the read fails and the connection closes without an
 ///   answer. A head that arrives in one read, the common case, costs no timer; one is armed
@@ -295,6 +279,16 @@ struct HeadBudget {
     inner: Stream,
     max: usize,
     timeout: Duration,
+    /// [`PENDING`], [`NEXT`] or [`READ`]: set by [`head_read`] and the keep-alive loop, read
+    /// here (through `&mut`, so without an atomic operation).
+    state: AtomicU8,
+    /// Bytes read from the client since this request began, while its head was pending.
+    buffered: usize,
+    /// Where the head's deadline counts from: the accept (after the TLS handshake) for a
+    /// connection's first request; for a later one, the read after its first bytes, when they
+    /// did not hold the whole head (the wait before them is keep-alive idle time, bounded by
+    /// `limits.keepalive_secs`). `None` until then.
+    since: Option<Instant>,
     /// Wakes a read of a started head at its deadline; reused from head to head.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     idle: Idle,
@@ -382,22 +376,20 @@ impl AsyncRead for HeadBudget {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let pending = HEAD
-            .try_with(|h| (!h.read.get()).then(|| (h.buffered.get(), h.since.get())))
-            .ok()
-            .flatten();
-        let Some((buffered, since)) = pending else {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        };
-        let since = match since {
+        match *this.state.get_mut() {
+            READ => return Pin::new(&mut this.inner).poll_read(cx, buf),
+            NEXT => {
+                (this.buffered, this.since) = (0, None);
+                *this.state.get_mut() = PENDING;
+            }
+            _ => {}
+        }
+        let buffered = this.buffered;
+        let since = match this.since {
             // A later request's head whose first read did not complete it: its deadline
             // counts from now, microseconds after its first bytes. A head that arrives in one
             // read, the common case, never reads the clock.
-            None if buffered > 0 => {
-                let now = Instant::now();
-                let _ = HEAD.try_with(|h| h.since.set(Some(now)));
-                Some(now)
-            }
+            None if buffered > 0 => Some(*this.since.insert(Instant::now())),
             since => since,
         };
         let deadline = since.map(|t| t + this.timeout);
@@ -443,7 +435,7 @@ impl AsyncRead for HeadBudget {
             Poll::Ready(result) => result?,
         };
         this.idle.busy();
-        let _ = HEAD.try_with(|h| h.buffered.set(buffered + n));
+        this.buffered = buffered + n;
         Poll::Ready(Ok(()))
     }
 }

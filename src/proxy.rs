@@ -380,10 +380,7 @@ fn header_bytes(req: &RequestHeader) -> usize {
 impl ProxyHttp for AudioProxy {
     type CTX = RequestCtx;
 
-    /// Pingora calls this right after it has parsed a request head.
     fn new_ctx(&self) -> RequestCtx {
-        // Ends this request's head deadline and head budget (see `connection`).
-        connection::head_read();
         RequestCtx {
             started: Instant::now(),
             route: Route::Passthrough,
@@ -393,6 +390,13 @@ impl ProxyHttp for AudioProxy {
             request_id: None,
             upstream_tries: 0,
         }
+    }
+
+    /// Pingora's first hook, right after it has parsed a request head: ends this request's
+    /// head deadline and head budget (see `connection`).
+    async fn early_request_filter(&self, session: &mut Session, _: &mut RequestCtx) -> Result<()> {
+        connection::head_read(&session.downstream_session);
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
