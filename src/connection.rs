@@ -203,8 +203,9 @@ where
         // The first head's deadline counts from here: the handshake had its own.
         let ready = Instant::now();
         if self.is_http2(&mut stream).await? {
-            // Pingora's own loop, which makes each stream a task of its own; the h2 crate
-            // bounds a stream's headers (SETTINGS_MAX_HEADER_LIST_SIZE) itself.
+            // Pingora's own loop, which makes each stream a task of its own and bounds a
+            // stream's headers itself (SETTINGS_MAX_HEADER_LIST_SIZE, 64 KiB; `request_filter`
+            // then answers 431 over `limits.max_header_bytes`).
             return self.app.process_new(stream, shutdown).await;
         }
         let stream = Box::new(HeadBudget {
